@@ -1,0 +1,184 @@
+// Package app wires the proxy together: configuration, logging, database,
+// routes, background jobs, and an orderly start and stop.
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+
+	"github.com/openai-idempotent-proxy/proxy/handlers"
+	"github.com/openai-idempotent-proxy/proxy/models"
+)
+
+// Run is the whole program; main only turns its result into an exit code.
+func Run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	if len(args) > 0 {
+		switch args[0] {
+		case "healthcheck":
+			return Healthcheck(ctx, getenv, stderr)
+		case "help", "-h", "-help", "--help":
+			printUsage(stdout)
+			return 0
+		default:
+			fmt.Fprintf(stderr, "unknown command %q\n\n", args[0])
+			printUsage(stderr)
+			return 2
+		}
+	}
+	cfg, err := LoadConfig(getenv)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 2
+	}
+	logger := NewLogger(cfg, stderr)
+	a, err := New(ctx, cfg, logger)
+	if err != nil {
+		logger.Error("start failed", "error", err.Error())
+		return 1
+	}
+	ln, err := net.Listen("tcp", cfg.ListenAddr)
+	if err != nil {
+		logger.Error("listen failed", "addr", cfg.ListenAddr, "error", err.Error())
+		_ = a.Close(context.Background())
+		return 1
+	}
+	if err := a.Serve(ctx, ln); err != nil {
+		logger.Error("stopped with error", "error", err.Error())
+		return 1
+	}
+	return 0
+}
+
+func printUsage(w io.Writer) {
+	fmt.Fprintln(w, "usage: proxy [healthcheck]")
+	fmt.Fprintln(w, "\nWithout a command the proxy serves. Settings come from the environment:")
+	for _, s := range Settings() {
+		fmt.Fprintf(w, "  %-28s %s (default %q)\n", s.Name, s.Help, s.Default)
+	}
+}
+
+// App is a configured proxy with its database and background jobs.
+type App struct {
+	cfg    Config
+	logger *slog.Logger
+	Fiber  *fiber.App
+	Store  *models.Store
+	Logs   *models.LogWriter
+	Proxy  *handlers.Proxy
+
+	stopJobs context.CancelFunc
+	jobs     sync.WaitGroup
+}
+
+// New opens the database (migrating it) and builds the Fiber app.
+func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
+	store, err := models.Open(ctx, models.Options{DatabaseURL: cfg.DatabaseURL, DataDir: cfg.DataDir, Logger: logger})
+	if err != nil {
+		return nil, err
+	}
+	a := &App{cfg: cfg, logger: logger, Store: store}
+	a.Logs = models.NewLogWriter(store, models.LogWriterOptions{QueueSize: cfg.LogQueueSize, Logger: logger})
+	a.Proxy = handlers.NewProxy(handlers.ProxyConfig{
+		UpstreamBaseURL:    cfg.UpstreamBaseURL,
+		UpstreamAPIKey:     cfg.UpstreamAPIKey,
+		ClientKeys:         cfg.ClientKeys,
+		AllowOpenProxy:     cfg.AllowOpenProxy,
+		MaxBodySize:        cfg.MaxBodySize,
+		UpstreamTimeout:    cfg.UpstreamTimeout,
+		FirstByteTimeout:   cfg.FirstByteTimeout,
+		IdleTimeout:        cfg.IdleTimeout,
+		IdempotencyTTL:     cfg.IdempotencyTTL,
+		IdempotencyLease:   cfg.IdempotencyLease,
+		IdempotencyMaxBody: cfg.IdempotencyMaxBody,
+	}, store, a.Logs, logger)
+	a.Fiber = fiber.New(fiber.Config{
+		AppName:               "openai-proxy",
+		DisableStartupMessage: true,
+		// Bodies above BodyLimit reach the handler as a stream instead of
+		// being read whole; MAX_BODY_SIZE is enforced by the proxy itself.
+		StreamRequestBody:            true,
+		DisablePreParseMultipartForm: true,
+		BodyLimit:                    4 << 20,
+		ReadBufferSize:               32 << 10, // also the header size limit
+		ReadTimeout:                  cfg.RequestReadTimeout,
+		IdleTimeout:                  2 * time.Minute,
+		// No WriteTimeout: it would bound whole SSE streams.
+		ErrorHandler:            errorHandler(logger),
+		EnableTrustedProxyCheck: len(cfg.TrustedProxies) > 0,
+		TrustedProxies:          cfg.TrustedProxies,
+		ProxyHeader:             proxyHeader(cfg),
+	})
+	a.routes()
+	a.startJobs()
+	a.announce()
+	return a, nil
+}
+
+func proxyHeader(cfg Config) string {
+	if len(cfg.TrustedProxies) > 0 {
+		return fiber.HeaderXForwardedFor
+	}
+	return ""
+}
+
+// announce logs how the proxy is set up, loudly where it is unsafe.
+func (a *App) announce() {
+	db := "sqlite (" + a.cfg.DataDir + ")"
+	if a.cfg.DatabaseURL != "" {
+		db = "postgres"
+	}
+	a.logger.Info("proxy configured", "listen", a.cfg.ListenAddr, "upstream", a.cfg.UpstreamBaseURL.Redacted(),
+		"database", db, "client_keys", len(a.cfg.ClientKeys), "cors_origins", len(a.cfg.CORSAllowedOrigins))
+	if len(a.cfg.ClientKeys) == 0 {
+		a.logger.Warn("OPEN PROXY: ALLOW_OPEN_PROXY=true and no PROXY_API_KEYS — anyone who can reach this port spends your OpenAI key")
+	}
+	if a.cfg.AdminPassword == "" {
+		a.logger.Info("dashboard disabled: set ADMIN_PASSWORD to enable it at /dashboard")
+	}
+}
+
+// Serve answers on ln until ctx is cancelled, then shuts down gracefully.
+func (a *App) Serve(ctx context.Context, ln net.Listener) error {
+	a.logger.Info("listening", "addr", ln.Addr().String())
+	errc := make(chan error, 1)
+	go func() { errc <- a.Fiber.Listener(ln) }()
+	select {
+	case err := <-errc:
+		_ = a.Close(context.Background())
+		return err
+	case <-ctx.Done():
+	}
+	return a.Shutdown()
+}
+
+// Shutdown stops accepting, lets in-flight requests and streams finish
+// within SHUTDOWN_GRACE, flushes the request log and closes the database.
+func (a *App) Shutdown() error {
+	a.logger.Info("shutting down", "grace", a.cfg.ShutdownGrace.String())
+	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.ShutdownGrace)
+	defer cancel()
+	err := a.Fiber.ShutdownWithContext(ctx)
+	if errors.Is(err, context.DeadlineExceeded) {
+		a.logger.Warn("grace period over with requests still running")
+		err = nil
+	}
+	a.Proxy.Wait(ctx.Done())
+	return errors.Join(err, a.Close(ctx))
+}
+
+// Close stops background jobs, flushes the log and closes the database.
+func (a *App) Close(ctx context.Context) error {
+	a.stopJobs()
+	a.jobs.Wait()
+	flushCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	return errors.Join(a.Logs.Close(flushCtx), a.Store.Close())
+}

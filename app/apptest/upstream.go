@@ -1,0 +1,279 @@
+package apptest
+
+import (
+	"compress/gzip"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// Upstream is a fake OpenAI API over real HTTP, speaking JSON and SSE.
+// Tests steer it with request headers, which the proxy forwards:
+//
+//	X-Test-Status: 500          answer with this status (an OpenAI error body)
+//	X-Test-Delay-Ms: 200        wait before answering
+//	X-Test-Events: 10           number of SSE content events
+//	X-Test-Interval-Ms: 100     pause between SSE events
+//	X-Test-Cut-After: 3         drop the connection after this many events
+//	X-Test-No-Done: 1           end the stream without its terminal event
+//	X-Test-Gzip: 1              gzip the JSON body regardless of Accept-Encoding
+//	X-Test-Block: 1             wait until the request is cancelled or Release
+type Upstream struct {
+	*httptest.Server
+	calls     atomic.Int64 // requests that reached a handler
+	cancelled atomic.Int64 // requests whose context ended before they finished
+	completed atomic.Int64 // responses written to their end
+	mu        sync.Mutex
+	requests  []Seen
+	release   chan struct{}
+	releaseMu sync.Once
+	seq       atomic.Int64
+}
+
+// Seen is what the upstream saw of one request.
+type Seen struct {
+	Method, Path, Query string
+	Header              http.Header
+	BodySHA             string
+	BodyLen             int
+	Ended               chan struct{} // closed when the handler returns
+	Cancelled           bool
+}
+
+// NewUpstream starts a fake upstream; it is closed when the test ends.
+func NewUpstream(t testing.TB) *Upstream {
+	u := &Upstream{release: make(chan struct{})}
+	u.Server = httptest.NewServer(http.HandlerFunc(u.serve))
+	t.Cleanup(func() { u.Release(); u.Server.CloseClientConnections(); u.Server.Close() })
+	return u
+}
+
+// Calls counts requests that reached the upstream.
+func (u *Upstream) Calls() int64 { return u.calls.Load() }
+
+// Cancelled counts requests whose client (the proxy) went away mid-way.
+func (u *Upstream) Cancelled() int64 { return u.cancelled.Load() }
+
+// Completed counts responses written to their end.
+func (u *Upstream) Completed() int64 { return u.completed.Load() }
+
+// Release unblocks every X-Test-Block request.
+func (u *Upstream) Release() { u.releaseMu.Do(func() { close(u.release) }) }
+
+// Requests returns what the upstream has seen so far.
+func (u *Upstream) Requests() []Seen {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return append([]Seen(nil), u.requests...)
+}
+
+func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
+	u.calls.Add(1)
+	body, _ := io.ReadAll(r.Body)
+	sum := sha256.Sum256(body)
+	seen := Seen{Method: r.Method, Path: r.URL.Path, Query: r.URL.RawQuery, Header: r.Header.Clone(),
+		BodySHA: hex.EncodeToString(sum[:]), BodyLen: len(body), Ended: make(chan struct{})}
+	u.mu.Lock()
+	u.requests = append(u.requests, seen)
+	idx := len(u.requests) - 1
+	u.mu.Unlock()
+	defer func() {
+		if r.Context().Err() != nil {
+			u.cancelled.Add(1)
+			u.mu.Lock()
+			u.requests[idx].Cancelled = true
+			u.mu.Unlock()
+		}
+		close(seen.Ended)
+	}()
+
+	if ms := intHeader(r, "X-Test-Delay-Ms"); ms > 0 {
+		select {
+		case <-time.After(time.Duration(ms) * time.Millisecond):
+		case <-r.Context().Done():
+			return
+		}
+	}
+	if r.Header.Get("X-Test-Block") != "" {
+		select {
+		case <-u.release:
+		case <-r.Context().Done():
+			return
+		}
+	}
+	w.Header().Set("X-Request-Id", fmt.Sprintf("req_%d", u.seq.Add(1)))
+	w.Header().Set("Openai-Processing-Ms", "12")
+	w.Header().Set("X-Ratelimit-Remaining-Requests", "99")
+	w.Header().Set("Set-Cookie", "__cf_bm=upstream-cookie; Path=/")
+	if status := intHeader(r, "X-Test-Status"); status >= 400 {
+		writeJSON(w, r, status, map[string]any{"error": map[string]any{
+			"message": "forced failure", "type": "server_error", "param": nil, "code": strconv.Itoa(status)}})
+		u.completed.Add(1)
+		return
+	}
+	var req struct {
+		Model  string `json:"model"`
+		Stream bool   `json:"stream"`
+	}
+	_ = json.Unmarshal(body, &req)
+	switch {
+	case r.URL.Path == "/chat/completions" && req.Stream:
+		u.streamChat(w, r, req.Model)
+		if r.Context().Err() != nil {
+			return
+		}
+	case r.URL.Path == "/chat/completions":
+		writeJSON(w, r, 200, chatCompletion(req.Model, u.seq.Load()))
+	case r.URL.Path == "/responses" && req.Stream:
+		u.streamResponses(w, r, req.Model)
+		if r.Context().Err() != nil {
+			return
+		}
+	case r.URL.Path == "/embeddings":
+		writeJSON(w, r, 200, map[string]any{"object": "list", "model": req.Model,
+			"data":  []any{map[string]any{"object": "embedding", "index": 0, "embedding": []float64{0.1, -0.2, 0.3}}},
+			"usage": map[string]any{"prompt_tokens": 8, "total_tokens": 8}})
+	case r.URL.Path == "/files" && r.Method == http.MethodPost:
+		u.uploadFile(w, r, body)
+	case r.URL.Path == "/models":
+		writeJSON(w, r, 200, map[string]any{"object": "list", "data": []any{map[string]any{"id": "gpt-4o-mini", "object": "model", "created": 1, "owned_by": "openai"}}})
+	default:
+		// Echo: what arrived, for forwarding tests.
+		writeJSON(w, r, 200, map[string]any{"method": r.Method, "path": r.URL.Path, "query": r.URL.RawQuery,
+			"body_sha256": seen.BodySHA, "body_len": len(body)})
+	}
+	u.completed.Add(1)
+}
+
+func chatCompletion(model string, n int64) map[string]any {
+	return map[string]any{
+		"id": fmt.Sprintf("chatcmpl-%d", n), "object": "chat.completion", "created": time.Now().Unix(), "model": model,
+		"choices": []any{map[string]any{"index": 0, "finish_reason": "stop",
+			"message": map[string]any{"role": "assistant", "content": fmt.Sprintf("Hello! (completion %d)", n), "refusal": nil}}},
+		"usage": map[string]any{"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18,
+			"prompt_tokens_details":     map[string]any{"cached_tokens": 3},
+			"completion_tokens_details": map[string]any{"reasoning_tokens": 2}},
+	}
+}
+
+func (u *Upstream) streamChat(w http.ResponseWriter, r *http.Request, model string) {
+	events, interval := streamShape(r)
+	id := fmt.Sprintf("chatcmpl-%d", u.seq.Load())
+	send := func(data string) bool {
+		if _, err := fmt.Fprintf(w, "data: %s\n\n", data); err != nil {
+			return false
+		}
+		w.(http.Flusher).Flush()
+		return true
+	}
+	w.Header().Set("Content-Type", "text/event-stream; charset=utf-8")
+	w.WriteHeader(200)
+	w.(http.Flusher).Flush()
+	cut := intHeader(r, "X-Test-Cut-After")
+	for i := 0; i < events; i++ {
+		if cut > 0 && i == cut {
+			panic(http.ErrAbortHandler) // drop the connection mid-stream
+		}
+		chunk := fmt.Sprintf(`{"id":%q,"object":"chat.completion.chunk","created":1,"model":%q,"choices":[{"index":0,"delta":{"content":"tok%d "},"finish_reason":null}]}`, id, model, i)
+		if !send(chunk) || !pause(r, interval) {
+			return
+		}
+	}
+	send(fmt.Sprintf(`{"id":%q,"object":"chat.completion.chunk","created":1,"model":%q,"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}`, id, model))
+	send(fmt.Sprintf(`{"id":%q,"object":"chat.completion.chunk","created":1,"model":%q,"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":%d,"total_tokens":%d}}`, id, model, events, events+5))
+	if r.Header.Get("X-Test-No-Done") == "" {
+		send("[DONE]")
+	}
+}
+
+func (u *Upstream) streamResponses(w http.ResponseWriter, r *http.Request, model string) {
+	events, interval := streamShape(r)
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.WriteHeader(200)
+	send := func(typ, data string) bool {
+		if _, err := fmt.Fprintf(w, "event: %s\ndata: %s\n\n", typ, data); err != nil {
+			return false
+		}
+		w.(http.Flusher).Flush()
+		return true
+	}
+	send("response.created", fmt.Sprintf(`{"type":"response.created","response":{"id":"resp_1","model":%q,"status":"in_progress"}}`, model))
+	for i := 0; i < events; i++ {
+		if !send("response.output_text.delta", fmt.Sprintf(`{"type":"response.output_text.delta","delta":"tok%d "}`, i)) || !pause(r, interval) {
+			return
+		}
+	}
+	if r.Header.Get("X-Test-No-Done") == "" {
+		send("response.completed", fmt.Sprintf(`{"type":"response.completed","response":{"id":"resp_1","model":%q,"status":"completed","usage":{"input_tokens":9,"output_tokens":%d,"total_tokens":%d,"input_tokens_details":{"cached_tokens":4},"output_tokens_details":{"reasoning_tokens":1}}}}`, model, events, events+9))
+	}
+}
+
+func (u *Upstream) uploadFile(w http.ResponseWriter, r *http.Request, body []byte) {
+	r.Body = io.NopCloser(strings.NewReader(string(body)))
+	if err := r.ParseMultipartForm(1 << 20); err != nil {
+		writeJSON(w, r, 400, map[string]any{"error": map[string]any{"message": err.Error(), "type": "invalid_request_error"}})
+		return
+	}
+	f, h, err := r.FormFile("file")
+	if err != nil {
+		writeJSON(w, r, 400, map[string]any{"error": map[string]any{"message": err.Error(), "type": "invalid_request_error"}})
+		return
+	}
+	defer f.Close()
+	content, _ := io.ReadAll(f)
+	sum := sha256.Sum256(content)
+	writeJSON(w, r, 200, map[string]any{"id": "file-" + hex.EncodeToString(sum[:6]), "object": "file", "bytes": len(content),
+		"created_at": time.Now().Unix(), "filename": h.Filename, "purpose": r.FormValue("purpose"), "status": "processed"})
+}
+
+func streamShape(r *http.Request) (events int, interval time.Duration) {
+	events = 5
+	if n := intHeader(r, "X-Test-Events"); n > 0 {
+		events = n
+	}
+	return events, time.Duration(intHeader(r, "X-Test-Interval-Ms")) * time.Millisecond
+}
+
+// pause waits between events; false when the client went away.
+func pause(r *http.Request, d time.Duration) bool {
+	if d <= 0 {
+		return r.Context().Err() == nil
+	}
+	select {
+	case <-time.After(d):
+		return true
+	case <-r.Context().Done():
+		return false
+	}
+}
+
+func writeJSON(w http.ResponseWriter, r *http.Request, status int, v any) {
+	b, _ := json.Marshal(v)
+	w.Header().Set("Content-Type", "application/json")
+	if r.Header.Get("X-Test-Gzip") != "" {
+		w.Header().Set("Content-Encoding", "gzip")
+		w.WriteHeader(status)
+		zw := gzip.NewWriter(w)
+		_, _ = zw.Write(b)
+		_ = zw.Close()
+		return
+	}
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+	w.WriteHeader(status)
+	_, _ = w.Write(b)
+}
+
+func intHeader(r *http.Request, name string) int {
+	n, _ := strconv.Atoi(r.Header.Get(name))
+	return n
+}

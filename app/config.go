@@ -1,0 +1,317 @@
+package app
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/dustin/go-humanize"
+
+	"github.com/openai-idempotent-proxy/proxy/handlers"
+)
+
+// Config is the whole runtime configuration, read once from the environment
+// at start and passed down as a value.
+type Config struct {
+	ListenAddr string // LISTEN_ADDR, default ":8080"
+
+	UpstreamAPIKey   string        // OPENAI_API_KEY, required; never logged or shown
+	UpstreamBaseURL  *url.URL      // UPSTREAM_BASE_URL, default https://api.openai.com/v1
+	UpstreamTimeout  time.Duration // UPSTREAM_TIMEOUT, default 30m: upper bound on one upstream call
+	FirstByteTimeout time.Duration // UPSTREAM_FIRST_BYTE_TIMEOUT, default 10m: silence before the response starts
+	IdleTimeout      time.Duration // UPSTREAM_IDLE_TIMEOUT, default 5m: silence in the middle of a response
+
+	ClientKeys     []handlers.ClientKey // PROXY_API_KEYS, "key" or "name:key", comma-separated
+	AllowOpenProxy bool                 // ALLOW_OPEN_PROXY, default false
+
+	DatabaseURL string // DATABASE_URL; empty selects SQLite under DataDir
+	DataDir     string // DATA_DIR, default "./data"
+
+	CORSAllowedOrigins []string // CORS_ALLOWED_ORIGINS, default none
+
+	MaxBodySize        int64         // MAX_BODY_SIZE, default 512 MiB
+	RequestReadTimeout time.Duration // REQUEST_READ_TIMEOUT, default 10m: reading one whole client request
+	ShutdownGrace      time.Duration // SHUTDOWN_GRACE, default 30s
+	TrustedProxies     []string      // TRUSTED_PROXIES: reverse proxies whose X-Forwarded-For is believed
+
+	IdempotencyTTL     time.Duration // IDEMPOTENCY_TTL, default 24h
+	IdempotencyLease   time.Duration // IDEMPOTENCY_LEASE, default 30s
+	IdempotencyMaxBody int64         // IDEMPOTENCY_MAX_BODY, default 8 MiB: largest response stored for replay
+
+	LogRetention time.Duration // LOG_RETENTION, default 30d
+	LogQueueSize int           // LOG_QUEUE_SIZE, default 10000
+
+	AdminPassword string // ADMIN_PASSWORD; empty disables the dashboard
+	MetricsToken  string // METRICS_TOKEN; empty leaves /metrics open
+
+	LogLevel  string // LOG_LEVEL: debug, info, warn, error (default info)
+	LogFormat string // LOG_FORMAT: text or json (default text)
+}
+
+// Setting describes one environment variable the proxy reads.
+type Setting struct {
+	Name    string
+	Default string
+	Help    string
+	parse   func(c *Config, v string) error
+}
+
+// Settings lists every environment variable the proxy reads, in the order the
+// README and .env.example present them. It is the single source of truth for
+// configuration: LoadConfig reads exactly these.
+func Settings() []Setting { return settings }
+
+var settings = []Setting{
+	{"LISTEN_ADDR", ":8080", "address the proxy listens on", func(c *Config, v string) error {
+		if _, _, err := net.SplitHostPort(v); err != nil {
+			return errors.New("want host:port, e.g. :8080")
+		}
+		c.ListenAddr = v
+		return nil
+	}},
+	{"OPENAI_API_KEY", "", "upstream API key (required); sent upstream, never shown", func(c *Config, v string) error {
+		if strings.TrimSpace(v) == "" {
+			return errors.New("is required")
+		}
+		c.UpstreamAPIKey = strings.TrimSpace(v)
+		return nil
+	}},
+	{"UPSTREAM_BASE_URL", "https://api.openai.com/v1", "OpenAI-compatible base URL, with its own path prefix", func(c *Config, v string) error {
+		u, err := url.Parse(strings.TrimRight(v, "/"))
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return errors.New("want an absolute http(s) URL")
+		}
+		if u.RawQuery != "" || u.Fragment != "" {
+			return errors.New("must not carry a query or fragment")
+		}
+		c.UpstreamBaseURL = u
+		return nil
+	}},
+	{"PROXY_API_KEYS", "", "client keys, comma-separated, each \"key\" or \"name:key\" (required unless ALLOW_OPEN_PROXY=true)", func(c *Config, v string) error {
+		keys, err := handlers.ParseClientKeys(v)
+		c.ClientKeys = keys
+		return err
+	}},
+	{"ALLOW_OPEN_PROXY", "false", "true runs without client keys: anyone who reaches the port spends your key", boolSetting(func(c *Config) *bool { return &c.AllowOpenProxy })},
+	{"DATABASE_URL", "", "postgres://… selects PostgreSQL; empty selects SQLite in DATA_DIR", func(c *Config, v string) error {
+		if v != "" && !strings.HasPrefix(v, "postgres://") && !strings.HasPrefix(v, "postgresql://") {
+			return errors.New("want a postgres:// URL, or empty for the embedded SQLite")
+		}
+		c.DatabaseURL = v
+		return nil
+	}},
+	{"DATA_DIR", "./data", "directory of the embedded SQLite database", func(c *Config, v string) error {
+		if v == "" {
+			return errors.New("must not be empty")
+		}
+		c.DataDir = v
+		return nil
+	}},
+	{"CORS_ALLOWED_ORIGINS", "", "browser origins allowed to call /v1, comma-separated, or *; empty allows none", func(c *Config, v string) error {
+		origins := splitList(v)
+		for _, o := range origins {
+			if o == "*" {
+				continue
+			}
+			u, err := url.Parse(o)
+			if err != nil || u.Scheme == "" || u.Host == "" || (u.Path != "" && u.Path != "/") {
+				return fmt.Errorf("%q is not an origin like https://app.example.com", o)
+			}
+		}
+		c.CORSAllowedOrigins = origins
+		return nil
+	}},
+	{"UPSTREAM_TIMEOUT", "30m", "upper bound on one upstream call, streams included", durationSetting(func(c *Config) *time.Duration { return &c.UpstreamTimeout })},
+	{"UPSTREAM_FIRST_BYTE_TIMEOUT", "10m", "how long upstream may stay silent before its response starts", durationSetting(func(c *Config) *time.Duration { return &c.FirstByteTimeout })},
+	{"UPSTREAM_IDLE_TIMEOUT", "5m", "how long upstream may stay silent in the middle of a response", durationSetting(func(c *Config) *time.Duration { return &c.IdleTimeout })},
+	{"MAX_BODY_SIZE", "512MiB", "largest request body accepted (413 above it)", sizeSetting(func(c *Config) *int64 { return &c.MaxBodySize })},
+	{"REQUEST_READ_TIMEOUT", "10m", "upper bound on receiving one whole client request, upload included", durationSetting(func(c *Config) *time.Duration { return &c.RequestReadTimeout })},
+	{"SHUTDOWN_GRACE", "30s", "how long in-flight requests may finish after SIGTERM", durationSetting(func(c *Config) *time.Duration { return &c.ShutdownGrace })},
+	{"TRUSTED_PROXIES", "", "reverse-proxy IPs or CIDRs whose X-Forwarded-For gives the client IP", func(c *Config, v string) error {
+		for _, p := range splitList(v) {
+			if net.ParseIP(p) == nil {
+				if _, _, err := net.ParseCIDR(p); err != nil {
+					return fmt.Errorf("%q is not an IP address or CIDR", p)
+				}
+			}
+		}
+		c.TrustedProxies = splitList(v)
+		return nil
+	}},
+	{"IDEMPOTENCY_TTL", "24h", "how long a completed Idempotency-Key is replayed", durationSetting(func(c *Config) *time.Duration { return &c.IdempotencyTTL })},
+	{"IDEMPOTENCY_LEASE", "30s", "how long a crashed holder keeps a key in progress before another replica takes it over", durationSetting(func(c *Config) *time.Duration { return &c.IdempotencyLease })},
+	{"IDEMPOTENCY_MAX_BODY", "8MiB", "largest response stored for replay (larger ones answer retries with 410)", sizeSetting(func(c *Config) *int64 { return &c.IdempotencyMaxBody })},
+	{"LOG_RETENTION", "30d", "how long request log rows are kept", durationSetting(func(c *Config) *time.Duration { return &c.LogRetention })},
+	{"LOG_QUEUE_SIZE", "10000", "request log records buffered in memory before new ones are dropped", func(c *Config, v string) error {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			return errors.New("want a positive whole number")
+		}
+		c.LogQueueSize = n
+		return nil
+	}},
+	{"ADMIN_PASSWORD", "", "enables the dashboard at /dashboard with this password", func(c *Config, v string) error {
+		if v != "" && len(v) < 8 {
+			return errors.New("must be at least 8 characters")
+		}
+		c.AdminPassword = v
+		return nil
+	}},
+	{"METRICS_TOKEN", "", "bearer token required by /metrics; empty leaves it open", func(c *Config, v string) error {
+		c.MetricsToken = v
+		return nil
+	}},
+	{"LOG_LEVEL", "info", "debug, info, warn or error", func(c *Config, v string) error {
+		switch strings.ToLower(v) {
+		case "debug", "info", "warn", "error":
+			c.LogLevel = strings.ToLower(v)
+			return nil
+		}
+		return errors.New("want debug, info, warn or error")
+	}},
+	{"LOG_FORMAT", "text", "text or json", func(c *Config, v string) error {
+		switch strings.ToLower(v) {
+		case "text", "json":
+			c.LogFormat = strings.ToLower(v)
+			return nil
+		}
+		return errors.New("want text or json")
+	}},
+}
+
+// LoadConfig reads every setting through getenv, applies defaults, and
+// returns all problems at once, each naming its variable.
+func LoadConfig(getenv func(string) string) (Config, error) {
+	var c Config
+	var errs []error
+	for _, s := range settings {
+		v := strings.TrimSpace(getenv(s.Name))
+		if v == "" {
+			v = s.Default
+		}
+		if err := s.parse(&c, v); err != nil {
+			shown := v
+			if isSecret(s.Name) {
+				shown = "…"
+			}
+			errs = append(errs, fmt.Errorf("%s (%q): %w", s.Name, shown, err))
+		}
+	}
+	if len(errs) == 0 {
+		errs = append(errs, c.validate()...)
+	}
+	if len(errs) > 0 {
+		return Config{}, fmt.Errorf("invalid configuration: %w", errors.Join(errs...))
+	}
+	return c, nil
+}
+
+// validate checks the rules that span several settings.
+func (c *Config) validate() []error {
+	var errs []error
+	if len(c.ClientKeys) == 0 && !c.AllowOpenProxy {
+		errs = append(errs, errors.New("PROXY_API_KEYS is required: set client keys, or ALLOW_OPEN_PROXY=true to run without them"))
+	}
+	for _, k := range c.ClientKeys {
+		if k.Key == c.UpstreamAPIKey {
+			errs = append(errs, errors.New("PROXY_API_KEYS must not contain OPENAI_API_KEY"))
+			break
+		}
+	}
+	if c.IdempotencyLease < time.Second {
+		errs = append(errs, errors.New("IDEMPOTENCY_LEASE must be at least 1s"))
+	}
+	for name, d := range map[string]time.Duration{"UPSTREAM_TIMEOUT": c.UpstreamTimeout, "UPSTREAM_FIRST_BYTE_TIMEOUT": c.FirstByteTimeout, "UPSTREAM_IDLE_TIMEOUT": c.IdleTimeout, "IDEMPOTENCY_TTL": c.IdempotencyTTL, "LOG_RETENTION": c.LogRetention} {
+		if d <= 0 {
+			errs = append(errs, fmt.Errorf("%s must be positive", name))
+		}
+	}
+	return errs
+}
+
+// Secrets returns every secret value in the configuration, for redaction.
+func (c *Config) Secrets() []string {
+	s := []string{c.UpstreamAPIKey}
+	for _, k := range c.ClientKeys {
+		s = append(s, k.Key)
+	}
+	if c.AdminPassword != "" {
+		s = append(s, c.AdminPassword)
+	}
+	if c.MetricsToken != "" {
+		s = append(s, c.MetricsToken)
+	}
+	return s
+}
+
+func isSecret(name string) bool {
+	switch name {
+	case "OPENAI_API_KEY", "PROXY_API_KEYS", "ADMIN_PASSWORD", "METRICS_TOKEN", "DATABASE_URL":
+		return true
+	}
+	return false
+}
+
+func splitList(v string) []string {
+	var out []string
+	for _, p := range strings.Split(v, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func boolSetting(field func(*Config) *bool) func(*Config, string) error {
+	return func(c *Config, v string) error {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return errors.New("want true or false")
+		}
+		*field(c) = b
+		return nil
+	}
+}
+
+func durationSetting(field func(*Config) *time.Duration) func(*Config, string) error {
+	return func(c *Config, v string) error {
+		d, err := parseDuration(v)
+		if err != nil {
+			return err
+		}
+		*field(c) = d
+		return nil
+	}
+}
+
+func sizeSetting(field func(*Config) *int64) func(*Config, string) error {
+	return func(c *Config, v string) error {
+		n, err := humanize.ParseBytes(v)
+		if err != nil || n == 0 || n > 1<<40 {
+			return errors.New("want a size such as 512MiB or 10MB")
+		}
+		*field(c) = int64(n)
+		return nil
+	}
+}
+
+// parseDuration accepts Go durations plus a whole-day suffix ("30d"), since
+// retention periods are naturally counted in days.
+func parseDuration(v string) (time.Duration, error) {
+	if days, ok := strings.CutSuffix(v, "d"); ok {
+		n, err := strconv.Atoi(days)
+		if err != nil || n < 0 {
+			return 0, errors.New("want a duration such as 30s, 5m, 24h or 30d")
+		}
+		return time.Duration(n) * 24 * time.Hour, nil
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		return 0, errors.New("want a duration such as 30s, 5m, 24h or 30d")
+	}
+	return d, nil
+}

@@ -1,0 +1,111 @@
+package handlers
+
+import (
+	"errors"
+	"net/http"
+
+	"github.com/gofiber/fiber/v2"
+)
+
+// APIError is an error answered in OpenAI's error JSON shape, which the
+// official SDKs parse: {"error":{"message","type","param","code"}}.
+type APIError struct {
+	Status  int
+	Type    string
+	Code    string
+	Message string
+	// Outcome is recorded in the request log for this error.
+	Outcome string
+}
+
+func (e *APIError) Error() string { return e.Message }
+
+// openAIError is the wire shape.
+type openAIError struct {
+	Error struct {
+		Message string  `json:"message"`
+		Type    string  `json:"type"`
+		Param   *string `json:"param"`
+		Code    string  `json:"code"`
+	} `json:"error"`
+}
+
+// WriteAPIError answers err in OpenAI's shape. Errors other than *APIError
+// and *fiber.Error become a generic 500 whose text never reaches the client.
+func WriteAPIError(c *fiber.Ctx, err error) error {
+	e := AsAPIError(err)
+	var body openAIError
+	body.Error.Message, body.Error.Type, body.Error.Code = e.Message, e.Type, e.Code
+	return c.Status(e.Status).JSON(body)
+}
+
+// AsAPIError maps any error to the APIError the client sees.
+func AsAPIError(err error) *APIError {
+	var apiErr *APIError
+	if errors.As(err, &apiErr) {
+		return apiErr
+	}
+	var fe *fiber.Error
+	if errors.As(err, &fe) {
+		return &APIError{Status: fe.Code, Type: errorType(fe.Code), Code: codeFor(fe.Code), Message: publicMessage(fe)}
+	}
+	return &APIError{Status: http.StatusInternalServerError, Type: "server_error", Code: "internal_error", Message: "The proxy failed to handle the request."}
+}
+
+// publicMessage keeps Fiber's own messages for client errors (they describe
+// the request) and hides everything else.
+func publicMessage(fe *fiber.Error) string {
+	if fe.Code >= 400 && fe.Code < 500 {
+		return fe.Message
+	}
+	return http.StatusText(fe.Code)
+}
+
+func errorType(status int) string {
+	switch {
+	case status == http.StatusUnauthorized:
+		return "authentication_error"
+	case status == http.StatusNotFound:
+		return "not_found_error"
+	case status >= 500:
+		return "server_error"
+	}
+	return "invalid_request_error"
+}
+
+func codeFor(status int) string {
+	switch status {
+	case http.StatusNotFound:
+		return "not_found"
+	case http.StatusMethodNotAllowed:
+		return "method_not_allowed"
+	case http.StatusRequestEntityTooLarge:
+		return "request_too_large"
+	case http.StatusRequestHeaderFieldsTooLarge:
+		return "request_headers_too_large"
+	case http.StatusRequestTimeout:
+		return "request_timeout"
+	}
+	if status >= 500 {
+		return "server_error"
+	}
+	return "invalid_request"
+}
+
+// The proxy's own errors.
+var (
+	errMissingKey = &APIError{Status: http.StatusUnauthorized, Type: "invalid_request_error", Code: "missing_api_key", Outcome: "unauthorized",
+		Message: "You didn't provide a proxy API key. Send it as 'Authorization: Bearer <key>'."}
+	errInvalidKey = &APIError{Status: http.StatusUnauthorized, Type: "invalid_request_error", Code: "invalid_api_key", Outcome: "unauthorized",
+		Message: "Incorrect proxy API key provided."}
+	errBodyTooLarge = &APIError{Status: http.StatusRequestEntityTooLarge, Type: "invalid_request_error", Code: "request_too_large", Outcome: "rejected",
+		Message: "The request body is larger than this proxy accepts (MAX_BODY_SIZE)."}
+	errBadPath = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_path", Outcome: "rejected",
+		Message: "The request path is not valid."}
+	errUnknownRoute = &APIError{Status: http.StatusNotFound, Type: "invalid_request_error", Code: "unknown_url", Outcome: "rejected",
+		Message: "Unknown request URL. The proxy serves the OpenAI API under /v1/."}
+	errUpstreamUnreachable = &APIError{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_unreachable", Outcome: "upstream_error",
+		Message: "The upstream API could not be reached."}
+	errUpstreamTimeout = &APIError{Status: http.StatusGatewayTimeout, Type: "server_error", Code: "upstream_timeout", Outcome: "upstream_error",
+		Message: "The upstream API did not answer in time."}
+)

@@ -1,0 +1,261 @@
+package handlers
+
+import (
+	"bytes"
+	"compress/gzip"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"mime"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+	"github.com/valyala/fasthttp"
+
+	"github.com/openai-idempotent-proxy/proxy/handlers/usage"
+	"github.com/openai-idempotent-proxy/proxy/models"
+)
+
+// exchange is the state of one proxied request, from arrival to the last
+// byte. It outlives the handler (the body is written after it returns), so
+// it holds only copied values, never anything from fiber.Ctx.
+type exchange struct {
+	p         *Proxy
+	start     time.Time
+	deadline  time.Time
+	rec       models.RequestLog
+	bodyLimit *limitedReader
+
+	// Set when upstream answers.
+	status    int
+	outcome   string // preset by errors; empty means judge at finish
+	errText   string
+	sse, json bool
+	encoding  string
+	headersAt time.Time
+	firstByte time.Time
+	respBytes int64
+	stream    usage.Stream
+	tail      []byte // last bytes of a JSON body, for usage
+
+	claim      *claim // set when this request holds an Idempotency-Key claim
+	clientGone bool
+
+	completeOnce sync.Once
+	finishOnce   sync.Once
+}
+
+// tailKeep is how much of a JSON response's end is kept for usage.
+const tailKeep = 64 << 10
+
+func (p *Proxy) newExchange(c *fiber.Ctx) *exchange {
+	now := time.Now()
+	return &exchange{
+		p:        p,
+		start:    now,
+		deadline: now.Add(p.cfg.UpstreamTimeout),
+		rec: models.RequestLog{
+			CreatedAt: now.UTC(),
+			Method:    string(c.Request().Header.Method()),
+			ClientIP:  strings.Clone(c.IP()),
+			UserAgent: truncate(string(c.Request().Header.UserAgent()), 300),
+		},
+	}
+}
+
+// reject answers a request the proxy refuses itself, and logs it.
+func (ex *exchange) reject(c *fiber.Ctx, err error) error {
+	apiErr := AsAPIError(err)
+	ex.status, ex.outcome, ex.errText = apiErr.Status, apiErr.Outcome, apiErr.Code
+	if ex.outcome == "" {
+		ex.outcome = models.OutcomeRejected
+	}
+	ex.finish(nil)
+	return WriteAPIError(c, apiErr)
+}
+
+// onHeaders runs when upstream's response headers arrive.
+func (ex *exchange) onHeaders(h *fasthttp.ResponseHeader) {
+	ex.headersAt = time.Now()
+	ex.status = h.StatusCode()
+	mt, _, _ := mime.ParseMediaType(string(h.ContentType()))
+	ex.sse = mt == "text/event-stream"
+	ex.json = mt == "application/json"
+	if ex.sse {
+		ex.rec.Stream = true
+	}
+	ex.encoding = strings.ToLower(string(h.ContentEncoding()))
+	ex.rec.UpstreamRequestID = truncate(string(h.Peek("X-Request-Id")), 200)
+	if cl := ex.claim; cl != nil {
+		cl.headers = map[string]string{}
+		for k, v := range h.All() {
+			if name := string(k); replayableHeader(name) {
+				cl.headers[name] = string(v)
+			}
+		}
+		if size := h.ContentLength(); size > 0 && int64(size) > ex.p.cfg.IdempotencyMaxBody {
+			cl.overflow = true
+		}
+	}
+}
+
+// observe sees every body byte on its way to the client.
+func (ex *exchange) observe(p []byte) {
+	if len(p) == 0 {
+		return
+	}
+	if ex.firstByte.IsZero() {
+		ex.firstByte = time.Now()
+	}
+	ex.respBytes += int64(len(p))
+	switch {
+	case ex.sse:
+		_, _ = ex.stream.Write(p)
+	case ex.json && ex.claim == nil:
+		ex.tail = append(ex.tail, p...)
+		if len(ex.tail) > 2*tailKeep {
+			ex.tail = append(ex.tail[:0], ex.tail[len(ex.tail)-tailKeep:]...)
+		}
+	}
+	if cl := ex.claim; cl != nil && !cl.overflow {
+		if int64(len(cl.capture)+len(p)) > ex.p.cfg.IdempotencyMaxBody {
+			cl.overflow, cl.capture = true, nil
+		} else {
+			cl.capture = append(cl.capture, p...)
+		}
+	}
+}
+
+// bodyComplete runs once the whole upstream body has been read, before the
+// client is shown its end.
+func (ex *exchange) bodyComplete() {
+	ex.completeOnce.Do(func() {
+		if ex.claim != nil {
+			ex.settle(true)
+		}
+	})
+}
+
+func (ex *exchange) keepsRunningWithoutClient() bool { return ex.claim != nil }
+
+func (ex *exchange) captureOverflow() bool { return ex.claim != nil && ex.claim.overflow }
+
+// finish records the exchange once: err is nil for a clean end, a
+// *clientGoneError when the client left, or the upstream failure.
+func (ex *exchange) finish(err error) {
+	ex.finishOnce.Do(func() {
+		end := time.Now()
+		rec := &ex.rec
+		rec.Status = ex.status
+		rec.DurationMs = end.Sub(ex.start).Milliseconds()
+		switch {
+		case !ex.firstByte.IsZero():
+			rec.TTFBMs = ex.firstByte.Sub(ex.start).Milliseconds()
+		case !ex.headersAt.IsZero():
+			rec.TTFBMs = ex.headersAt.Sub(ex.start).Milliseconds()
+		}
+		rec.ResponseBytes = ex.respBytes
+		if u, ok := ex.usage(); ok {
+			rec.PromptTokens, rec.CompletionTokens, rec.TotalTokens = u.PromptTokens, u.CompletionTokens, u.TotalTokens
+			rec.CachedTokens, rec.ReasoningTokens = u.CachedTokens, u.ReasoningTokens
+		}
+		if ex.bodyLimit != nil {
+			rec.RequestBytes = ex.bodyLimit.read()
+		}
+		var gone *clientGoneError
+		switch {
+		case ex.outcome != "":
+			rec.Outcome = ex.outcome
+		case errors.As(err, &gone) || ex.clientGone:
+			rec.Outcome = models.OutcomeClientCancelled
+		case err != nil:
+			rec.Outcome = models.OutcomeUpstreamError
+		default:
+			rec.Outcome = models.OutcomeProxied
+		}
+		switch {
+		case ex.errText != "":
+			rec.Error = ex.errText
+		case err != nil:
+			rec.Error = truncate(err.Error(), 300)
+		}
+		if ex.claim != nil {
+			if ex.claim.overflow {
+				ex.settle(false) // executed: answer retries with 410, never run it again
+			} else {
+				ex.release(releaseReason(err))
+			}
+			ex.claim.stopRenewal()
+		}
+		if ex.p.sink != nil {
+			ex.p.sink.Record(*rec)
+		}
+		level := slog.LevelDebug
+		if rec.Outcome == models.OutcomeUpstreamError || rec.Status >= 500 {
+			level = slog.LevelWarn
+		}
+		ex.p.logger.Log(context.Background(), level, "request",
+			slog.String("method", rec.Method), slog.String("path", rec.Path), slog.Int("status", rec.Status),
+			slog.String("outcome", rec.Outcome), slog.String("client", rec.Client), slog.Int64("ms", rec.DurationMs),
+			slog.String("error", rec.Error))
+	})
+}
+
+// usage reads token usage from what passed: the SSE events, the captured
+// body of a keyed request, or the tail of a large JSON body.
+func (ex *exchange) usage() (usage.Usage, bool) {
+	if ex.sse {
+		u := ex.stream.Usage()
+		return u, !u.IsZero()
+	}
+	if !ex.json {
+		return usage.Usage{}, false
+	}
+	if ex.claim != nil && !ex.claim.overflow {
+		body := ex.claim.capture
+		if ex.encoding == "gzip" {
+			body = gunzip(body)
+		}
+		return usage.FromJSON(body)
+	}
+	if ex.encoding != "" && ex.encoding != "identity" {
+		return usage.Usage{}, false // a compressed tail cannot be read
+	}
+	return usage.FromTail(ex.tail)
+}
+
+// gunzip decompresses a captured body for usage parsing, bounded.
+func gunzip(b []byte) []byte {
+	zr, err := gzip.NewReader(bytes.NewReader(b))
+	if err != nil {
+		return nil
+	}
+	out, _ := io.ReadAll(io.LimitReader(zr, 64<<20))
+	return out
+}
+
+func releaseReason(err error) string {
+	var gone *clientGoneError
+	switch {
+	case err == nil:
+		return "incomplete"
+	case errors.Is(err, errTimeoutUpstream) || isTimeout(err):
+		return "upstream_timeout"
+	case errors.As(err, &gone):
+		return "client_gone"
+	}
+	return "upstream_error"
+}
+
+// storedHeaders encodes the allow-listed headers for the record.
+func storedHeaders(h map[string]string) string {
+	b, err := json.Marshal(h)
+	if err != nil {
+		return "{}"
+	}
+	return string(b)
+}

@@ -1,0 +1,71 @@
+package handlers
+
+import (
+	"bytes"
+	"strings"
+
+	"github.com/valyala/fasthttp"
+)
+
+// hopByHop are the connection-level headers a proxy must not forward
+// (RFC 9110 §7.6.1, and the list net/http/httputil's ReverseProxy uses).
+var hopByHop = []string{
+	"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
+	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
+}
+
+// prepareUpstreamRequest rewrites the client's request headers for upstream:
+// the client's key is replaced by the server's, hop-by-hop headers (and any
+// named in Connection) go, and so do headers that belong to the client's
+// side only: cookies (a dashboard session must never leave the proxy),
+// forwarding headers we cannot vouch for, and Accept-Encoding, so upstream
+// answers in identity encoding and usage can be read from the body.
+func prepareUpstreamRequest(h *fasthttp.RequestHeader, authorization string) {
+	for _, name := range connectionTokens(h.Peek("Connection")) {
+		h.Del(name)
+	}
+	for _, name := range hopByHop {
+		h.Del(name)
+	}
+	for _, name := range []string{"Cookie", "Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Real-Ip", "Accept-Encoding", "Origin", "Referer"} {
+		h.Del(name)
+	}
+	h.Set("Authorization", authorization)
+}
+
+// cleanResponseHeaders drops what must not reach the client from upstream:
+// hop-by-hop headers, and cookies set for the upstream's domain.
+// Content-Length and Transfer-Encoding are re-derived by fasthttp.
+func cleanResponseHeaders(h *fasthttp.ResponseHeader) {
+	for _, name := range connectionTokens(h.Peek("Connection")) {
+		h.Del(name)
+	}
+	for _, name := range hopByHop {
+		h.Del(name)
+	}
+	h.Del("Set-Cookie")
+	h.Del("Alt-Svc")
+}
+
+func connectionTokens(v []byte) []string {
+	var out []string
+	for _, t := range bytes.Split(v, []byte(",")) {
+		if t = bytes.TrimSpace(t); len(t) > 0 && !strings.EqualFold(string(t), "close") && !strings.EqualFold(string(t), "keep-alive") {
+			out = append(out, string(t))
+		}
+	}
+	return out
+}
+
+// replayableHeader reports whether a response header is stored with an
+// idempotency record and sent again on replay: the content type, request
+// id and OpenAI's own headers. Rate-limit headers describe the moment of the
+// first call, not the replay, so they are not replayed.
+func replayableHeader(name string) bool {
+	n := strings.ToLower(name)
+	switch n {
+	case "content-type", "x-request-id", "content-encoding":
+		return true
+	}
+	return strings.HasPrefix(n, "openai-")
+}

@@ -1,0 +1,399 @@
+package handlers
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"hash"
+	"io"
+	"mime"
+	"mime/multipart"
+	"net/http"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+
+	"github.com/openai-idempotent-proxy/proxy/models"
+)
+
+// IdempotencyStore keeps Idempotency-Key records; models.Store implements it.
+type IdempotencyStore interface {
+	ClaimIdempotency(ctx context.Context, r models.ClaimRequest) (bool, *models.IdempotencyRecord, error)
+	RenewIdempotencyLease(ctx context.Context, id, owner string, lease time.Duration) error
+	CompleteIdempotency(ctx context.Context, id, owner string, c models.Completion, ttl time.Duration) error
+	ReleaseIdempotency(ctx context.Context, id, owner, reason string) error
+	MarkIdempotencyReplayed(ctx context.Context, id string) error
+}
+
+// ReplayedHeader marks a response answered from a stored record.
+const ReplayedHeader = "Idempotent-Replayed"
+
+var (
+	errKeyInvalid = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_idempotency_key", Outcome: models.OutcomeIdempotencyInvalid,
+		Message: "The Idempotency-Key header must be 1 to 255 printable ASCII characters, bare or as a quoted string, and sent once."}
+	errKeyMismatch = &APIError{Status: http.StatusUnprocessableEntity, Type: "invalid_request_error", Code: "idempotency_key_reused", Outcome: models.OutcomeIdempotencyMismatch,
+		Message: "This Idempotency-Key was already used for a different request (method, path, query or body). Use a new key for a new request."}
+	errKeyInProgress = &APIError{Status: http.StatusConflict, Type: "invalid_request_error", Code: "idempotency_key_in_progress", Outcome: models.OutcomeIdempotencyConflict,
+		Message: "A request with this Idempotency-Key is still in progress. Retry after it completes."}
+	errKeyNotStored = &APIError{Status: http.StatusGone, Type: "invalid_request_error", Code: "idempotency_response_not_stored", Outcome: models.OutcomeIdempotencyGone,
+		Message: "The request with this Idempotency-Key was executed, but its response was larger than IDEMPOTENCY_MAX_BODY and cannot be replayed. Use a new key to run it again."}
+	errKeyUnavailable = &APIError{Status: http.StatusServiceUnavailable, Type: "server_error", Code: "idempotency_unavailable", Outcome: models.OutcomeIdempotencyDown,
+		Message: "The idempotency store is unavailable, so the request was not executed. Retry later, or send it without Idempotency-Key."}
+)
+
+// claim is this attempt's hold on an idempotency key.
+type claim struct {
+	id, owner string
+	headers   map[string]string
+	capture   []byte
+	overflow  bool // the response outgrew IDEMPOTENCY_MAX_BODY
+	settled   bool
+	stop      chan struct{}
+	stopOnce  sync.Once
+}
+
+func (cl *claim) stopRenewal() { cl.stopOnce.Do(func() { close(cl.stop) }) }
+
+// handleKeyed runs a POST or PATCH that carries an Idempotency-Key: at most
+// once upstream, and every repeat answered from the stored record.
+func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
+	key, ok := parseIdempotencyKey(c.Request().Header.PeekAll("Idempotency-Key"))
+	if !ok {
+		return ex.reject(c, errKeyInvalid)
+	}
+	ex.rec.IdempotencyKey = key
+	fingerprint, cleanup, err := requestFingerprint(c, ex.rec.Path)
+	defer cleanup()
+	if err != nil {
+		if ex.bodyLimit != nil && ex.bodyLimit.exceeded {
+			return ex.reject(c, errBodyTooLarge)
+		}
+		return ex.reject(c, &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_body", Outcome: models.OutcomeRejected,
+			Message: "The request body could not be read."})
+	}
+	id := scopeID(ex.rec.Client, ex.rec.Method, ex.rec.Path, key)
+	owner := randomToken()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	claimed, rec, err := p.idem.ClaimIdempotency(ctx, models.ClaimRequest{
+		ID: id, Client: ex.rec.Client, Method: ex.rec.Method, Path: ex.rec.Path, Key: key,
+		Fingerprint: fingerprint, Owner: owner, Stream: ex.rec.Stream,
+		Lease: p.cfg.IdempotencyLease, TTL: p.cfg.IdempotencyTTL,
+	})
+	cancel()
+	switch {
+	case err != nil:
+		p.logger.Warn("idempotency store unavailable", "error", err.Error())
+		return ex.reject(c, errKeyUnavailable)
+	case claimed:
+		ex.claim = &claim{id: id, owner: owner, stop: make(chan struct{})}
+		go p.renewLease(ex.claim)
+		return p.forward(c, ex)
+	case rec.Fingerprint != fingerprint:
+		return ex.reject(c, errKeyMismatch)
+	case rec.State == models.StateCompleted && !rec.Replayable:
+		return ex.reject(c, errKeyNotStored)
+	case rec.State == models.StateCompleted:
+		return p.replay(c, ex, rec)
+	default:
+		c.Set(fiber.HeaderRetryAfter, "1")
+		return ex.reject(c, errKeyInProgress)
+	}
+}
+
+// replay answers from a stored record: same status, stored headers and the
+// identical body bytes, SSE streams included.
+func (p *Proxy) replay(c *fiber.Ctx, ex *exchange, rec *models.IdempotencyRecord) error {
+	var headers map[string]string
+	_ = json.Unmarshal([]byte(rec.Headers), &headers)
+	for k, v := range headers {
+		c.Set(k, v)
+	}
+	c.Set(ReplayedHeader, "true")
+	c.Status(rec.Status)
+	c.Response().SetBodyRaw(rec.Body)
+	ex.status, ex.outcome, ex.respBytes = rec.Status, models.OutcomeReplayed, int64(len(rec.Body))
+	ex.rec.Stream = rec.Stream
+	ex.finish(nil)
+	p.background.Add(1)
+	go func() {
+		defer p.background.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := p.idem.MarkIdempotencyReplayed(ctx, rec.ID); err != nil {
+			p.logger.Warn("count idempotency replay", "error", err.Error())
+		}
+	}()
+	return nil
+}
+
+// renewLease keeps the claim alive while the attempt runs, so a long stream
+// is never taken over by another replica.
+func (p *Proxy) renewLease(cl *claim) {
+	t := time.NewTicker(p.cfg.IdempotencyLease / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-cl.stop:
+			return
+		case <-t.C:
+			ctx, cancel := context.WithTimeout(context.Background(), p.cfg.IdempotencyLease/3)
+			err := p.idem.RenewIdempotencyLease(ctx, cl.id, cl.owner, p.cfg.IdempotencyLease)
+			cancel()
+			if errors.Is(err, models.ErrLeaseLost) {
+				p.logger.Warn("idempotency lease lost to another attempt", "id", cl.id)
+				return
+			}
+			if err != nil {
+				p.logger.Warn("renew idempotency lease", "error", err.Error())
+			}
+		}
+	}
+}
+
+// releasable lists the upstream statuses after which a retry should
+// execute again: our own configuration (401, 403), timeouts and conflicts
+// (408, 409, 425), rate limits (429) and every server error.
+func releasable(status int) bool {
+	switch status {
+	case 401, 403, 408, 409, 425, 429:
+		return true
+	}
+	return status >= 500
+}
+
+// settle stores or releases the claim once the body has ended (complete)
+// or the exchange is over without it.
+func (ex *exchange) settle(complete bool) {
+	cl := ex.claim
+	if cl.settled {
+		return
+	}
+	cl.settled = true
+	switch {
+	case cl.overflow:
+		ex.store(models.Completion{Status: ex.status, Headers: storedHeaders(cl.headers), BodySize: ex.respBytes, Stream: ex.sse, Replayable: false})
+	case !complete:
+		ex.releaseNow("incomplete")
+	case releasable(ex.status):
+		ex.releaseNow("upstream_status_" + strconv.Itoa(ex.status))
+	case ex.sse && !ex.stream.Terminal():
+		ex.releaseNow("stream_incomplete")
+	default:
+		ex.store(models.Completion{Status: ex.status, Headers: storedHeaders(cl.headers), Body: cl.capture, BodySize: ex.respBytes, Stream: ex.sse, Replayable: true})
+	}
+}
+
+// release gives the key back unless the claim was already settled.
+func (ex *exchange) release(reason string) {
+	if ex.claim.settled {
+		return
+	}
+	ex.claim.settled = true
+	ex.releaseNow(reason)
+}
+
+func (ex *exchange) releaseNow(reason string) {
+	p, cl := ex.p, ex.claim
+	err := retryStore(func(ctx context.Context) error { return p.idem.ReleaseIdempotency(ctx, cl.id, cl.owner, reason) })
+	if err != nil && !errors.Is(err, models.ErrLeaseLost) {
+		p.logger.Warn("release idempotency key", "error", err.Error())
+	}
+}
+
+func (ex *exchange) store(c models.Completion) {
+	p, cl := ex.p, ex.claim
+	err := retryStore(func(ctx context.Context) error { return p.idem.CompleteIdempotency(ctx, cl.id, cl.owner, c, p.cfg.IdempotencyTTL) })
+	if err != nil {
+		p.logger.Warn("store idempotency response", "error", err.Error())
+	}
+}
+
+// retryStore tries a write a few times: losing it means a retry of the key
+// would execute again once the lease lapses.
+func retryStore(f func(ctx context.Context) error) error {
+	var err error
+	for i, wait := 0, 100*time.Millisecond; i < 4; i, wait = i+1, wait*2 {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err = f(ctx)
+		cancel()
+		if err == nil || errors.Is(err, models.ErrLeaseLost) {
+			return err
+		}
+		time.Sleep(wait)
+	}
+	return err
+}
+
+// parseIdempotencyKey accepts the draft's Structured Field string ("abc")
+// and the bare form Stripe and the SDKs send (abc) as the same key: 1–255
+// printable ASCII characters, in exactly one header.
+func parseIdempotencyKey(values [][]byte) (string, bool) {
+	if len(values) != 1 {
+		return "", false
+	}
+	v := bytes.TrimSpace(values[0])
+	if len(v) >= 2 && v[0] == '"' && v[len(v)-1] == '"' {
+		var out []byte
+		inner := v[1 : len(v)-1]
+		for i := 0; i < len(inner); i++ {
+			ch := inner[i]
+			switch {
+			case ch == '\\':
+				if i+1 >= len(inner) || (inner[i+1] != '"' && inner[i+1] != '\\') {
+					return "", false
+				}
+				i++
+				out = append(out, inner[i])
+			case ch == '"':
+				return "", false
+			default:
+				out = append(out, ch)
+			}
+		}
+		v = out
+	}
+	if len(v) == 0 || len(v) > 255 {
+		return "", false
+	}
+	for _, ch := range v {
+		if ch < 0x20 || ch > 0x7e {
+			return "", false
+		}
+	}
+	return string(v), true
+}
+
+// scopeID names a key within its scope: two clients, methods or paths
+// using the same key never share a record.
+func scopeID(client, method, path, key string) string {
+	h := sha256.New()
+	for _, s := range []string{client, method, path, key} {
+		h.Write([]byte(s))
+		h.Write([]byte{0})
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+func randomToken() string {
+	b := make([]byte, 16)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// spoolMemory is how much of a streamed keyed body is held in memory before
+// it spills to a temporary file.
+const spoolMemory = 8 << 20
+
+// requestFingerprint hashes method, path, query and body. A streamed body
+// is spooled (memory, then a temporary file) so it can be hashed and still
+// be sent upstream; cleanup removes the spool once the request is done.
+func requestFingerprint(c *fiber.Ctx, path string) (string, func(), error) {
+	cleanup := func() {}
+	req := c.Request()
+	var body io.ReadSeeker
+	if req.IsBodyStream() {
+		spool, size, done, err := spoolBody(req.BodyStream())
+		if err != nil {
+			done()
+			return "", cleanup, err
+		}
+		cleanup = done
+		req.SetBodyStream(spool, int(size))
+		body = spool
+	} else {
+		body = bytes.NewReader(req.Body())
+	}
+	h := sha256.New()
+	for _, s := range []string{string(req.Header.Method()), path, string(req.URI().QueryString())} {
+		h.Write([]byte(s))
+		h.Write([]byte{0})
+	}
+	if err := hashBody(h, string(req.Header.ContentType()), body); err != nil {
+		return "", cleanup, err
+	}
+	if _, err := body.Seek(0, io.SeekStart); err != nil {
+		return "", cleanup, err
+	}
+	return hex.EncodeToString(h.Sum(nil)), cleanup, nil
+}
+
+// hashBody writes the body's identity into h. For multipart/form-data the
+// parsed parts are hashed (name, filename, content type, content digest),
+// not the raw bytes: SDKs pick a new random boundary on every retry.
+func hashBody(h hash.Hash, contentType string, body io.ReadSeeker) error {
+	mt, params, _ := mime.ParseMediaType(contentType)
+	if mt == "multipart/form-data" && params["boundary"] != "" {
+		if sum, err := multipartDigest(body, params["boundary"]); err == nil {
+			h.Write([]byte("multipart\x00"))
+			h.Write(sum)
+			return nil
+		}
+		if _, err := body.Seek(0, io.SeekStart); err != nil {
+			return err
+		}
+	}
+	h.Write([]byte("raw\x00"))
+	_, err := io.Copy(h, body)
+	return err
+}
+
+func multipartDigest(body io.Reader, boundary string) ([]byte, error) {
+	h := sha256.New()
+	mr := multipart.NewReader(body, boundary)
+	for {
+		part, err := mr.NextRawPart()
+		if errors.Is(err, io.EOF) {
+			return h.Sum(nil), nil
+		}
+		if err != nil {
+			return nil, err
+		}
+		content := sha256.New()
+		if _, err := io.Copy(content, part); err != nil {
+			return nil, err
+		}
+		for _, s := range []string{part.FormName(), part.FileName(), part.Header.Get("Content-Type")} {
+			h.Write([]byte(s))
+			h.Write([]byte{0})
+		}
+		h.Write(content.Sum(nil))
+	}
+}
+
+// spoolBody copies a request body stream into memory, spilling to a
+// temporary file past spoolMemory.
+func spoolBody(r io.Reader) (io.ReadSeeker, int64, func(), error) {
+	var buf bytes.Buffer
+	n, err := io.Copy(&buf, io.LimitReader(r, spoolMemory+1))
+	if err != nil {
+		return nil, 0, func() {}, err
+	}
+	if n <= spoolMemory {
+		return bytes.NewReader(buf.Bytes()), n, func() {}, nil
+	}
+	f, err := os.CreateTemp("", "proxy-body-*")
+	if err != nil {
+		return nil, 0, func() {}, err
+	}
+	done := func() { _ = f.Close(); _ = os.Remove(f.Name()) }
+	if _, err := f.Write(buf.Bytes()); err != nil {
+		return nil, 0, done, err
+	}
+	rest, err := io.Copy(f, r)
+	if err != nil {
+		return nil, 0, done, err
+	}
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return nil, 0, done, err
+	}
+	// Hide Close: fasthttp closes a body stream that is an io.Closer when
+	// the request is reset; the file is closed and removed by done.
+	return struct{ io.ReadSeeker }{f}, n + rest, done, nil
+}

@@ -1,0 +1,275 @@
+package handlers
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"log/slog"
+	"mime"
+	"net"
+	"net/url"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+	"github.com/gofiber/fiber/v2/middleware/proxy"
+	"github.com/tidwall/gjson"
+	"github.com/valyala/fasthttp"
+
+	"github.com/openai-idempotent-proxy/proxy/models"
+)
+
+// ProxyConfig is what the proxy handler needs from the configuration.
+type ProxyConfig struct {
+	UpstreamBaseURL  *url.URL
+	UpstreamAPIKey   string
+	ClientKeys       []ClientKey
+	AllowOpenProxy   bool
+	MaxBodySize      int64
+	UpstreamTimeout  time.Duration
+	FirstByteTimeout time.Duration
+	IdleTimeout      time.Duration
+
+	IdempotencyTTL     time.Duration
+	IdempotencyLease   time.Duration
+	IdempotencyMaxBody int64
+}
+
+// LogSink receives one record per request; Record must never block.
+type LogSink interface {
+	Record(models.RequestLog) bool
+}
+
+// Proxy forwards /v1/* to the upstream API.
+type Proxy struct {
+	cfg        ProxyConfig
+	auth       *Authenticator
+	bearer     string // "Bearer <upstream key>", built once
+	client     *fasthttp.Client
+	idem       IdempotencyStore // nil disables Idempotency-Key handling
+	sink       LogSink
+	logger     *slog.Logger
+	background sync.WaitGroup // keyed requests finishing without their client
+}
+
+// inspectLimit bounds the JSON request bodies read to learn the model and
+// whether the client asked for a stream. Larger bodies stream through
+// unread (the log shows no model for them).
+const inspectLimit = 32 << 20
+
+// NewProxy builds the handler. idem may be nil (no idempotency); sink may be
+// nil (no request log).
+func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, logger *slog.Logger) *Proxy {
+	p := &Proxy{
+		cfg:    cfg,
+		auth:   NewAuthenticator(cfg.ClientKeys),
+		bearer: "Bearer " + cfg.UpstreamAPIKey,
+		idem:   idem,
+		sink:   sink,
+		logger: logger,
+	}
+	p.client = &fasthttp.Client{
+		Transport:                teeTransport{},
+		StreamResponseBody:       true,
+		NoDefaultUserAgentHeader: true,
+		DisablePathNormalizing:   true,
+		// No ReadTimeout: it would cut long streams. watchConn enforces the
+		// first-byte and idle limits and the tee the overall deadline.
+		Dial: func(addr string) (net.Conn, error) {
+			conn, err := fasthttp.DialTimeout(addr, 30*time.Second)
+			if err != nil {
+				return nil, err
+			}
+			return &watchConn{Conn: conn, firstByte: cfg.FirstByteTimeout, idle: cfg.IdleTimeout}, nil
+		},
+		MaxConnsPerHost:     4096,
+		MaxConnWaitTimeout:  30 * time.Second,
+		MaxIdleConnDuration: 90 * time.Second,
+		ReadBufferSize:      16 << 10,
+		WriteBufferSize:     16 << 10,
+	}
+	return p
+}
+
+// Wait blocks until keyed requests that outlived their clients have been
+// stored, or stop is closed.
+func (p *Proxy) Wait(stop <-chan struct{}) {
+	done := make(chan struct{})
+	go func() { p.background.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-stop:
+	}
+}
+
+// Handle serves every /v1/* request.
+func (p *Proxy) Handle(c *fiber.Ctx) error {
+	ex := p.newExchange(c)
+	if err := p.admit(c, ex); err != nil {
+		return ex.reject(c, err)
+	}
+	if p.idem != nil && isIdempotentMethod(c.Method()) && len(c.Request().Header.Peek("Idempotency-Key")) > 0 {
+		return p.handleKeyed(c, ex)
+	}
+	return p.forward(c, ex)
+}
+
+// admit authenticates, normalises the path and checks the body size,
+// before anything is read or sent upstream.
+func (p *Proxy) admit(c *fiber.Ctx, ex *exchange) error {
+	if !p.cfg.AllowOpenProxy || len(p.cfg.ClientKeys) > 0 {
+		name, err := p.auth.Authenticate(c.Request().Header.Peek("Authorization"))
+		if errors.Is(err, errNoKey) {
+			return errMissingKey
+		}
+		if err != nil {
+			return errInvalidKey
+		}
+		ex.rec.Client = name
+	} else {
+		ex.rec.Client = "open"
+	}
+	path, apiErr := normalisePath(string(c.Request().URI().PathOriginal()))
+	if apiErr != nil {
+		return apiErr
+	}
+	ex.rec.Path = path
+
+	req := c.Request()
+	size := req.Header.ContentLength()
+	if int64(size) > p.cfg.MaxBodySize {
+		lingerAndClose(c)
+		return errBodyTooLarge
+	}
+	if req.IsBodyStream() && size < 0 {
+		// Chunked upload: cut it off once it outgrows the limit.
+		ex.bodyLimit = &limitedReader{r: req.BodyStream(), left: p.cfg.MaxBodySize}
+		req.SetBodyStream(ex.bodyLimit, -1)
+	}
+	if size >= 0 {
+		ex.rec.RequestBytes = int64(size)
+	}
+	if size >= 0 && size <= inspectLimit && isJSON(req.Header.ContentType()) {
+		body := c.Body() // reads a streamed body into memory; bounded above
+		ex.rec.Model = truncate(gjson.GetBytes(body, "model").String(), 200)
+		ex.rec.Stream = gjson.GetBytes(body, "stream").Bool()
+	}
+	return nil
+}
+
+// forward sends the request upstream through Fiber's proxy middleware.
+func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
+	req := c.Request()
+	prepareUpstreamRequest(&req.Header, p.bearer)
+	req.SetUserValue(exchangeKey{}, ex)
+	target := upstreamURL(p.cfg.UpstreamBaseURL, ex.rec.Path, req.URI().QueryString())
+	// The client resets the response, dropping headers that middleware
+	// (CORS) set before the handler ran: keep them to put back.
+	var pre fasthttp.ResponseHeader
+	c.Response().Header.CopyTo(&pre)
+	err := proxy.Do(c, target, p.client)
+	req.SetUserValue(exchangeKey{}, nil)
+	for k, v := range pre.All() {
+		if bytes.HasPrefix(k, []byte("Access-Control-")) || bytes.Equal(k, []byte("Vary")) {
+			c.Response().Header.SetBytesKV(k, v)
+		}
+	}
+	if err != nil {
+		apiErr := p.upstreamError(c, err, ex)
+		ex.finish(err)
+		return WriteAPIError(c, apiErr)
+	}
+	cleanResponseHeaders(&c.Response().Header)
+	if ex.sse {
+		// Tell buffering reverse proxies in front of us (nginx) to pass
+		// events through as they come.
+		c.Set("X-Accel-Buffering", "no")
+		c.Set("Cache-Control", "no-cache")
+	}
+	return nil
+}
+
+// upstreamError maps a failure before the response started.
+func (p *Proxy) upstreamError(c *fiber.Ctx, err error, ex *exchange) *APIError {
+	switch {
+	case ex.bodyLimit != nil && ex.bodyLimit.exceeded:
+		lingerAndClose(c)
+		ex.status, ex.outcome = errBodyTooLarge.Status, errBodyTooLarge.Outcome
+		return errBodyTooLarge
+	case isTimeout(err):
+		ex.status, ex.outcome = errUpstreamTimeout.Status, errUpstreamTimeout.Outcome
+		return errUpstreamTimeout
+	}
+	ex.status, ex.outcome = errUpstreamUnreachable.Status, errUpstreamUnreachable.Outcome
+	return errUpstreamUnreachable
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, fasthttp.ErrTimeout) || errors.Is(err, os.ErrDeadlineExceeded) ||
+		errors.Is(err, errTimeoutUpstream) || (errors.As(err, &ne) && ne.Timeout())
+}
+
+func isIdempotentMethod(m string) bool { return m == fiber.MethodPost || m == fiber.MethodPatch }
+
+func isJSON(contentType []byte) bool {
+	mt, _, err := mime.ParseMediaType(string(contentType))
+	return err == nil && (mt == "application/json" || strings.HasSuffix(mt, "+json"))
+}
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n]
+	}
+	return s
+}
+
+// lingerAndClose closes the connection after an early answer (413) to a
+// client that may still be uploading, the way net/http does: the write side
+// is shut and unread input discarded for a moment, so the client reads the
+// answer instead of a connection reset. The discard is bounded in bytes and
+// time; the body itself is never read.
+func lingerAndClose(c *fiber.Ctx) {
+	c.Context().SetConnectionClose()
+	c.Context().Hijack(func(conn net.Conn) {
+		if tc, ok := conn.(interface{ CloseWrite() error }); ok {
+			_ = tc.CloseWrite()
+		}
+		_ = conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+		_, _ = io.Copy(io.Discard, io.LimitReader(conn, 64<<20))
+	})
+}
+
+// limitedReader fails a chunked upload that outgrows MAX_BODY_SIZE.
+type limitedReader struct {
+	r        io.Reader
+	left     int64
+	n        int64
+	exceeded bool
+}
+
+// read reports how many body bytes passed.
+func (l *limitedReader) read() int64 { return l.n }
+
+var errBodyLimit = errors.New("request body exceeds MAX_BODY_SIZE")
+
+func (l *limitedReader) Read(p []byte) (int, error) {
+	if l.left <= 0 {
+		// One byte beyond the limit tells "exactly at" from "over".
+		var one [1]byte
+		if n, _ := l.r.Read(one[:]); n > 0 {
+			l.exceeded = true
+			return 0, errBodyLimit
+		}
+		return 0, io.EOF
+	}
+	if int64(len(p)) > l.left {
+		p = p[:l.left]
+	}
+	n, err := l.r.Read(p)
+	l.left -= int64(n)
+	l.n += int64(n)
+	return n, err
+}

@@ -1,0 +1,222 @@
+package handlers
+
+import (
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/valyala/fasthttp"
+)
+
+// The upstream client is Fiber's proxy middleware driving a dedicated
+// fasthttp.Client with StreamResponseBody and this Transport. The Transport
+// sees every upstream response before Fiber does: it reads the response
+// into a response of its own and hands Fiber a teeing body stream, so the
+// body reaches the client chunk by chunk (fasthttp flushes after each Read)
+// while the exchange counts bytes, reads usage, and captures keyed
+// responses for replay.
+
+// exchangeKey carries the *exchange on the fasthttp.Request.
+type exchangeKey struct{}
+
+type teeTransport struct{}
+
+func (teeTransport) RoundTrip(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp.Response) (bool, error) {
+	ex, _ := req.UserValue(exchangeKey{}).(*exchange)
+	tmp := fasthttp.AcquireResponse()
+	tmp.StreamBody = resp.StreamBody
+	tmp.SkipBody = resp.SkipBody
+	retry, err := fasthttp.DefaultTransport.RoundTrip(hc, req, tmp)
+	if err != nil {
+		fasthttp.ReleaseResponse(tmp)
+		return retry, err
+	}
+	tmp.Header.CopyTo(&resp.Header)
+	if ex == nil { // not a proxied request; never happens, but stay correct
+		body := tmp.BodyStream()
+		if body == nil {
+			resp.SetBody(tmp.Body())
+			fasthttp.ReleaseResponse(tmp)
+			return false, nil
+		}
+		resp.SetBodyStream(&releasingBody{ReadCloserWithError: body.(fasthttp.ReadCloserWithError), resp: tmp}, tmp.Header.ContentLength())
+		return false, nil
+	}
+	ex.onHeaders(&tmp.Header)
+	src, ok := tmp.BodyStream().(fasthttp.ReadCloserWithError)
+	if !ok {
+		// HEAD, 204 and 304 carry no body stream.
+		resp.SetBody(tmp.Body())
+		ex.observe(tmp.Body())
+		ex.bodyComplete()
+		fasthttp.ReleaseResponse(tmp)
+		ex.finish(nil)
+		return false, nil
+	}
+	size := tmp.Header.ContentLength()
+	if size < 0 {
+		size = -1
+	}
+	t := &tee{src: src, tmp: tmp, ex: ex, size: int64(size)}
+	t.deadline = time.AfterFunc(time.Until(ex.deadline), t.timeout)
+	resp.SetBodyStream(t, size)
+	return false, nil
+}
+
+// tee is the body stream Fiber writes to the client. It implements only
+// CloseWithError (not Close): fasthttp calls both when both exist.
+type tee struct {
+	src      fasthttp.ReadCloserWithError
+	tmp      *fasthttp.Response
+	ex       *exchange
+	size     int64 // Content-Length, or -1
+	n        int64
+	eof      bool
+	readErr  error
+	timedOut atomic.Bool
+	deadline *time.Timer
+	once     sync.Once
+}
+
+func (t *tee) Read(p []byte) (int, error) {
+	n, err := t.src.Read(p)
+	if n > 0 {
+		t.n += int64(n)
+		t.ex.observe(p[:n])
+	}
+	switch {
+	case errors.Is(err, io.EOF):
+		t.eof = true
+	case err != nil:
+		if t.timedOut.Load() {
+			err = errTimeoutUpstream
+		}
+		t.readErr = err
+	}
+	// Complete the exchange before the client can see the body end, so a
+	// client that retries the instant it has the full answer finds the
+	// idempotency record already stored.
+	if t.eof || (t.size >= 0 && t.n >= t.size) {
+		t.eof = true
+		t.ex.bodyComplete()
+	}
+	return n, err
+}
+
+// errTimeoutUpstream marks a body cut short by UPSTREAM_TIMEOUT.
+var errTimeoutUpstream = errors.New("upstream timeout")
+
+// timeout fires at the exchange's deadline. Closing the upstream stream is
+// safe while a Read is blocked on it: fasthttp interrupts the connection.
+func (t *tee) timeout() {
+	t.timedOut.Store(true)
+	_ = t.src.CloseWithError(errTimeoutUpstream)
+}
+
+// CloseWithError is called once the server has written the body, or failed
+// to: err is the client write error or the upstream read error.
+func (t *tee) CloseWithError(err error) error {
+	t.once.Do(func() {
+		if err != nil && !t.eof && t.readErr == nil && t.ex.keepsRunningWithoutClient() {
+			// A keyed request whose client went away: the client asked for
+			// exactly-once and will retry, so the paid-for answer is read
+			// to its end and stored for the retry to replay.
+			t.ex.clientGone = true
+			t.ex.p.background.Add(1)
+			go func() {
+				defer t.ex.p.background.Done()
+				t.close(t.drain())
+			}()
+			return
+		}
+		t.close(err)
+	})
+	return nil
+}
+
+// drain reads the rest of the upstream body without a client, bounded by
+// the exchange's deadline (the timer) and the capture limit.
+func (t *tee) drain() error {
+	buf := make([]byte, 32<<10)
+	for !t.eof {
+		if t.ex.captureOverflow() {
+			return errCaptureOverflow
+		}
+		if _, err := t.Read(buf); err != nil && !errors.Is(err, io.EOF) {
+			return err
+		}
+	}
+	return nil
+}
+
+var errCaptureOverflow = errors.New("response larger than IDEMPOTENCY_MAX_BODY")
+
+func (t *tee) close(err error) {
+	t.deadline.Stop()
+	if err == nil && !t.eof {
+		err = io.ErrUnexpectedEOF
+	}
+	// A non-nil error makes fasthttp close the upstream connection, which is
+	// how an abandoned unkeyed request cancels the upstream call.
+	_ = t.src.CloseWithError(err)
+	fasthttp.ReleaseResponse(t.tmp)
+	switch {
+	case t.readErr != nil:
+		t.ex.finish(t.readErr)
+	case err != nil && !t.eof:
+		t.ex.finish(&clientGoneError{err})
+	default:
+		t.ex.finish(nil)
+	}
+}
+
+// clientGoneError wraps the write error that showed the client had left.
+type clientGoneError struct{ err error }
+
+func (e *clientGoneError) Error() string { return "client went away: " + e.err.Error() }
+func (e *clientGoneError) Unwrap() error { return e.err }
+
+// releasingBody hands a body stream through and releases its response.
+type releasingBody struct {
+	fasthttp.ReadCloserWithError
+	resp *fasthttp.Response
+}
+
+func (b *releasingBody) CloseWithError(err error) error {
+	e := b.ReadCloserWithError.CloseWithError(err)
+	fasthttp.ReleaseResponse(b.resp)
+	return e
+}
+
+// watchConn enforces the upstream silence limits on one connection: a read
+// deadline is set before every Read, the first-byte limit while a response
+// is awaited and the idle limit once it flows. Unlike fasthttp's
+// ReadTimeout, this never cuts a long stream that keeps producing.
+type watchConn struct {
+	net.Conn
+	firstByte, idle time.Duration
+	awaiting        atomic.Bool
+}
+
+func (w *watchConn) Write(b []byte) (int, error) {
+	w.awaiting.Store(true)
+	return w.Conn.Write(b)
+}
+
+func (w *watchConn) Read(b []byte) (int, error) {
+	d := w.idle
+	if w.awaiting.Load() {
+		d = w.firstByte
+	}
+	if err := w.Conn.SetReadDeadline(time.Now().Add(d)); err != nil {
+		return 0, err
+	}
+	n, err := w.Conn.Read(b)
+	if n > 0 {
+		w.awaiting.Store(false)
+	}
+	return n, err
+}

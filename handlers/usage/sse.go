@@ -1,0 +1,132 @@
+package usage
+
+import (
+	"bytes"
+
+	"github.com/tidwall/gjson"
+)
+
+// maxEvent bounds the bytes one SSE event may occupy while it is being
+// assembled; a larger event is skipped (it still reaches the client).
+const maxEvent = 1 << 20
+
+// Stream watches a text/event-stream as it passes, event by event, however
+// the bytes are chunked. It records the last usage reported and whether the
+// stream reached its terminal event: "data: [DONE]" for chat/completions,
+// or response.completed / response.incomplete / response.failed for the
+// Responses API.
+type Stream struct {
+	pending  []byte // bytes of the event being assembled
+	skipping bool   // the current event outgrew maxEvent
+	usage    Usage
+	terminal bool
+	events   int
+}
+
+// Write feeds the next bytes of the stream. It never fails.
+func (s *Stream) Write(p []byte) (int, error) {
+	n := len(p)
+	for len(p) > 0 {
+		// An event ends at a blank line: "\n\n" (or with "\r\n").
+		i := bytes.IndexByte(p, '\n')
+		if i < 0 {
+			s.add(p)
+			break
+		}
+		line := p[:i+1]
+		p = p[i+1:]
+		s.add(line)
+		if isBlank(line) {
+			s.endEvent()
+		}
+	}
+	return n, nil
+}
+
+func (s *Stream) add(b []byte) {
+	if s.skipping {
+		return
+	}
+	if len(s.pending)+len(b) > maxEvent {
+		s.pending, s.skipping = s.pending[:0], true
+		return
+	}
+	s.pending = append(s.pending, b...)
+}
+
+func isBlank(line []byte) bool {
+	return len(line) == 1 || (len(line) == 2 && line[0] == '\r')
+}
+
+// endEvent handles one complete event; the blank line that ended it is the
+// last line of pending.
+func (s *Stream) endEvent() {
+	ev := s.pending
+	s.pending, s.skipping = s.pending[:0], false
+	data := eventData(ev)
+	if data == nil {
+		return
+	}
+	s.events++
+	s.observe(data)
+}
+
+// eventData joins the event's data lines (SSE allows several), or returns
+// nil when the event has none.
+func eventData(ev []byte) []byte {
+	var data []byte
+	found := false
+	for len(ev) > 0 {
+		i := bytes.IndexByte(ev, '\n')
+		line := ev
+		if i >= 0 {
+			line, ev = ev[:i], ev[i+1:]
+		} else {
+			ev = nil
+		}
+		line = bytes.TrimSuffix(line, []byte("\r"))
+		v, ok := bytes.CutPrefix(line, []byte("data:"))
+		if !ok {
+			continue
+		}
+		v = bytes.TrimPrefix(v, []byte(" "))
+		if found {
+			data = append(data, '\n')
+		}
+		data = append(data, v...)
+		found = true
+	}
+	if !found {
+		return nil
+	}
+	return data
+}
+
+func (s *Stream) observe(data []byte) {
+	if bytes.Equal(bytes.TrimSpace(data), []byte("[DONE]")) {
+		s.terminal = true
+		return
+	}
+	if !bytes.Contains(data, []byte(`"usage"`)) && !bytes.Contains(data, []byte(`"response.`)) {
+		return // the common case: a content delta, not worth parsing
+	}
+	obj := gjson.ParseBytes(data)
+	switch obj.Get("type").String() {
+	case "response.completed", "response.incomplete", "response.failed":
+		s.terminal = true
+	}
+	if u, ok := FromObject(obj.Get("usage")); ok {
+		s.usage = u
+	} else if u, ok := FromObject(obj.Get("response.usage")); ok {
+		s.usage = u
+	}
+}
+
+// Usage returns the last usage the stream reported so far.
+func (s *Stream) Usage() Usage { return s.usage }
+
+// Terminal reports whether the stream's terminal event has passed.
+func (s *Stream) Terminal() bool { return s.terminal }
+
+// Events counts the events that carried data.
+func (s *Stream) Events() int { return s.events }

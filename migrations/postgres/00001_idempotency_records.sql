@@ -1,0 +1,34 @@
+-- Idempotency records: one row per (client, method, path, Idempotency-Key),
+-- claimed atomically by INSERT ... ON CONFLICT DO NOTHING on the primary key.
+-- +goose Up
+CREATE TABLE idempotency_records (
+    id             TEXT PRIMARY KEY,           -- hex SHA-256 of the scope: client, method, path, key
+    client         TEXT NOT NULL,
+    method         TEXT NOT NULL,
+    path           TEXT NOT NULL,
+    idem_key       TEXT NOT NULL,
+    fingerprint    TEXT NOT NULL,              -- hex SHA-256 of method, path, query and body
+    state          TEXT NOT NULL,              -- in_progress, completed, released
+    owner          TEXT NOT NULL DEFAULT '',   -- random token of the attempt holding the lease
+    locked_until   TIMESTAMPTZ NOT NULL,
+    status         INTEGER NOT NULL DEFAULT 0,
+    headers        TEXT NOT NULL DEFAULT '{}', -- JSON object of the allow-listed response headers
+    body           BYTEA,
+    body_size      BIGINT NOT NULL DEFAULT 0,
+    stream         BOOLEAN NOT NULL DEFAULT FALSE,
+    replayable     BOOLEAN NOT NULL DEFAULT TRUE,
+    replay_count   INTEGER NOT NULL DEFAULT 0,
+    last_replay_at TIMESTAMPTZ,
+    attempts       INTEGER NOT NULL DEFAULT 1,
+    release_reason TEXT NOT NULL DEFAULT '',
+    created_at     TIMESTAMPTZ NOT NULL,
+    updated_at     TIMESTAMPTZ NOT NULL,
+    expires_at     TIMESTAMPTZ NOT NULL
+);
+-- The sweeper deletes by expiry; the dashboard lists newest first and searches by key.
+CREATE INDEX idempotency_records_expires_at_idx ON idempotency_records (expires_at);
+CREATE INDEX idempotency_records_created_at_idx ON idempotency_records (created_at DESC, id DESC);
+CREATE INDEX idempotency_records_idem_key_idx ON idempotency_records (idem_key);
+
+-- +goose Down
+DROP TABLE idempotency_records;

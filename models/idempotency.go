@@ -1,0 +1,218 @@
+package models
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"gorm.io/gorm"
+	"gorm.io/gorm/clause"
+)
+
+// States of an idempotency record.
+const (
+	StateInProgress = "in_progress" // an attempt holds the lease and is running upstream
+	StateCompleted  = "completed"   // the response is stored (or known too large to store)
+	StateReleased   = "released"    // the attempt failed retryably; the next request executes
+)
+
+// ErrLeaseLost means another attempt took the key over: this attempt must
+// not write its result.
+var ErrLeaseLost = errors.New("models: idempotency lease lost")
+
+// IdempotencyRecord is one row of idempotency_records.
+type IdempotencyRecord struct {
+	ID            string // hex SHA-256 of client, method, path and key
+	Client        string
+	Method        string
+	Path          string
+	IdemKey       string
+	Fingerprint   string
+	State         string
+	Owner         string
+	LockedUntil   time.Time
+	Status        int
+	Headers       string // JSON object of replayed response headers
+	Body          []byte
+	BodySize      int64
+	Stream        bool
+	Replayable    bool
+	ReplayCount   int
+	LastReplayAt  *time.Time
+	Attempts      int
+	ReleaseReason string
+	CreatedAt     time.Time
+	UpdatedAt     time.Time
+	ExpiresAt     time.Time
+}
+
+// ClaimRequest asks to run a keyed request.
+type ClaimRequest struct {
+	ID, Client, Method, Path, Key, Fingerprint string
+	Owner                                      string // random token of this attempt
+	Stream                                     bool
+	Lease, TTL                                 time.Duration
+}
+
+// ClaimIdempotency tries to take the key for this attempt. It returns
+// claimed=true when this attempt may execute; otherwise the existing record,
+// which the caller judges (replay, 409 in progress, 422 mismatch).
+//
+// The claim is one arbitrated statement, never check-then-insert: an INSERT
+// … ON CONFLICT DO NOTHING on the primary key, then, if the row exists, a
+// conditional UPDATE that takes it over only when it is expired, released by
+// a failed attempt with the same fingerprint, or in progress under a lapsed
+// lease (its holder crashed). RowsAffected decides the single winner on
+// PostgreSQL and SQLite alike.
+func (s *Store) ClaimIdempotency(ctx context.Context, r ClaimRequest) (claimed bool, existing *IdempotencyRecord, err error) {
+	for range 3 {
+		now := s.now()
+		row := IdempotencyRecord{
+			ID: r.ID, Client: r.Client, Method: r.Method, Path: r.Path, IdemKey: r.Key,
+			Fingerprint: r.Fingerprint, State: StateInProgress, Owner: r.Owner,
+			LockedUntil: now.Add(r.Lease), Headers: "{}", Stream: r.Stream, Replayable: true,
+			Attempts: 1, CreatedAt: now, UpdatedAt: now, ExpiresAt: now.Add(r.TTL),
+		}
+		res := s.db.WithContext(ctx).Clauses(clause.OnConflict{DoNothing: true}).Create(&row)
+		if res.Error != nil {
+			return false, nil, fmt.Errorf("models: claim idempotency key: %w", res.Error)
+		}
+		if res.RowsAffected == 1 {
+			return true, nil, nil
+		}
+		res = s.db.WithContext(ctx).Model(&IdempotencyRecord{}).
+			Where("id = ? AND (expires_at < ? OR (fingerprint = ? AND (state = ? OR (state = ? AND locked_until < ?))))",
+				r.ID, now, r.Fingerprint, StateReleased, StateInProgress, now).
+			Updates(map[string]any{
+				"fingerprint": r.Fingerprint, "state": StateInProgress, "owner": r.Owner,
+				"locked_until": now.Add(r.Lease), "status": 0, "headers": "{}", "body": nil,
+				"body_size": 0, "stream": r.Stream, "replayable": true,
+				"attempts": gorm.Expr("attempts + 1"), "updated_at": now,
+				// An expired key is new again; a retried one keeps its window.
+				"expires_at": gorm.Expr("CASE WHEN expires_at < ? THEN ? ELSE expires_at END", now, now.Add(r.TTL)),
+				"created_at": gorm.Expr("CASE WHEN expires_at < ? THEN ? ELSE created_at END", now, now),
+			})
+		if res.Error != nil {
+			return false, nil, fmt.Errorf("models: take over idempotency key: %w", res.Error)
+		}
+		if res.RowsAffected == 1 {
+			return true, nil, nil
+		}
+		var rec IdempotencyRecord
+		err := s.db.WithContext(ctx).Where("id = ?", r.ID).Take(&rec).Error
+		if errors.Is(err, gorm.ErrRecordNotFound) {
+			continue // swept or deleted between the statements: claim again
+		}
+		if err != nil {
+			return false, nil, fmt.Errorf("models: load idempotency key: %w", err)
+		}
+		return false, &rec, nil
+	}
+	return false, nil, errors.New("models: claim idempotency key: row keeps changing")
+}
+
+// RenewIdempotencyLease extends the lease of a running attempt.
+func (s *Store) RenewIdempotencyLease(ctx context.Context, id, owner string, lease time.Duration) error {
+	now := s.now()
+	res := s.db.WithContext(ctx).Model(&IdempotencyRecord{}).
+		Where("id = ? AND owner = ? AND state = ?", id, owner, StateInProgress).
+		Updates(map[string]any{"locked_until": now.Add(lease), "updated_at": now})
+	return leaseResult(res, "renew idempotency lease")
+}
+
+// Completion is the result an attempt stores.
+type Completion struct {
+	Status     int
+	Headers    string
+	Body       []byte
+	BodySize   int64
+	Stream     bool
+	Replayable bool // false: executed, but too large to store
+}
+
+// CompleteIdempotency stores the attempt's response. The TTL runs from now.
+func (s *Store) CompleteIdempotency(ctx context.Context, id, owner string, c Completion, ttl time.Duration) error {
+	now := s.now()
+	res := s.db.WithContext(ctx).Model(&IdempotencyRecord{}).
+		Where("id = ? AND owner = ? AND state = ?", id, owner, StateInProgress).
+		Updates(map[string]any{
+			"state": StateCompleted, "owner": "", "status": c.Status, "headers": c.Headers,
+			"body": c.Body, "body_size": c.BodySize, "stream": c.Stream, "replayable": c.Replayable,
+			"release_reason": "", "updated_at": now, "expires_at": now.Add(ttl),
+		})
+	return leaseResult(res, "complete idempotency key")
+}
+
+// ReleaseIdempotency gives the key back after a retryable failure, so the
+// next request with it executes; the reason is kept for the dashboard.
+func (s *Store) ReleaseIdempotency(ctx context.Context, id, owner, reason string) error {
+	res := s.db.WithContext(ctx).Model(&IdempotencyRecord{}).
+		Where("id = ? AND owner = ? AND state = ?", id, owner, StateInProgress).
+		Updates(map[string]any{"state": StateReleased, "owner": "", "release_reason": reason, "body": nil, "updated_at": s.now()})
+	return leaseResult(res, "release idempotency key")
+}
+
+func leaseResult(res *gorm.DB, what string) error {
+	if res.Error != nil {
+		return fmt.Errorf("models: %s: %w", what, res.Error)
+	}
+	if res.RowsAffected != 1 {
+		return ErrLeaseLost
+	}
+	return nil
+}
+
+// MarkIdempotencyReplayed counts one replay of a stored response.
+func (s *Store) MarkIdempotencyReplayed(ctx context.Context, id string) error {
+	err := s.db.WithContext(ctx).Model(&IdempotencyRecord{}).Where("id = ?", id).
+		Updates(map[string]any{"replay_count": gorm.Expr("replay_count + 1"), "last_replay_at": s.now()}).Error
+	if err != nil {
+		return fmt.Errorf("models: count idempotency replay: %w", err)
+	}
+	return nil
+}
+
+// SweepIdempotency deletes expired records in batches of at most batch rows,
+// leaving alone attempts still running under a live lease.
+func (s *Store) SweepIdempotency(ctx context.Context, batch int) (int64, error) {
+	var total int64
+	for {
+		now := s.now()
+		sub := s.db.Model(&IdempotencyRecord{}).Select("id").
+			Where("expires_at < ? AND NOT (state = ? AND locked_until > ?)", now, StateInProgress, now).Limit(batch)
+		res := s.db.WithContext(ctx).Where("id IN (?)", sub).Delete(&IdempotencyRecord{})
+		if res.Error != nil {
+			return total, fmt.Errorf("models: sweep idempotency keys: %w", res.Error)
+		}
+		total += res.RowsAffected
+		if res.RowsAffected < int64(batch) {
+			return total, nil
+		}
+	}
+}
+
+// DeleteIdempotency expires a key now: the next request with it executes.
+func (s *Store) DeleteIdempotency(ctx context.Context, id string) error {
+	res := s.db.WithContext(ctx).Where("id = ?", id).Delete(&IdempotencyRecord{})
+	if res.Error != nil {
+		return fmt.Errorf("models: delete idempotency key: %w", res.Error)
+	}
+	if res.RowsAffected == 0 {
+		return ErrNotFound
+	}
+	return nil
+}
+
+// IdempotencyByID loads one record, body included.
+func (s *Store) IdempotencyByID(ctx context.Context, id string) (IdempotencyRecord, error) {
+	var rec IdempotencyRecord
+	err := s.db.WithContext(ctx).Where("id = ?", id).Take(&rec).Error
+	if errors.Is(err, gorm.ErrRecordNotFound) {
+		return rec, ErrNotFound
+	}
+	if err != nil {
+		return rec, fmt.Errorf("models: load idempotency key: %w", err)
+	}
+	return rec, nil
+}
