@@ -72,7 +72,8 @@ func provider(db *sql.DB, dialect Dialect, logger *slog.Logger) (*goose.Provider
 	gooseDialect := goose.DialectSQLite3
 	if dialect == Postgres {
 		gooseDialect = goose.DialectPostgres
-		locker, err := lock.NewPostgresSessionLocker()
+		// Poll the lock every second (goose waits 5 s by default), for up to 5 minutes.
+		locker, err := lock.NewPostgresSessionLocker(lock.WithLockTimeout(1, 300))
 		if err != nil {
 			return nil, fmt.Errorf("migrations: %w", err)
 		}
