@@ -34,9 +34,13 @@ type openAIError struct {
 // and *fiber.Error become a generic 500 whose text never reaches the client.
 func WriteAPIError(c *fiber.Ctx, err error) error {
 	e := AsAPIError(err)
+	return c.Status(e.Status).JSON(openAIErrorBody(e))
+}
+
+func openAIErrorBody(e *APIError) openAIError {
 	var body openAIError
 	body.Error.Message, body.Error.Type, body.Error.Code = e.Message, e.Type, e.Code
-	return c.Status(e.Status).JSON(body)
+	return body
 }
 
 // AsAPIError maps any error to the APIError the client sees.

@@ -64,7 +64,7 @@ func (cl *claim) stopRenewal() { cl.stopOnce.Do(func() { close(cl.stop) }) }
 // handleKeyed runs a POST or PATCH that carries an Idempotency-Key: at most
 // once upstream, and every repeat answered from the stored record.
 func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
-	key, ok := parseIdempotencyKey(c.Request().Header.PeekAll("Idempotency-Key"))
+	key, ok := parseIdempotencyKey(idempotencyKeyFields(&c.Request().Header))
 	if !ok {
 		return ex.reject(c, errKeyInvalid)
 	}
@@ -78,7 +78,7 @@ func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
 		return ex.reject(c, &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_body", Outcome: models.OutcomeRejected,
 			Message: "The request body could not be read."})
 	}
-	id := scopeID(ex.rec.Client, ex.rec.Method, ex.rec.Path, key)
+	id := scopeID(ex.rec.Client, key)
 	owner := randomToken()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	claimed, rec, err := p.idem.ClaimIdempotency(ctx, models.ClaimRequest{
@@ -239,7 +239,12 @@ func parseIdempotencyKey(values [][]byte) (string, bool) {
 		return "", false
 	}
 	v := bytes.TrimSpace(values[0])
-	if len(v) >= 2 && v[0] == '"' && v[len(v)-1] == '"' {
+	if len(v) > 0 && v[0] == '"' {
+		// A Structured Field string: it must be closed, with only \" and
+		// \\ as escapes.
+		if len(v) < 2 || v[len(v)-1] != '"' {
+			return "", false
+		}
 		var out []byte
 		inner := v[1 : len(v)-1]
 		for i := 0; i < len(inner); i++ {
@@ -270,11 +275,13 @@ func parseIdempotencyKey(values [][]byte) (string, bool) {
 	return string(v), true
 }
 
-// scopeID names a key within its scope: two clients, methods or paths
-// using the same key never share a record.
-func scopeID(client, method, path, key string) string {
+// scopeID names a key within its client's scope: two clients using the same
+// key never share a record. Method and path are part of the fingerprint
+// instead, so reusing a key on another endpoint is a 422, as with Stripe,
+// rather than a silent second execution.
+func scopeID(client, key string) string {
 	h := sha256.New()
-	for _, s := range []string{client, method, path, key} {
+	for _, s := range []string{client, key} {
 		h.Write([]byte(s))
 		h.Write([]byte{0})
 	}

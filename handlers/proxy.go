@@ -1,6 +1,8 @@
 package handlers
 
 import (
+	"bufio"
+	"encoding/json"
 	"bytes"
 	"errors"
 	"io"
@@ -110,7 +112,7 @@ func (p *Proxy) Handle(c *fiber.Ctx) error {
 	if err := p.admit(c, ex); err != nil {
 		return ex.reject(c, err)
 	}
-	if p.idem != nil && isIdempotentMethod(c.Method()) && len(c.Request().Header.Peek("Idempotency-Key")) > 0 {
+	if p.idem != nil && isIdempotentMethod(c.Method()) && len(idempotencyKeyFields(&c.Request().Header)) > 0 {
 		return p.handleKeyed(c, ex)
 	}
 	return p.forward(c, ex)
@@ -212,6 +214,27 @@ func isTimeout(err error) bool {
 		errors.Is(err, errTimeoutUpstream) || (errors.As(err, &ne) && ne.Timeout())
 }
 
+// idempotencyKeyFields returns every Idempotency-Key field as received,
+// empty ones included (an empty key is invalid, not absent). It reads the
+// raw header block, because parsed headers drop empty values.
+func idempotencyKeyFields(h *fasthttp.RequestHeader) [][]byte {
+	var out [][]byte
+	raw := h.RawHeaders()
+	for len(raw) > 0 {
+		line := raw
+		if i := bytes.IndexByte(raw, '\n'); i >= 0 {
+			line, raw = raw[:i], raw[i+1:]
+		} else {
+			raw = nil
+		}
+		name, value, ok := bytes.Cut(bytes.TrimRight(line, "\r"), []byte(":"))
+		if ok && bytes.EqualFold(bytes.TrimSpace(name), []byte("Idempotency-Key")) {
+			out = append(out, bytes.TrimSpace(value))
+		}
+	}
+	return out
+}
+
 func isIdempotentMethod(m string) bool { return m == fiber.MethodPost || m == fiber.MethodPatch }
 
 func isJSON(contentType []byte) bool {
@@ -226,14 +249,26 @@ func truncate(s string, n int) string {
 	return s
 }
 
-// lingerAndClose closes the connection after an early answer (413) to a
-// client that may still be uploading, the way net/http does: the write side
-// is shut and unread input discarded for a moment, so the client reads the
-// answer instead of a connection reset. The discard is bounded in bytes and
-// time; the body itself is never read.
+// lingerAndClose answers 413 to a client that may still be uploading and
+// closes the connection the way net/http does: the answer is written, the
+// write side shut, and unread input discarded for a moment, so the client
+// reads the answer instead of a connection reset. The discard is bounded in
+// bytes and time; the body itself is never processed. The response is
+// written here, with Connection: close, because fasthttp skips hijack
+// handlers on connections it closes itself.
 func lingerAndClose(c *fiber.Ctx) {
-	c.Context().SetConnectionClose()
+	body, _ := json.Marshal(openAIErrorBody(errBodyTooLarge))
+	c.Context().HijackSetNoResponse(true)
 	c.Context().Hijack(func(conn net.Conn) {
+		var resp fasthttp.Response
+		resp.SetStatusCode(errBodyTooLarge.Status)
+		resp.Header.SetContentType(fiber.MIMEApplicationJSON)
+		resp.SetConnectionClose()
+		resp.SetBodyRaw(body)
+		w := bufio.NewWriter(conn)
+		if resp.Write(w) != nil || w.Flush() != nil {
+			return
+		}
 		if tc, ok := conn.(interface{ CloseWrite() error }); ok {
 			_ = tc.CloseWrite()
 		}

@@ -1,0 +1,538 @@
+package handlers_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"mime/multipart"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/openai-idempotent-proxy/proxy/app/apptest"
+	"github.com/openai-idempotent-proxy/proxy/models"
+	"github.com/openai-idempotent-proxy/proxy/models/testdb"
+)
+
+// eachDB runs f against SQLite and against real PostgreSQL.
+func eachDB(t *testing.T, f func(t *testing.T, env map[string]string)) {
+	t.Run("sqlite", func(t *testing.T) { f(t, map[string]string{}) })
+	t.Run("postgres", func(t *testing.T) { f(t, map[string]string{"DATABASE_URL": testdb.PostgresURL(t)}) })
+}
+
+type result struct {
+	status   int
+	body     []byte
+	replayed bool
+	header   http.Header
+}
+
+func (r result) sha() [32]byte { return sha256.Sum256(r.body) }
+
+// keyed sends a chat request with an Idempotency-Key.
+func keyed(t *testing.T, url, clientKey, key, body string, hdr map[string]string) result {
+	t.Helper()
+	h := map[string]string{"Content-Type": "application/json"}
+	if key != "" {
+		h["Idempotency-Key"] = key
+	}
+	for k, v := range hdr {
+		h[k] = v
+	}
+	resp, b := do(t, "POST", url, clientKey, strings.NewReader(body), h)
+	return result{status: resp.StatusCode, body: b, replayed: resp.Header.Get("Idempotent-Replayed") == "true", header: resp.Header}
+}
+
+const chatBody = `{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}`
+const streamBody = `{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}`
+
+func TestIdempotentReplayIsByteIdentical(t *testing.T) {
+	eachDB(t, func(t *testing.T, env map[string]string) {
+		up := apptest.NewUpstream(t)
+		px := apptest.Start(t, up.URL, env)
+		url := px.URL + "/v1/chat/completions"
+
+		t.Run("json", func(t *testing.T) {
+			first := keyed(t, url, apptest.ClientKey, "json-1", chatBody, nil)
+			second := keyed(t, url, apptest.ClientKey, "json-1", chatBody, nil)
+			if first.status != 200 || first.replayed {
+				t.Fatalf("first: %d replayed=%v %s", first.status, first.replayed, first.body)
+			}
+			if second.status != 200 || !second.replayed || second.sha() != first.sha() {
+				t.Fatalf("replay: %d replayed=%v\nfirst  %s\nsecond %s", second.status, second.replayed, first.body, second.body)
+			}
+			if second.header.Get("X-Request-Id") != first.header.Get("X-Request-Id") || second.header.Get("Content-Type") != first.header.Get("Content-Type") {
+				t.Fatalf("replayed headers differ: %v vs %v", second.header, first.header)
+			}
+		})
+		t.Run("sse", func(t *testing.T) {
+			hdr := map[string]string{"X-Test-Events": "20"}
+			first := keyed(t, url, apptest.ClientKey, "sse-1", streamBody, hdr)
+			second := keyed(t, url, apptest.ClientKey, "sse-1", streamBody, hdr)
+			if first.status != 200 || !bytes.Contains(first.body, []byte("data: [DONE]")) {
+				t.Fatalf("first: %d %s", first.status, first.body)
+			}
+			if !second.replayed || second.sha() != first.sha() || !strings.HasPrefix(second.header.Get("Content-Type"), "text/event-stream") {
+				t.Fatalf("replay differs: replayed=%v ct=%q\n%s\n---\n%s", second.replayed, second.header.Get("Content-Type"), first.body, second.body)
+			}
+		})
+		t.Run("responses api stream", func(t *testing.T) {
+			body := `{"model":"gpt-4o-mini","stream":true,"input":"hi"}`
+			first := keyed(t, px.URL+"/v1/responses", apptest.ClientKey, "resp-1", body, nil)
+			second := keyed(t, px.URL+"/v1/responses", apptest.ClientKey, "resp-1", body, nil)
+			if !second.replayed || second.sha() != first.sha() {
+				t.Fatalf("replay differs:\n%s\n---\n%s", first.body, second.body)
+			}
+		})
+		if n := up.Calls(); n != 3 {
+			t.Fatalf("upstream calls = %d, want 3 (one per key)", n)
+		}
+	})
+}
+
+func TestIncompleteStreamsAreNeverReplayed(t *testing.T) {
+	eachDB(t, func(t *testing.T, env map[string]string) {
+		up := apptest.NewUpstream(t)
+		px := apptest.Start(t, up.URL, env)
+		url := px.URL + "/v1/chat/completions"
+		for _, tc := range []struct {
+			name string
+			hdr  map[string]string
+		}{
+			{"no terminal event", map[string]string{"X-Test-No-Done": "1"}},
+			{"connection dropped", map[string]string{"X-Test-Cut-After": "2", "X-Test-Events": "5"}},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				key := "cut-" + strings.ReplaceAll(tc.name, " ", "-")
+				before := up.Calls()
+				keyedStreamIgnoringErrors(t, url, key, tc.hdr)
+				// The retry, without the fault, executes and is stored.
+				retry := keyed(t, url, apptest.ClientKey, key, streamBody, nil)
+				if retry.replayed || retry.status != 200 || !bytes.Contains(retry.body, []byte("[DONE]")) {
+					t.Fatalf("retry: %d replayed=%v %s", retry.status, retry.replayed, retry.body)
+				}
+				if got := up.Calls() - before; got != 2 {
+					t.Fatalf("upstream calls = %d, want 2", got)
+				}
+				if again := keyed(t, url, apptest.ClientKey, key, streamBody, nil); !again.replayed || again.sha() != retry.sha() {
+					t.Fatal("the completed retry is not replayed")
+				}
+			})
+		}
+	})
+}
+
+// keyedStreamIgnoringErrors reads a keyed stream to whatever end it has.
+func keyedStreamIgnoringErrors(t *testing.T, url, key string, hdr map[string]string) {
+	t.Helper()
+	req, _ := http.NewRequest("POST", url, strings.NewReader(streamBody))
+	req.Header.Set("Authorization", "Bearer "+apptest.ClientKey)
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Idempotency-Key", key)
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+}
+
+func TestKeyMismatchIsRejected(t *testing.T) {
+	eachDB(t, func(t *testing.T, env map[string]string) {
+		up := apptest.NewUpstream(t)
+		px := apptest.Start(t, up.URL, env)
+		url := px.URL + "/v1/chat/completions"
+		if r := keyed(t, url, apptest.ClientKey, "k-1", chatBody, nil); r.status != 200 {
+			t.Fatalf("first: %d", r.status)
+		}
+		for _, tc := range []struct{ name, method, path, body string }{
+			{"different body", "POST", "/v1/chat/completions", strings.Replace(chatBody, "hi", "bye", 1)},
+			{"different path", "POST", "/v1/completions", chatBody},
+			{"different method", "PATCH", "/v1/chat/completions", chatBody},
+			{"different query", "POST", "/v1/chat/completions?x=1", chatBody},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				resp, b := do(t, tc.method, px.URL+tc.path, apptest.ClientKey, strings.NewReader(tc.body),
+					map[string]string{"Content-Type": "application/json", "Idempotency-Key": "k-1"})
+				assertAPIError(t, resp, b, 422, "idempotency_key_reused")
+			})
+		}
+		// The conflict path: the key is in progress and the body differs.
+		done := make(chan result)
+		go func() { done <- keyed(t, url, apptest.ClientKey, "k-2", chatBody, map[string]string{"X-Test-Block": "1"}) }()
+		waitForCalls(t, up, 2)
+		resp, b := do(t, "POST", url, apptest.ClientKey, strings.NewReader(`{"model":"other"}`),
+			map[string]string{"Content-Type": "application/json", "Idempotency-Key": "k-2"})
+		assertAPIError(t, resp, b, 422, "idempotency_key_reused")
+		// The same body while in progress: 409 with Retry-After.
+		resp, b = do(t, "POST", url, apptest.ClientKey, strings.NewReader(chatBody),
+			map[string]string{"Content-Type": "application/json", "Idempotency-Key": "k-2"})
+		assertAPIError(t, resp, b, 409, "idempotency_key_in_progress")
+		if resp.Header.Get("Retry-After") == "" {
+			t.Fatal("409 without Retry-After")
+		}
+		up.Release()
+		if first := <-done; first.status != 200 {
+			t.Fatalf("blocked request: %d", first.status)
+		}
+		if r := keyed(t, url, apptest.ClientKey, "k-2", chatBody, nil); !r.replayed {
+			t.Fatal("completed key not replayed")
+		}
+		if n := up.Calls(); n != 2 {
+			t.Fatalf("upstream calls = %d, want 2", n)
+		}
+	})
+}
+
+// waitForCalls waits until the upstream has received n requests.
+func waitForCalls(t *testing.T, up *apptest.Upstream, n int64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for up.Calls() < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("upstream saw %d calls, want %d", up.Calls(), n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func multipartUpload(t *testing.T, content, purpose string) (string, *bytes.Buffer) {
+	t.Helper()
+	var buf bytes.Buffer
+	mw := multipart.NewWriter(&buf) // a new random boundary every time
+	_ = mw.WriteField("purpose", purpose)
+	fw, _ := mw.CreateFormFile("file", "data.jsonl")
+	_, _ = fw.Write([]byte(content))
+	_ = mw.Close()
+	return mw.FormDataContentType(), &buf
+}
+
+func TestMultipartRetryWithNewBoundaryIsAReplay(t *testing.T) {
+	up := apptest.NewUpstream(t)
+	px := apptest.Start(t, up.URL, nil)
+	send := func(content, purpose string) (*http.Response, []byte) {
+		ct, body := multipartUpload(t, content, purpose)
+		return do(t, "POST", px.URL+"/v1/files", apptest.ClientKey, body, map[string]string{"Content-Type": ct, "Idempotency-Key": "upload-1"})
+	}
+	r1, b1 := send(`{"a":1}`, "batch")
+	r2, b2 := send(`{"a":1}`, "batch")
+	if r1.StatusCode != 200 || r2.Header.Get("Idempotent-Replayed") != "true" || !bytes.Equal(b1, b2) {
+		t.Fatalf("retry with new boundary: %d %d replayed=%q", r1.StatusCode, r2.StatusCode, r2.Header.Get("Idempotent-Replayed"))
+	}
+	r3, b3 := send(`{"a":2}`, "batch")
+	assertAPIError(t, r3, b3, 422, "idempotency_key_reused")
+	r4, b4 := send(`{"a":1}`, "fine-tune")
+	assertAPIError(t, r4, b4, 422, "idempotency_key_reused")
+	if n := up.Calls(); n != 1 {
+		t.Fatalf("upstream calls = %d, want 1", n)
+	}
+}
+
+func TestIdempotencyKeyForms(t *testing.T) {
+	up := apptest.NewUpstream(t)
+	px := apptest.Start(t, up.URL, nil)
+	url := px.URL + "/v1/chat/completions"
+	for _, bad := range []string{"", strings.Repeat("k", 256), "naïve", "tab\there", `"unterminated`, `"bad\escape"`, `""`} {
+		resp, b := do(t, "POST", url, apptest.ClientKey, strings.NewReader(chatBody), map[string]string{"Content-Type": "application/json", "Idempotency-Key": bad})
+		assertAPIError(t, resp, b, 400, "invalid_idempotency_key")
+	}
+	// Two Idempotency-Key fields are refused too.
+	req, _ := http.NewRequest("POST", url, strings.NewReader(chatBody))
+	req.Header.Set("Authorization", "Bearer "+apptest.ClientKey)
+	req.Header.Add("Idempotency-Key", "a1")
+	req.Header.Add("Idempotency-Key", "a2")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 400 {
+		t.Fatalf("two keys: status %d", resp.StatusCode)
+	}
+	if up.Calls() != 0 {
+		t.Fatalf("invalid keys reached upstream %d times", up.Calls())
+	}
+	// The quoted Structured Field form and the bare form are one key.
+	if r := keyed(t, url, apptest.ClientKey, "abc-123", chatBody, nil); r.status != 200 || r.replayed {
+		t.Fatalf("bare: %d", r.status)
+	}
+	if r := keyed(t, url, apptest.ClientKey, `"abc-123"`, chatBody, nil); !r.replayed {
+		t.Fatal("quoted form of the same key was not replayed")
+	}
+	// Another client's identical key is its own.
+	if r := keyed(t, url, apptest.ClientKey2, "abc-123", chatBody, nil); r.status != 200 || r.replayed {
+		t.Fatalf("second client: %d replayed=%v", r.status, r.replayed)
+	}
+	// GET ignores the header.
+	resp2, _ := do(t, "GET", px.URL+"/v1/models", apptest.ClientKey, nil, map[string]string{"Idempotency-Key": "abc-123"})
+	resp3, _ := do(t, "GET", px.URL+"/v1/models", apptest.ClientKey, nil, map[string]string{"Idempotency-Key": "abc-123"})
+	if resp2.Header.Get("Idempotent-Replayed") != "" || resp3.Header.Get("Idempotent-Replayed") != "" {
+		t.Fatal("GET was replayed")
+	}
+	if n := up.Calls(); n != 4 {
+		t.Fatalf("upstream calls = %d, want 4", n)
+	}
+}
+
+func TestRetryableFailuresAreReleased(t *testing.T) {
+	eachDB(t, func(t *testing.T, env map[string]string) {
+		up := apptest.NewUpstream(t)
+		px := apptest.Start(t, up.URL, env)
+		url := px.URL + "/v1/chat/completions"
+		for _, status := range []string{"500", "429", "503", "401"} {
+			key := "fail-" + status
+			r := keyed(t, url, apptest.ClientKey, key, chatBody, map[string]string{"X-Test-Status": status})
+			if fmt.Sprint(r.status) != status {
+				t.Fatalf("status %d, want %s", r.status, status)
+			}
+			retry := keyed(t, url, apptest.ClientKey, key, chatBody, nil)
+			if retry.status != 200 || retry.replayed {
+				t.Fatalf("retry after %s: %d replayed=%v", status, retry.status, retry.replayed)
+			}
+			rec := recordFor(t, px, key)
+			if rec.State != models.StateCompleted || rec.Attempts != 2 {
+				t.Fatalf("record after retry: state %s attempts %d", rec.State, rec.Attempts)
+			}
+		}
+		// A deterministic 4xx is stored and replayed.
+		r := keyed(t, url, apptest.ClientKey, "bad-request", chatBody, map[string]string{"X-Test-Status": "400"})
+		again := keyed(t, url, apptest.ClientKey, "bad-request", chatBody, nil)
+		if r.status != 400 || again.status != 400 || !again.replayed || again.sha() != r.sha() {
+			t.Fatalf("400 not replayed: %d %d %v", r.status, again.status, again.replayed)
+		}
+		if n := up.Calls(); n != 9 {
+			t.Fatalf("upstream calls = %d, want 9", n)
+		}
+	})
+}
+
+// recordFor finds the idempotency record of a key.
+func recordFor(t *testing.T, px *apptest.Instance, key string) models.IdempotencyRecord {
+	t.Helper()
+	var rec models.IdempotencyRecord
+	if err := px.App.Store.DB().Where("idem_key = ?", key).Take(&rec).Error; err != nil {
+		t.Fatalf("record for %s: %v", key, err)
+	}
+	return rec
+}
+
+func TestKeyedStreamRunsToTheEndWithoutItsClient(t *testing.T) {
+	eachDB(t, func(t *testing.T, env map[string]string) {
+		up := apptest.NewUpstream(t)
+		px := apptest.Start(t, up.URL, env)
+		url := px.URL + "/v1/chat/completions"
+		hdr := map[string]string{"X-Test-Events": "30", "X-Test-Interval-Ms": "20"}
+
+		req, _ := http.NewRequest("POST", url, strings.NewReader(streamBody))
+		req.Header.Set("Authorization", "Bearer "+apptest.ClientKey)
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Idempotency-Key", "gone-1")
+		for k, v := range hdr {
+			req.Header.Set(k, v)
+		}
+		tr := &http.Transport{}
+		resp, err := (&http.Client{Transport: tr}).Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sc := bufio.NewScanner(resp.Body)
+		for n := 0; n < 2 && sc.Scan(); {
+			if strings.HasPrefix(sc.Text(), "data: ") {
+				n++
+			}
+		}
+		resp.Body.Close() // the client gives up after two events
+		tr.CloseIdleConnections()
+
+		select {
+		case <-up.Requests()[0].Ended:
+		case <-time.After(10 * time.Second):
+			t.Fatal("upstream did not finish")
+		}
+		if up.Cancelled() != 0 || up.Completed() != 1 {
+			t.Fatalf("upstream cancelled=%d completed=%d: a keyed stream must run to its end", up.Cancelled(), up.Completed())
+		}
+		// The retry replays the whole stream once it is stored.
+		var retry result
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			retry = keyed(t, url, apptest.ClientKey, "gone-1", streamBody, hdr)
+			if retry.status != 409 || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if !retry.replayed || !bytes.Contains(retry.body, []byte("tok29")) || !bytes.HasSuffix(retry.body, []byte("data: [DONE]\n\n")) {
+			t.Fatalf("retry: %d replayed=%v %s", retry.status, retry.replayed, retry.body)
+		}
+		if up.Calls() != 1 {
+			t.Fatalf("upstream calls = %d, want 1", up.Calls())
+		}
+	})
+}
+
+func TestExactlyOnceAcrossTwoInstances(t *testing.T) {
+	dbURL := testdb.PostgresURL(t)
+	up := apptest.NewUpstream(t)
+	a := apptest.Start(t, up.URL, map[string]string{"DATABASE_URL": dbURL})
+	b := apptest.Start(t, up.URL, map[string]string{"DATABASE_URL": dbURL})
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 100}}
+
+	const trials, concurrency = 15, 100
+	for trial := 0; trial < trials; trial++ {
+		key := fmt.Sprintf("race-%d", trial)
+		before := up.Calls()
+		results := make([]result, concurrency)
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		for i := 0; i < concurrency; i++ {
+			wg.Add(1)
+			go func(i int) {
+				defer wg.Done()
+				target := a.URL
+				if i%2 == 1 {
+					target = b.URL
+				}
+				req, _ := http.NewRequest("POST", target+"/v1/chat/completions", strings.NewReader(chatBody))
+				req.Header.Set("Authorization", "Bearer "+apptest.ClientKey)
+				req.Header.Set("Content-Type", "application/json")
+				req.Header.Set("Idempotency-Key", key)
+				req.Header.Set("X-Test-Delay-Ms", "30")
+				<-start
+				resp, err := client.Do(req)
+				if err != nil {
+					t.Errorf("request: %v", err)
+					return
+				}
+				body, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				results[i] = result{status: resp.StatusCode, body: body, replayed: resp.Header.Get("Idempotent-Replayed") == "true"}
+			}(i)
+		}
+		close(start)
+		wg.Wait()
+		if got := up.Calls() - before; got != 1 {
+			t.Fatalf("trial %d: %d upstream executions, want exactly 1", trial, got)
+		}
+		var original *result
+		for i := range results {
+			if results[i].status == 200 && !results[i].replayed {
+				if original != nil {
+					t.Fatalf("trial %d: two unreplayed 200s", trial)
+				}
+				original = &results[i]
+			}
+		}
+		if original == nil {
+			t.Fatalf("trial %d: no request executed", trial)
+		}
+		for i, r := range results {
+			switch {
+			case r.status == 409:
+			case r.status == 200 && r.replayed && r.sha() == original.sha():
+			case &results[i] == original:
+			default:
+				t.Fatalf("trial %d: answer %d is %d replayed=%v %s", trial, i, r.status, r.replayed, r.body)
+			}
+		}
+	}
+}
+
+func TestLeaseTakeoverAfterHolderCrash(t *testing.T) {
+	dbURL := testdb.PostgresURL(t)
+	up := apptest.NewUpstream(t)
+	env := map[string]string{"DATABASE_URL": dbURL, "IDEMPOTENCY_LEASE": "2s"}
+	holder := apptest.Start(t, up.URL, env)
+	other := apptest.Start(t, up.URL, env)
+	url := "/v1/chat/completions"
+
+	go func() {
+		// The holder's client gets no answer: the holder dies mid-request.
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		req, _ := http.NewRequestWithContext(ctx, "POST", holder.URL+url, strings.NewReader(chatBody))
+		req.Header.Set("Authorization", "Bearer "+apptest.ClientKey)
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Idempotency-Key", "crash-1")
+		req.Header.Set("X-Test-Block", "1")
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	waitForCalls(t, up, 1)
+	// While the holder lives and renews, the lease never lapses.
+	time.Sleep(3 * time.Second) // longer than the lease: renewal is what keeps it
+	if r := keyed(t, other.URL+url, apptest.ClientKey, "crash-1", chatBody, nil); r.status != 409 {
+		t.Fatalf("live holder: status %d, want 409", r.status)
+	}
+	holder.Kill(t)
+	killed := time.Now()
+	if r := keyed(t, other.URL+url, apptest.ClientKey, "crash-1", chatBody, nil); r.status != 409 {
+		t.Fatalf("right after the crash: status %d, want 409 until the lease lapses", r.status)
+	}
+	var took time.Duration
+	for {
+		r := keyed(t, other.URL+url, apptest.ClientKey, "crash-1", chatBody, nil)
+		if r.status == 200 && !r.replayed {
+			took = time.Since(killed)
+			break
+		}
+		if r.status != 409 || time.Since(killed) > 15*time.Second {
+			t.Fatalf("takeover: status %d after %v", r.status, time.Since(killed))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	// The last renewal was at most a third of the lease before the crash.
+	if took < 2*time.Second/3 {
+		t.Fatalf("taken over %v after the crash: before the lease lapsed", took)
+	}
+	if n := up.Calls(); n != 2 {
+		t.Fatalf("upstream calls = %d, want 2 (the crashed attempt and the takeover)", n)
+	}
+	if rec := recordFor(t, other, "crash-1"); rec.Attempts != 2 || rec.State != models.StateCompleted {
+		t.Fatalf("record: attempts %d state %s", rec.Attempts, rec.State)
+	}
+}
+
+func TestDatabaseDown(t *testing.T) {
+	dbURL, fwd := testdb.ThroughForwarder(t, testdb.PostgresURL(t))
+	up := apptest.NewUpstream(t)
+	px := apptest.Start(t, up.URL, map[string]string{"DATABASE_URL": dbURL})
+	url := px.URL + "/v1/chat/completions"
+
+	fwd.Down()
+	resp, b := do(t, "POST", url, apptest.ClientKey, strings.NewReader(chatBody), map[string]string{"Content-Type": "application/json", "Idempotency-Key": "db-1"})
+	assertAPIError(t, resp, b, 503, "idempotency_unavailable")
+	if up.Calls() != 0 {
+		t.Fatal("keyed request executed without the database")
+	}
+	if r := keyed(t, url, apptest.ClientKey, "", chatBody, nil); r.status != 200 {
+		t.Fatalf("unkeyed request with the database down: %d", r.status)
+	}
+	ready, _ := do(t, "GET", px.URL+"/readyz", "", nil, nil)
+	if ready.StatusCode != 503 {
+		t.Fatalf("/readyz with the database down: %d", ready.StatusCode)
+	}
+
+	fwd.Up()
+	var r result
+	deadline := time.Now().Add(10 * time.Second)
+	for r = keyed(t, url, apptest.ClientKey, "db-1", chatBody, nil); r.status == 503 && time.Now().Before(deadline); {
+		time.Sleep(50 * time.Millisecond)
+		r = keyed(t, url, apptest.ClientKey, "db-1", chatBody, nil)
+	}
+	if r.status != 200 || r.replayed {
+		t.Fatalf("after recovery: %d replayed=%v", r.status, r.replayed)
+	}
+	if r2 := keyed(t, url, apptest.ClientKey, "db-1", chatBody, nil); !r2.replayed {
+		t.Fatal("not replayed after recovery")
+	}
+}
