@@ -80,6 +80,16 @@ type App struct {
 
 // New opens the database (migrating it) and builds the Fiber app.
 func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
+	// The dashboard's templates are parsed first: Fiber takes the engine
+	// at creation, and a broken template must stop start-up.
+	var views fiber.Views
+	if cfg.AdminPassword != "" {
+		engine, err := newDashboardViews()
+		if err != nil {
+			return nil, err
+		}
+		views = engine
+	}
 	store, err := models.Open(ctx, models.Options{DatabaseURL: cfg.DatabaseURL, DataDir: cfg.DataDir, Logger: logger})
 	if err != nil {
 		return nil, err
@@ -112,6 +122,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 		IdleTimeout:                  2 * time.Minute,
 		// No WriteTimeout: it would bound whole SSE streams.
 		ErrorHandler:            errorHandler(logger),
+		Views:                   views, // nil unless the dashboard is enabled
 		EnableTrustedProxyCheck: len(cfg.TrustedProxies) > 0,
 		TrustedProxies:          cfg.TrustedProxies,
 		ProxyHeader:             proxyHeader(cfg),

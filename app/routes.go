@@ -36,6 +36,10 @@ func (a *App) routes() {
 	f.Get("/healthz", handlers.Healthz)
 	f.Get("/readyz", handlers.Readyz(a.Store))
 
+	if a.cfg.AdminPassword != "" {
+		a.mountDashboard()
+	}
+
 	v1 := f.Group("/v1")
 	if len(a.cfg.CORSAllowedOrigins) > 0 {
 		// Closed by default: without origins no CORS headers are sent, so

@@ -209,7 +209,9 @@ func (ex *exchange) releaseNow(reason string) {
 
 func (ex *exchange) store(c models.Completion) {
 	p, cl := ex.p, ex.claim
-	err := retryStore(func(ctx context.Context) error { return p.idem.CompleteIdempotency(ctx, cl.id, cl.owner, c, p.cfg.IdempotencyTTL) })
+	err := retryStore(func(ctx context.Context) error {
+		return p.idem.CompleteIdempotency(ctx, cl.id, cl.owner, c, p.cfg.IdempotencyTTL)
+	})
 	if err != nil {
 		p.logger.Warn("store idempotency response", "error", err.Error())
 	}

@@ -167,7 +167,9 @@ func TestKeyMismatchIsRejected(t *testing.T) {
 		}
 		// The conflict path: the key is in progress and the body differs.
 		done := make(chan result)
-		go func() { done <- keyed(t, url, apptest.ClientKey, "k-2", chatBody, map[string]string{"X-Test-Block": "1"}) }()
+		go func() {
+			done <- keyed(t, url, apptest.ClientKey, "k-2", chatBody, map[string]string{"X-Test-Block": "1"})
+		}()
 		waitForCalls(t, up, 2)
 		resp, b := do(t, "POST", url, apptest.ClientKey, strings.NewReader(`{"model":"other"}`),
 			map[string]string{"Content-Type": "application/json", "Idempotency-Key": "k-2"})

@@ -2,8 +2,8 @@ package handlers
 
 import (
 	"bufio"
-	"encoding/json"
 	"bytes"
+	"encoding/json"
 	"errors"
 	"io"
 	"log/slog"
