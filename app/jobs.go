@@ -43,4 +43,7 @@ func (a *App) sweep(ctx context.Context) {
 	} else if n > 0 {
 		a.logger.Info("swept old request log rows", "deleted", n)
 	}
+	if _, err := a.Store.SweepRollups(ctx, before, 5000); err != nil {
+		a.logger.Warn("sweep request roll-ups", "error", err.Error())
+	}
 }

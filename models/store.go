@@ -55,6 +55,9 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	utcNow := func() time.Time { return now().UTC() }
 	cfg := &gorm.Config{
 		TranslateError: true,
+		// Single statements need no BEGIN/COMMIT round trips around them;
+		// the claim and completion are each one atomic statement.
+		SkipDefaultTransaction: true,
 		NowFunc:        utcNow,
 		Logger: logger.NewSlogLogger(opts.Logger, logger.Config{
 			SlowThreshold:             time.Second,

@@ -18,6 +18,8 @@ const maxEvent = 1 << 20
 type Stream struct {
 	pending  []byte // bytes of the event being assembled
 	skipping bool   // the current event outgrew maxEvent
+	lineLen  int    // bytes of the current line seen so far, across writes
+	lineCR   bool   // the current line starts with a carriage return
 	usage    Usage
 	terminal bool
 	events   int
@@ -27,16 +29,23 @@ type Stream struct {
 func (s *Stream) Write(p []byte) (int, error) {
 	n := len(p)
 	for len(p) > 0 {
-		// An event ends at a blank line: "\n\n" (or with "\r\n").
+		// An event ends at a blank line: "\n\n" (or with "\r\n"). A line
+		// may arrive split over several writes, so its length is counted
+		// across them.
+		if s.lineLen == 0 {
+			s.lineCR = p[0] == '\r'
+		}
 		i := bytes.IndexByte(p, '\n')
 		if i < 0 {
+			s.lineLen += len(p)
 			s.add(p)
 			break
 		}
-		line := p[:i+1]
-		p = p[i+1:]
-		s.add(line)
-		if isBlank(line) {
+		length := s.lineLen + i
+		blank := length == 0 || (length == 1 && s.lineCR)
+		s.add(p[:i+1])
+		s.lineLen, p = 0, p[i+1:]
+		if blank {
 			s.endEvent()
 		}
 	}
@@ -52,10 +61,6 @@ func (s *Stream) add(b []byte) {
 		return
 	}
 	s.pending = append(s.pending, b...)
-}
-
-func isBlank(line []byte) bool {
-	return len(line) == 1 || (len(line) == 2 && line[0] == '\r')
 }
 
 // endEvent handles one complete event; the blank line that ended it is the
