@@ -58,7 +58,7 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		// Single statements need no BEGIN/COMMIT round trips around them;
 		// the claim and completion are each one atomic statement.
 		SkipDefaultTransaction: true,
-		NowFunc:        utcNow,
+		NowFunc:                utcNow,
 		Logger: logger.NewSlogLogger(opts.Logger, logger.Config{
 			SlowThreshold:             time.Second,
 			LogLevel:                  logger.Warn,
