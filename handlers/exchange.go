@@ -87,6 +87,7 @@ func (ex *exchange) onHeaders(h *fasthttp.ResponseHeader) {
 	ex.json = mt == "application/json"
 	if ex.sse {
 		ex.rec.Stream = true
+		ex.p.metrics.streamStarted()
 	}
 	ex.encoding = strings.ToLower(string(h.ContentEncoding()))
 	ex.rec.UpstreamRequestID = truncate(string(h.Peek("X-Request-Id")), 200)
@@ -191,6 +192,17 @@ func (ex *exchange) finish(err error) {
 			}
 			ex.claim.stopRenewal()
 		}
+		if ex.sse {
+			ex.p.metrics.streamEnded()
+		}
+		if rec.Outcome == models.OutcomeUpstreamError && ex.status != 0 && ex.status < 500 {
+			ex.p.metrics.upstreamError("cut_mid_response")
+		}
+		var ttfb time.Duration
+		if rec.TTFBMs > 0 || !ex.headersAt.IsZero() {
+			ttfb = time.Duration(rec.TTFBMs) * time.Millisecond
+		}
+		ex.p.metrics.observe(rec, ttfb)
 		if ex.p.sink != nil {
 			ex.p.sink.Record(*rec)
 		}

@@ -66,6 +66,7 @@ func (cl *claim) stopRenewal() { cl.stopOnce.Do(func() { close(cl.stop) }) }
 func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
 	key, ok := parseIdempotencyKey(idempotencyKeyFields(&c.Request().Header))
 	if !ok {
+		p.metrics.idempotencyResult("invalid")
 		return ex.reject(c, errKeyInvalid)
 	}
 	ex.rec.IdempotencyKey = key
@@ -90,18 +91,28 @@ func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
 	switch {
 	case err != nil:
 		p.logger.Warn("idempotency store unavailable", "error", err.Error())
+		p.metrics.idempotencyResult("unavailable")
 		return ex.reject(c, errKeyUnavailable)
 	case claimed:
+		if rec != nil { // displaced a holder whose lease had lapsed
+			p.metrics.idempotencyResult("taken_over")
+			p.logger.Info("idempotency key taken over after its lease lapsed", "key_id", id)
+		}
+		p.metrics.idempotencyResult("executed")
 		ex.claim = &claim{id: id, owner: owner, stop: make(chan struct{})}
 		go p.renewLease(ex.claim)
 		return p.forward(c, ex)
 	case rec.Fingerprint != fingerprint:
+		p.metrics.idempotencyResult("mismatch")
 		return ex.reject(c, errKeyMismatch)
 	case rec.State == models.StateCompleted && !rec.Replayable:
+		p.metrics.idempotencyResult("gone")
 		return ex.reject(c, errKeyNotStored)
 	case rec.State == models.StateCompleted:
+		p.metrics.idempotencyResult("replayed")
 		return p.replay(c, ex, rec)
 	default:
+		p.metrics.idempotencyResult("conflict")
 		c.Set(fiber.HeaderRetryAfter, "1")
 		return ex.reject(c, errKeyInProgress)
 	}
@@ -201,6 +212,7 @@ func (ex *exchange) release(reason string) {
 
 func (ex *exchange) releaseNow(reason string) {
 	p, cl := ex.p, ex.claim
+	p.metrics.releasedClaim(reason)
 	err := retryStore(func(ctx context.Context) error { return p.idem.ReleaseIdempotency(ctx, cl.id, cl.owner, reason) })
 	if err != nil && !errors.Is(err, models.ErrLeaseLost) {
 		p.logger.Warn("release idempotency key", "error", err.Error())

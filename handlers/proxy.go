@@ -52,6 +52,7 @@ type Proxy struct {
 	client     *fasthttp.Client
 	idem       IdempotencyStore // nil disables Idempotency-Key handling
 	sink       LogSink
+	metrics    *Metrics // nil records nothing
 	logger     *slog.Logger
 	background sync.WaitGroup // keyed requests finishing without their client
 }
@@ -64,13 +65,19 @@ const inspectLimit = 32 << 20
 // NewProxy builds the handler. idem may be nil (no idempotency); sink may be
 // nil (no request log).
 func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, logger *slog.Logger) *Proxy {
+	return NewProxyWithMetrics(cfg, idem, sink, nil, logger)
+}
+
+// NewProxyWithMetrics is NewProxy recording into m.
+func NewProxyWithMetrics(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, logger *slog.Logger) *Proxy {
 	p := &Proxy{
-		cfg:    cfg,
-		auth:   NewAuthenticator(cfg.ClientKeys),
-		bearer: "Bearer " + cfg.UpstreamAPIKey,
-		idem:   idem,
-		sink:   sink,
-		logger: logger,
+		cfg:     cfg,
+		auth:    NewAuthenticator(cfg.ClientKeys),
+		bearer:  "Bearer " + cfg.UpstreamAPIKey,
+		idem:    idem,
+		sink:    sink,
+		metrics: m,
+		logger:  logger,
 	}
 	p.client = &fasthttp.Client{
 		Transport:                teeTransport{},
@@ -201,9 +208,11 @@ func (p *Proxy) upstreamError(c *fiber.Ctx, err error, ex *exchange) *APIError {
 		ex.status, ex.outcome = errBodyTooLarge.Status, errBodyTooLarge.Outcome
 		return errBodyTooLarge
 	case isTimeout(err):
+		p.metrics.upstreamError("first_byte_timeout")
 		ex.status, ex.outcome = errUpstreamTimeout.Status, errUpstreamTimeout.Outcome
 		return errUpstreamTimeout
 	}
+	p.metrics.upstreamError("unreachable")
 	ex.status, ex.outcome = errUpstreamUnreachable.Status, errUpstreamUnreachable.Outcome
 	return errUpstreamUnreachable
 }

@@ -57,7 +57,9 @@ type ClaimRequest struct {
 
 // ClaimIdempotency tries to take the key for this attempt. It returns
 // claimed=true when this attempt may execute; otherwise the existing record,
-// which the caller judges (replay, 409 in progress, 422 mismatch).
+// which the caller judges (replay, 409 in progress, 422 mismatch). When
+// claimed is true, existing is non-nil only if this attempt took the key
+// over from a holder whose lease had lapsed.
 //
 // The claim is one arbitrated statement, never check-then-insert: an INSERT
 // … ON CONFLICT DO NOTHING on the primary key, then, if the row exists, a
@@ -81,26 +83,18 @@ func (s *Store) ClaimIdempotency(ctx context.Context, r ClaimRequest) (claimed b
 		if res.RowsAffected == 1 {
 			return true, nil, nil
 		}
-		res = s.db.WithContext(ctx).Model(&IdempotencyRecord{}).
-			Where("id = ? AND (expires_at < ? OR (fingerprint = ? AND (state = ? OR (state = ? AND locked_until < ?))))",
-				r.ID, now, r.Fingerprint, StateReleased, StateInProgress, now).
-			Updates(map[string]any{
-				"fingerprint": r.Fingerprint, "state": StateInProgress, "owner": r.Owner,
-				"locked_until": now.Add(r.Lease), "status": 0, "headers": "{}", "body": nil,
-				"body_size": 0, "stream": r.Stream, "replayable": true,
-				"attempts": gorm.Expr("attempts + 1"), "updated_at": now,
-				// An expired key is new again; a retried one keeps its window.
-				"expires_at": gorm.Expr("CASE WHEN expires_at < ? THEN ? ELSE expires_at END", now, now.Add(r.TTL)),
-				"created_at": gorm.Expr("CASE WHEN expires_at < ? THEN ? ELSE created_at END", now, now),
-			})
-		if res.Error != nil {
-			return false, nil, fmt.Errorf("models: take over idempotency key: %w", res.Error)
+		// A key that expired, or whose last attempt was released, is free.
+		taken, err := s.takeOver(ctx, r, now, "(expires_at < ? OR (fingerprint = ? AND state = ?))", now, r.Fingerprint, StateReleased)
+		if err != nil || taken {
+			return taken, nil, err
 		}
-		if res.RowsAffected == 1 {
-			return true, nil, nil
+		// A key in progress under a lapsed lease: its holder died.
+		taken, err = s.takeOver(ctx, r, now, "fingerprint = ? AND state = ? AND locked_until < ?", r.Fingerprint, StateInProgress, now)
+		if err != nil || taken {
+			return taken, &IdempotencyRecord{ID: r.ID, State: StateInProgress}, err
 		}
 		var rec IdempotencyRecord
-		err := s.db.WithContext(ctx).Where("id = ?", r.ID).Take(&rec).Error
+		err = s.db.WithContext(ctx).Where("id = ?", r.ID).Take(&rec).Error
 		if errors.Is(err, gorm.ErrRecordNotFound) {
 			continue // swept or deleted between the statements: claim again
 		}
@@ -110,6 +104,25 @@ func (s *Store) ClaimIdempotency(ctx context.Context, r ClaimRequest) (claimed b
 		return false, &rec, nil
 	}
 	return false, nil, errors.New("models: claim idempotency key: row keeps changing")
+}
+
+// takeOver moves an existing row to this attempt when cond holds.
+func (s *Store) takeOver(ctx context.Context, r ClaimRequest, now time.Time, cond string, args ...any) (bool, error) {
+	res := s.db.WithContext(ctx).Model(&IdempotencyRecord{}).
+		Where("id = ?", r.ID).Where(cond, args...).
+		Updates(map[string]any{
+			"fingerprint": r.Fingerprint, "state": StateInProgress, "owner": r.Owner,
+			"locked_until": now.Add(r.Lease), "status": 0, "headers": "{}", "body": nil,
+			"body_size": 0, "stream": r.Stream, "replayable": true,
+			"attempts": gorm.Expr("attempts + 1"), "updated_at": now,
+			// An expired key is new again; a retried one keeps its window.
+			"expires_at": gorm.Expr("CASE WHEN expires_at < ? THEN ? ELSE expires_at END", now, now.Add(r.TTL)),
+			"created_at": gorm.Expr("CASE WHEN expires_at < ? THEN ? ELSE created_at END", now, now),
+		})
+	if res.Error != nil {
+		return false, fmt.Errorf("models: take over idempotency key: %w", res.Error)
+	}
+	return res.RowsAffected == 1, nil
 }
 
 // RenewIdempotencyLease extends the lease of a running attempt.

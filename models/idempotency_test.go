@@ -75,8 +75,8 @@ func TestClaimLifecycle(t *testing.T) {
 		}
 		// Once the lease lapses, another attempt takes over; the old owner lost it.
 		clock.Advance(3 * time.Second)
-		if ok, _, err := s.ClaimIdempotency(ctx, r2); !ok || err != nil {
-			t.Fatalf("takeover after the lease lapsed: %v %v", ok, err)
+		if ok, displaced, err := s.ClaimIdempotency(ctx, r2); !ok || err != nil || displaced == nil {
+			t.Fatalf("takeover after the lease lapsed: %v %v %v", ok, displaced, err)
 		}
 		if err := s.CompleteIdempotency(ctx, r.ID, "owner-1", models.Completion{Status: 200}, time.Hour); !errors.Is(err, models.ErrLeaseLost) {
 			t.Fatalf("stale owner completed: %v", err)
