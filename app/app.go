@@ -67,12 +67,13 @@ func printUsage(w io.Writer) {
 
 // App is a configured proxy with its database and background jobs.
 type App struct {
-	cfg    Config
-	logger *slog.Logger
-	Fiber  *fiber.App
-	Store  *models.Store
-	Logs   *models.LogWriter
-	Proxy  *handlers.Proxy
+	cfg     Config
+	logger  *slog.Logger
+	Fiber   *fiber.App
+	Store   *models.Store
+	Logs    *models.LogWriter
+	Proxy   *handlers.Proxy
+	Metrics *handlers.Metrics
 
 	stopJobs context.CancelFunc
 	jobs     sync.WaitGroup
@@ -96,7 +97,8 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 	}
 	a := &App{cfg: cfg, logger: logger, Store: store}
 	a.Logs = models.NewLogWriter(store, models.LogWriterOptions{QueueSize: cfg.LogQueueSize, Logger: logger})
-	a.Proxy = handlers.NewProxy(handlers.ProxyConfig{
+	a.Metrics = newMetrics(store, a.Logs)
+	a.Proxy = handlers.NewProxyWithMetrics(handlers.ProxyConfig{
 		UpstreamBaseURL:    cfg.UpstreamBaseURL,
 		UpstreamAPIKey:     cfg.UpstreamAPIKey,
 		ClientKeys:         cfg.ClientKeys,
@@ -108,7 +110,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 		IdempotencyTTL:     cfg.IdempotencyTTL,
 		IdempotencyLease:   cfg.IdempotencyLease,
 		IdempotencyMaxBody: cfg.IdempotencyMaxBody,
-	}, store, a.Logs, logger)
+	}, store, a.Logs, a.Metrics, logger)
 	a.Fiber = fiber.New(fiber.Config{
 		AppName:               "openai-proxy",
 		DisableStartupMessage: true,

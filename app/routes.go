@@ -35,6 +35,7 @@ func (a *App) routes() {
 	f.Use(recover.New())
 	f.Get("/healthz", handlers.Healthz)
 	f.Get("/readyz", handlers.Readyz(a.Store))
+	f.Get("/metrics", a.Metrics.Handler(a.cfg.MetricsToken))
 
 	if a.cfg.AdminPassword != "" {
 		a.mountDashboard()
