@@ -1,0 +1,501 @@
+package models
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"gorm.io/gorm"
+)
+
+// ErrInvalidFilter is wrapped by queries given arguments they cannot answer
+// (a bad cursor, an unknown status class, a window too wide for its step);
+// handlers map it to 400.
+var ErrInvalidFilter = errors.New("models: invalid filter")
+
+// LatencyBoundsMs are the inclusive upper bounds of the latency histogram
+// kept in request_rollups (columns lat_le_<bound>); one more bucket,
+// lat_le_inf, counts everything slower than the last bound.
+var LatencyBoundsMs = [...]int64{50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000}
+
+// rollupSpans are the grains of the roll-ups in seconds, coarsest first:
+// UTC day, hour, minute. Every request is counted at each grain; a window
+// reads the coarsest rows that fit inside it (see cover).
+var rollupSpans = []int64{86400, 3600, 60}
+
+// Roll-up scopes. Every request is counted in both: charts and totals read
+// the few scope 0 rows, top-N tables the per client and model rows.
+const (
+	scopeTotal       = 0 // client and model left empty
+	scopeClientModel = 1
+)
+
+// Indexes into counters, in the column order of counterColumns.
+const (
+	cRequests = iota
+	cPromptTokens
+	cCompletionTokens
+	cTotalTokens
+	cRequestBytes
+	cResponseBytes
+	cDurationMsSum
+	cReplayed
+	cConflicts
+	cMismatches
+	cUpstreamErrors
+	cLatency    // first of len(LatencyBoundsMs)+1 histogram buckets
+	numCounters = cLatency + len(LatencyBoundsMs) + 1
+)
+
+// counterColumns names the request_rollups column of each counter.
+var counterColumns = func() []string {
+	cols := []string{
+		"requests", "prompt_tokens", "completion_tokens", "total_tokens",
+		"request_bytes", "response_bytes", "duration_ms_sum",
+		"replayed", "idempotency_conflicts", "idempotency_mismatches", "upstream_errors",
+	}
+	for _, b := range LatencyBoundsMs {
+		cols = append(cols, fmt.Sprintf("lat_le_%d", b))
+	}
+	return append(cols, "lat_le_inf")
+}()
+
+// counters are the additive columns of one roll-up row.
+type counters [numCounters]int64
+
+// add counts one request.
+func (c *counters) add(r *RequestLog) {
+	c[cRequests]++
+	c[cPromptTokens] += r.PromptTokens
+	c[cCompletionTokens] += r.CompletionTokens
+	c[cTotalTokens] += r.TotalTokens
+	c[cRequestBytes] += r.RequestBytes
+	c[cResponseBytes] += r.ResponseBytes
+	c[cDurationMsSum] += r.DurationMs
+	switch r.Outcome {
+	case OutcomeReplayed:
+		c[cReplayed]++
+	case OutcomeIdempotencyConflict:
+		c[cConflicts]++
+	case OutcomeIdempotencyMismatch:
+		c[cMismatches]++
+	case OutcomeUpstreamError:
+		c[cUpstreamErrors]++
+	}
+	c[cLatency+latencyBucket(r.DurationMs)]++
+}
+
+// plus adds o into c.
+func (c *counters) plus(o *counters) {
+	for i := range c {
+		c[i] += o[i]
+	}
+}
+
+// latency returns the histogram part.
+func (c *counters) latency() []int64 { return c[cLatency:] }
+
+// latencyBucket is the histogram bucket of a duration: the first bound it
+// does not exceed, or the overflow bucket.
+func latencyBucket(ms int64) int {
+	i, _ := slices.BinarySearch(LatencyBoundsMs[:], ms)
+	return i
+}
+
+// StatusClass is the roll-up class of an HTTP status: 2..5 for 2xx..5xx, 0
+// for a request that never got a final status (and anything outside
+// 200..599, which a proxy does not send).
+func StatusClass(status int) int {
+	if status < 200 || status > 599 {
+		return 0
+	}
+	return status / 100
+}
+
+// rollupKey identifies one request_rollups row.
+type rollupKey struct {
+	scope         int
+	span, bucket  int64
+	client, model string
+	class         int
+}
+
+func compareRollupKeys(a, b rollupKey) int {
+	return cmp.Or(
+		cmp.Compare(a.scope, b.scope),
+		cmp.Compare(a.span, b.span),
+		cmp.Compare(a.bucket, b.bucket),
+		strings.Compare(a.client, b.client),
+		strings.Compare(a.model, b.model),
+		cmp.Compare(a.class, b.class),
+	)
+}
+
+type rollupRow struct {
+	key rollupKey
+	c   counters
+}
+
+// aggregateRollups folds a batch into one row per roll-up key, sorted by
+// key: writers on several replicas then lock shared rows in the same order
+// and cannot deadlock each other.
+func aggregateRollups(batch []RequestLog) []rollupRow {
+	byKey := make(map[rollupKey]*counters)
+	for i := range batch {
+		r := &batch[i]
+		unix, class := r.CreatedAt.Unix(), StatusClass(r.Status)
+		for _, span := range rollupSpans {
+			bucket := floorDiv(unix, span) * span
+			for _, k := range [...]rollupKey{
+				{scope: scopeTotal, span: span, bucket: bucket, class: class},
+				{scope: scopeClientModel, span: span, bucket: bucket, client: r.Client, model: r.Model, class: class},
+			} {
+				c := byKey[k]
+				if c == nil {
+					c = new(counters)
+					byKey[k] = c
+				}
+				c.add(r)
+			}
+		}
+	}
+	rows := make([]rollupRow, 0, len(byKey))
+	for k, c := range byKey {
+		rows = append(rows, rollupRow{key: k, c: *c})
+	}
+	slices.SortFunc(rows, func(a, b rollupRow) int { return compareRollupKeys(a.key, b.key) })
+	return rows
+}
+
+// floorDiv divides rounding towards minus infinity, so times before 1970
+// still land in the bucket that starts before them.
+func floorDiv(a, b int64) int64 {
+	q := a / b
+	if a%b != 0 && (a < 0) != (b < 0) {
+		q--
+	}
+	return q
+}
+
+// upsertRollups adds rows to request_rollups with
+// INSERT … ON CONFLICT DO UPDATE SET col = request_rollups.col + excluded.col,
+// which both PostgreSQL and SQLite accept, so concurrent writers simply add up.
+func upsertRollups(tx *gorm.DB, rows []rollupRow) error {
+	for chunk := range slices.Chunk(rows, rowsPerStatement) {
+		sql, args := rollupUpsertSQL(chunk)
+		if err := tx.Exec(sql, args...).Error; err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func rollupUpsertSQL(rows []rollupRow) (string, []any) {
+	var b strings.Builder
+	b.WriteString("INSERT INTO request_rollups (scope, span, bucket, client, model, status_class, ")
+	b.WriteString(strings.Join(counterColumns, ", "))
+	b.WriteString(") VALUES ")
+	placeholders := "(" + strings.Repeat("?, ", 6+numCounters-1) + "?)"
+	args := make([]any, 0, len(rows)*(6+numCounters))
+	for i, r := range rows {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteString(placeholders)
+		args = append(args, r.key.scope, r.key.span, r.key.bucket, r.key.client, r.key.model, r.key.class)
+		for _, v := range r.c {
+			args = append(args, v)
+		}
+	}
+	b.WriteString(" ON CONFLICT (scope, span, bucket, client, model, status_class) DO UPDATE SET ")
+	for i, col := range counterColumns {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		fmt.Fprintf(&b, "%[1]s = request_rollups.%[1]s + excluded.%[1]s", col)
+	}
+	return b.String(), args
+}
+
+// bucketRange is the roll-up rows of one span with bucket in [from, to).
+type bucketRange struct{ span, from, to int64 }
+
+// cover splits [from, to) (unix seconds) into bucket ranges, coarsest span
+// first: whole days in the middle, whole hours beside them, and minutes at
+// the ragged ends. Together they count exactly the minutes that start in
+// [from, to). A 7-day window thus reads about 6 day, 46 hour and 118
+// minute buckets instead of 10,080 minute buckets.
+func cover(from, to int64, spans []int64) []bucketRange {
+	if from >= to {
+		return nil
+	}
+	span := spans[0]
+	if len(spans) == 1 {
+		return []bucketRange{{span, from, to}} // the finest grain: no whole-bucket rounding
+	}
+	first := floorDiv(from+span-1, span) * span // first bucket wholly inside
+	end := floorDiv(to, span) * span            // end of the last one
+	if first >= end {
+		return cover(from, to, spans[1:])
+	}
+	out := cover(from, first, spans[1:])
+	out = append(out, bucketRange{span, first, end})
+	return append(out, cover(end, to, spans[1:])...)
+}
+
+// window is the WHERE clause selecting the rows of scope that cover
+// [from, to), reading only the given spans (coarsest first, ending with
+// minutes).
+func window(scope int, from, to time.Time, spans []int64) (string, []any) {
+	ranges := cover(from.Unix(), to.Unix(), spans)
+	if len(ranges) == 0 {
+		return "1 = 0", nil
+	}
+	conds := make([]string, len(ranges))
+	args := []any{scope}
+	for i, r := range ranges {
+		conds[i] = "(span = ? AND bucket >= ? AND bucket < ?)"
+		args = append(args, r.span, r.from, r.to)
+	}
+	return "scope = ? AND (" + strings.Join(conds, " OR ") + ")", args
+}
+
+// sumColumns is "SUM(requests), SUM(prompt_tokens), …" in counter order.
+func sumColumns() string {
+	sums := make([]string, len(counterColumns))
+	for i, col := range counterColumns {
+		sums[i] = "SUM(" + col + ")"
+	}
+	return strings.Join(sums, ", ")
+}
+
+// TrafficPoint is one step of the traffic chart.
+type TrafficPoint struct {
+	Time                 time.Time // start of the step, UTC
+	Requests             int64
+	Status2xx, Status3xx int64
+	Status4xx, Status5xx int64
+	StatusOther          int64 // requests that never got a status (cut off, cancelled)
+	PromptTokens         int64
+	CompletionTokens     int64
+	TotalTokens          int64
+}
+
+// maxTrafficPoints bounds a chart so a tiny step over a long window cannot
+// build millions of points.
+const maxTrafficPoints = 10_000
+
+// Traffic returns one point per step from from to to, zeros where nothing
+// happened, read from the roll-ups. step is rounded up to whole minutes (the
+// roll-up grain) and from is rounded down to a multiple of step, so points
+// sit on round times (whole hours for a 1h step, in UTC).
+func (s *Store) Traffic(ctx context.Context, from, to time.Time, step time.Duration) ([]TrafficPoint, error) {
+	step = max(time.Minute, (step + time.Minute - 1).Truncate(time.Minute))
+	from, to = from.UTC().Truncate(step), to.UTC()
+	n := int((to.Sub(from) + step - 1) / step)
+	if n <= 0 || n > maxTrafficPoints {
+		return nil, fmt.Errorf("models: traffic: %d points from %s to %s: %w", n, from, to, ErrInvalidFilter)
+	}
+	points := make([]TrafficPoint, n)
+	for i := range points {
+		points[i].Time = from.Add(time.Duration(i) * step)
+	}
+	// A bucket fits in one step only if its span divides the step; from is
+	// then aligned to it too, by the truncation above.
+	var spans []int64
+	for _, span := range rollupSpans {
+		if step%(time.Duration(span)*time.Second) == 0 {
+			spans = append(spans, span)
+		}
+	}
+	where, args := window(scopeTotal, from, to, spans)
+	stepSec := int64(step / time.Second)
+	rows, err := s.db.WithContext(ctx).Raw(
+		"SELECT (bucket - ?) / ? AS slot, status_class, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(total_tokens)"+
+			" FROM request_rollups WHERE "+where+" GROUP BY slot, status_class",
+		append([]any{from.Unix(), stepSec}, args...)...).Rows()
+	if err != nil {
+		return nil, fmt.Errorf("models: traffic: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var slot, class, requests, prompt, completion, total int64
+		if err := rows.Scan(&slot, &class, &requests, &prompt, &completion, &total); err != nil {
+			return nil, fmt.Errorf("models: traffic: %w", err)
+		}
+		if slot < 0 || slot >= int64(n) {
+			continue // cannot happen with the window above; never index out of range
+		}
+		p := &points[slot]
+		p.Requests += requests
+		*p.classCounter(int(class)) += requests
+		p.PromptTokens += prompt
+		p.CompletionTokens += completion
+		p.TotalTokens += total
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("models: traffic: %w", err)
+	}
+	return points, nil
+}
+
+func (p *TrafficPoint) classCounter(class int) *int64 {
+	switch class {
+	case 2:
+		return &p.Status2xx
+	case 3:
+		return &p.Status3xx
+	case 4:
+		return &p.Status4xx
+	case 5:
+		return &p.Status5xx
+	}
+	return &p.StatusOther
+}
+
+// Totals summarises a window for the dashboard's headline numbers.
+type Totals struct {
+	Requests int64
+	// Errors counts 5xx answers plus upstream errors that got no 5xx (a
+	// request cut off mid-stream keeps its 200); each request counts once.
+	Errors     int64
+	ErrorRate  float64 // Errors / Requests; 0 without requests
+	Replays    int64   // answered from a stored idempotency record
+	Conflicts  int64   // 409: same key still in progress
+	Mismatches int64   // 422: key reused for another request
+	// Tokens as reported by the upstream's usage.
+	PromptTokens, CompletionTokens, TotalTokens int64
+	RequestBytes, ResponseBytes                 int64
+	AvgLatencyMs                                float64
+	// P50Ms and P95Ms are estimated from the histogram, see LatencyQuantile.
+	P50Ms, P95Ms float64
+}
+
+// Totals sums the roll-ups of the minutes that start in [from, to).
+func (s *Store) Totals(ctx context.Context, from, to time.Time) (Totals, error) {
+	where, args := window(scopeTotal, from, to, rollupSpans)
+	rows, err := s.db.WithContext(ctx).Raw(
+		"SELECT status_class, "+sumColumns()+" FROM request_rollups WHERE "+where+" GROUP BY status_class", args...).Rows()
+	if err != nil {
+		return Totals{}, fmt.Errorf("models: totals: %w", err)
+	}
+	defer rows.Close()
+	var all counters
+	var errs int64
+	for rows.Next() {
+		var class int64
+		var c counters
+		dest := []any{&class}
+		for i := range c {
+			dest = append(dest, &c[i])
+		}
+		if err := rows.Scan(dest...); err != nil {
+			return Totals{}, fmt.Errorf("models: totals: %w", err)
+		}
+		all.plus(&c)
+		if class == 5 {
+			errs += c[cRequests]
+		} else {
+			errs += c[cUpstreamErrors]
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return Totals{}, fmt.Errorf("models: totals: %w", err)
+	}
+	return newTotals(&all, errs), nil
+}
+
+func newTotals(c *counters, errs int64) Totals {
+	t := Totals{
+		Requests:         c[cRequests],
+		Errors:           errs,
+		Replays:          c[cReplayed],
+		Conflicts:        c[cConflicts],
+		Mismatches:       c[cMismatches],
+		PromptTokens:     c[cPromptTokens],
+		CompletionTokens: c[cCompletionTokens],
+		TotalTokens:      c[cTotalTokens],
+		RequestBytes:     c[cRequestBytes],
+		ResponseBytes:    c[cResponseBytes],
+		P50Ms:            LatencyQuantile(c.latency(), 0.50),
+		P95Ms:            LatencyQuantile(c.latency(), 0.95),
+	}
+	if t.Requests > 0 {
+		t.ErrorRate = float64(errs) / float64(t.Requests)
+		t.AvgLatencyMs = float64(c[cDurationMsSum]) / float64(t.Requests)
+	}
+	return t
+}
+
+// LatencyQuantile estimates the q-quantile (0..1) of a latency histogram
+// with one count per LatencyBoundsMs bucket plus the overflow bucket. Like
+// Prometheus' histogram_quantile it finds the bucket holding the rank q·N
+// and interpolates linearly inside it, assuming its requests are spread
+// evenly between the previous bound (0 for the first) and its own. The
+// error is thus at most the bucket's width: ±25 ms below 100 ms, ±750 ms
+// around 1–2.5 s. A rank in the overflow bucket reports the last bound,
+// 120000, meaning "at least two minutes". No requests yields 0.
+func LatencyQuantile(hist []int64, q float64) float64 {
+	var total int64
+	for _, c := range hist {
+		total += c
+	}
+	if total == 0 {
+		return 0
+	}
+	rank := q * float64(total)
+	var cum int64
+	lower := 0.0
+	for i, c := range hist {
+		if i >= len(LatencyBoundsMs) {
+			break
+		}
+		upper := float64(LatencyBoundsMs[i])
+		if c > 0 && float64(cum+c) >= rank {
+			return lower + (upper-lower)*(rank-float64(cum))/float64(c)
+		}
+		cum += c
+		lower = upper
+	}
+	return lower
+}
+
+// TopEntry is one row of a top-N table.
+type TopEntry struct {
+	Name     string
+	Requests int64
+	Tokens   int64 // total tokens
+}
+
+// TopModels ranks models by requests in [from, to); limit defaults to 10,
+// at most 100. Requests that never named a model appear under "".
+func (s *Store) TopModels(ctx context.Context, from, to time.Time, limit int) ([]TopEntry, error) {
+	return s.top(ctx, "model", from, to, limit)
+}
+
+// TopClients ranks client keys by requests in [from, to), like TopModels.
+func (s *Store) TopClients(ctx context.Context, from, to time.Time, limit int) ([]TopEntry, error) {
+	return s.top(ctx, "client", from, to, limit)
+}
+
+// top groups by column, which is always one of our constants, never input.
+func (s *Store) top(ctx context.Context, column string, from, to time.Time, limit int) ([]TopEntry, error) {
+	if limit <= 0 {
+		limit = 10
+	}
+	limit = min(limit, 100)
+	where, args := window(scopeClientModel, from, to, rollupSpans)
+	var out []TopEntry
+	err := s.db.WithContext(ctx).Raw(
+		"SELECT "+column+" AS name, SUM(requests) AS requests, SUM(total_tokens) AS tokens FROM request_rollups WHERE "+where+
+			" GROUP BY "+column+" ORDER BY SUM(requests) DESC, name LIMIT ?", append(args, limit)...).
+		Scan(&out).Error
+	if err != nil {
+		return nil, fmt.Errorf("models: top %ss: %w", column, err)
+	}
+	return out, nil
+}
