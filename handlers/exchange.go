@@ -153,12 +153,14 @@ func (ex *exchange) finish(err error) {
 		rec := &ex.rec
 		rec.Status = ex.status
 		rec.DurationMs = end.Sub(ex.start).Milliseconds()
+		var ttfb time.Duration // zero: upstream never answered
 		switch {
 		case !ex.firstByte.IsZero():
-			rec.TTFBMs = ex.firstByte.Sub(ex.start).Milliseconds()
+			ttfb = ex.firstByte.Sub(ex.start)
 		case !ex.headersAt.IsZero():
-			rec.TTFBMs = ex.headersAt.Sub(ex.start).Milliseconds()
+			ttfb = ex.headersAt.Sub(ex.start)
 		}
+		rec.TTFBMs = ttfb.Milliseconds()
 		rec.ResponseBytes = ex.respBytes
 		if u, ok := ex.usage(); ok {
 			rec.PromptTokens, rec.CompletionTokens, rec.TotalTokens = u.PromptTokens, u.CompletionTokens, u.TotalTokens
@@ -197,10 +199,6 @@ func (ex *exchange) finish(err error) {
 		}
 		if rec.Outcome == models.OutcomeUpstreamError && ex.status != 0 && ex.status < 500 {
 			ex.p.metrics.upstreamError("cut_mid_response")
-		}
-		var ttfb time.Duration
-		if rec.TTFBMs > 0 || !ex.headersAt.IsZero() {
-			ttfb = time.Duration(rec.TTFBMs) * time.Millisecond
 		}
 		ex.p.metrics.observe(rec, ttfb)
 		if ex.p.sink != nil {

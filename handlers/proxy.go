@@ -200,6 +200,44 @@ func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
 	return nil
 }
 
+// maxErrorBody bounds how much of an upstream error body is read to redact.
+const maxErrorBody = 1 << 20
+
+// scrubbedErrorBody reads an upstream error body (bounded) and replaces the
+// upstream key wherever it appears, so a misbehaving upstream that echoes
+// our request back cannot leak the key through the proxy.
+func (p *Proxy) scrubbedErrorBody(up *fasthttp.Response) []byte {
+	var body []byte
+	if s := up.BodyStream(); s != nil {
+		body, _ = io.ReadAll(io.LimitReader(s, maxErrorBody))
+		if rc, ok := s.(fasthttp.ReadCloserWithError); ok {
+			_ = rc.CloseWithError(nil)
+		}
+	} else {
+		body = append([]byte(nil), up.Body()...)
+	}
+	if bytes.Contains(body, []byte(p.cfg.UpstreamAPIKey)) {
+		p.logger.Warn("upstream echoed the upstream key in an error body; redacted")
+		body = bytes.ReplaceAll(body, []byte(p.cfg.UpstreamAPIKey), []byte("sk-***redacted***"))
+	}
+	return body
+}
+
+// scrubHeaders redacts the upstream key from response header values.
+func (p *Proxy) scrubHeaders(h *fasthttp.ResponseHeader) bool {
+	key := []byte(p.cfg.UpstreamAPIKey)
+	var leaked [][2][]byte
+	for k, v := range h.All() {
+		if bytes.Contains(v, key) {
+			leaked = append(leaked, [2][]byte{append([]byte(nil), k...), bytes.ReplaceAll(v, key, []byte("sk-***redacted***"))})
+		}
+	}
+	for _, kv := range leaked {
+		h.SetBytesKV(kv[0], kv[1])
+	}
+	return len(leaked) > 0
+}
+
 // upstreamError maps a failure before the response started.
 func (p *Proxy) upstreamError(c *fiber.Ctx, err error, ex *exchange) *APIError {
 	switch {

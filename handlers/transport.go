@@ -45,7 +45,21 @@ func (teeTransport) RoundTrip(hc *fasthttp.HostClient, req *fasthttp.Request, re
 		resp.SetBodyStream(&releasingBody{ReadCloserWithError: body.(fasthttp.ReadCloserWithError), resp: tmp}, tmp.Header.ContentLength())
 		return false, nil
 	}
+	if ex.p.scrubHeaders(&resp.Header) {
+		ex.p.logger.Warn("upstream echoed the upstream key in a response header; redacted")
+	}
 	ex.onHeaders(&tmp.Header)
+	if tmp.StatusCode() >= 400 {
+		// Error bodies are small and may echo what upstream received,
+		// the server key included: read them whole and redact.
+		body := ex.p.scrubbedErrorBody(tmp)
+		fasthttp.ReleaseResponse(tmp)
+		resp.SetBody(body)
+		ex.observe(body)
+		ex.bodyComplete()
+		ex.finish(nil)
+		return false, nil
+	}
 	src, ok := tmp.BodyStream().(fasthttp.ReadCloserWithError)
 	if !ok {
 		// HEAD, 204 and 304 carry no body stream.
