@@ -5,7 +5,6 @@ package apptest
 import (
 	"bytes"
 	"context"
-	"log/slog"
 	"net"
 	"sync"
 	"testing"
@@ -41,6 +40,12 @@ func Env(m map[string]string) func(string) string {
 // (client keys alpha and beta, SQLite in a temp dir, debug logging).
 func Start(t testing.TB, upstreamURL string, env map[string]string) *Instance {
 	t.Helper()
+	return StartConfig(t, Config(t, upstreamURL, env))
+}
+
+// Config builds the configuration Start uses.
+func Config(t testing.TB, upstreamURL string, env map[string]string) app.Config {
+	t.Helper()
 	vars := map[string]string{
 		"OPENAI_API_KEY":    UpstreamKey,
 		"UPSTREAM_BASE_URL": upstreamURL,
@@ -56,11 +61,18 @@ func Start(t testing.TB, upstreamURL string, env map[string]string) *Instance {
 	if err != nil {
 		t.Fatalf("apptest: config: %v", err)
 	}
-	return StartConfig(t, cfg)
+	return cfg
 }
 
 // StartConfig runs a proxy with a ready configuration.
 func StartConfig(t testing.TB, cfg app.Config) *Instance {
+	t.Helper()
+	return StartWith(t, cfg, nil)
+}
+
+// StartWith runs a proxy, letting hook change the app (add test routes)
+// before it starts serving.
+func StartWith(t testing.TB, cfg app.Config, hook func(*app.App)) *Instance {
 	t.Helper()
 	logs := &SyncBuffer{}
 	logger := app.NewLogger(cfg, logs)
@@ -69,6 +81,9 @@ func StartConfig(t testing.TB, cfg app.Config) *Instance {
 	if err != nil {
 		cancel()
 		t.Fatalf("apptest: start: %v", err)
+	}
+	if hook != nil {
+		hook(a)
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -125,5 +140,3 @@ func (s *SyncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
-
-var _ = slog.LevelDebug

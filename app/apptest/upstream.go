@@ -28,6 +28,7 @@ import (
 //	X-Test-No-Done: 1           end the stream without its terminal event
 //	X-Test-Gzip: 1              gzip the JSON body regardless of Accept-Encoding
 //	X-Test-Block: 1             wait until the request is cancelled or Release
+//	X-Test-Echo-Auth: 1         answer 401 echoing the Authorization it received
 type Upstream struct {
 	*httptest.Server
 	calls     atomic.Int64 // requests that reached a handler
@@ -115,6 +116,14 @@ func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Openai-Processing-Ms", "12")
 	w.Header().Set("X-Ratelimit-Remaining-Requests", "99")
 	w.Header().Set("Set-Cookie", "__cf_bm=upstream-cookie; Path=/")
+	if r.Header.Get("X-Test-Echo-Auth") != "" {
+		// A misbehaving upstream that echoes the credentials it received.
+		w.Header().Set("X-Echo-Authorization", r.Header.Get("Authorization"))
+		writeJSON(w, r, 401, map[string]any{"error": map[string]any{
+			"message": "Incorrect API key provided: " + r.Header.Get("Authorization"), "type": "invalid_request_error", "param": nil, "code": "invalid_api_key"}})
+		u.completed.Add(1)
+		return
+	}
 	if status := intHeader(r, "X-Test-Status"); status >= 400 {
 		writeJSON(w, r, status, map[string]any{"error": map[string]any{
 			"message": "forced failure", "type": "server_error", "param": nil, "code": strconv.Itoa(status)}})
