@@ -74,6 +74,7 @@ func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
 	defer cleanup()
 	if err != nil {
 		if ex.bodyLimit != nil && ex.bodyLimit.exceeded {
+			lingerAndClose(c)
 			return ex.reject(c, errBodyTooLarge)
 		}
 		return ex.reject(c, &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_body", Outcome: models.OutcomeRejected,

@@ -427,3 +427,23 @@ func TestBodyLimits(t *testing.T) {
 		}
 	})
 }
+
+func TestKeyedChunkedUploadOverTheLimit(t *testing.T) {
+	up := apptest.NewUpstream(t)
+	px := apptest.Start(t, up.URL, map[string]string{"MAX_BODY_SIZE": "1MiB"})
+	pr, pw := io.Pipe()
+	go func() {
+		chunk := make([]byte, 512<<10)
+		for i := 0; i < 6; i++ {
+			if _, err := pw.Write(chunk); err != nil {
+				return
+			}
+		}
+		pw.Close()
+	}()
+	resp, body := do(t, "POST", px.URL+"/v1/files", apptest.ClientKey, pr, map[string]string{"Content-Type": "application/octet-stream", "Idempotency-Key": "big-1"})
+	assertAPIError(t, resp, body, 413, "request_too_large")
+	if up.Calls() != 0 {
+		t.Fatal("an oversized keyed upload reached upstream")
+	}
+}
