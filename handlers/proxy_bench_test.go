@@ -147,3 +147,11 @@ func BenchmarkProxiedKeyedPostgresParallel(b *testing.B) {
 		}
 	})
 }
+
+// BenchmarkProxiedPostgres is BenchmarkProxied with the request log in
+// PostgreSQL, where the log writer's inserts run outside this process.
+func BenchmarkProxiedPostgres(b *testing.B) {
+	up := benchUpstream(b)
+	px := apptest.Start(b, up.URL, map[string]string{"LOG_LEVEL": "info", "DATABASE_URL": testdb.PostgresURL(b)})
+	benchLoop(b, px.URL+"/v1/chat/completions", plainHeader)
+}
