@@ -46,4 +46,7 @@ func (a *App) sweep(ctx context.Context) {
 	if _, err := a.Store.SweepRollups(ctx, before, 5000); err != nil {
 		a.logger.Warn("sweep request roll-ups", "error", err.Error())
 	}
+	if _, err := a.Store.SweepKV(ctx, 1000); err != nil {
+		a.logger.Warn("sweep expired sessions", "error", err.Error())
+	}
 }

@@ -1,0 +1,299 @@
+package handlers
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"log/slog"
+	"math"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+	"github.com/gofiber/fiber/v2/middleware/csrf"
+	"github.com/gofiber/fiber/v2/middleware/limiter"
+	"github.com/gofiber/fiber/v2/middleware/session"
+	"github.com/valyala/fasthttp"
+
+	"github.com/openai-idempotent-proxy/proxy/models"
+)
+
+// The dashboard's queries, each a small interface models.Store implements,
+// so page tests can hand in fakes.
+type (
+	// DashboardStats reads the roll-ups behind the overview.
+	DashboardStats interface {
+		Traffic(ctx context.Context, from, to time.Time, step time.Duration) ([]models.TrafficPoint, error)
+		Totals(ctx context.Context, from, to time.Time) (models.Totals, error)
+		TopModels(ctx context.Context, from, to time.Time, limit int) ([]models.TopEntry, error)
+		TopClients(ctx context.Context, from, to time.Time, limit int) ([]models.TopEntry, error)
+	}
+	// DashboardLogs reads the request log.
+	DashboardLogs interface {
+		ListRequestLogs(ctx context.Context, f models.LogFilter) (models.LogPage, error)
+		RequestLogByID(ctx context.Context, id int64) (models.RequestLog, error)
+	}
+	// DashboardKeys reads and expires idempotency records.
+	DashboardKeys interface {
+		ListIdempotency(ctx context.Context, f models.IdempotencyFilter) (models.IdempotencyPage, error)
+		IdempotencyByID(ctx context.Context, id string) (models.IdempotencyRecord, error)
+		DeleteIdempotency(ctx context.Context, id string) error
+	}
+)
+
+// DashboardConfig is what the dashboard needs from the app.
+type DashboardConfig struct {
+	// Password is ADMIN_PASSWORD; only its SHA-256 digest is kept.
+	Password string
+	// Open is true when the proxy runs without client keys.
+	Open bool
+	// TrustForwardedProto is true when X-Forwarded-Proto comes only from
+	// trusted proxies (TRUSTED_PROXIES is set, so Fiber checks the peer).
+	TrustForwardedProto bool
+	// IdempotencyTTL is shown next to the keys.
+	IdempotencyTTL time.Duration
+
+	Stats DashboardStats
+	Logs  DashboardLogs
+	Keys  DashboardKeys
+	DB    Pinger
+	// Dropped counts request log records lost (LogWriter.Dropped); nil: none.
+	Dropped func() uint64
+	// Storage returns the shared storage for one use (sessions, CSRF tokens,
+	// login attempts), keys prefixed; nil keeps them in this process only.
+	Storage func(prefix string) fiber.Storage
+	// Now is the clock expirations are measured against; nil: time.Now.
+	Now    func() time.Time
+	Logger *slog.Logger
+}
+
+// Dashboard serves the admin pages under /dashboard. Handlers are methods,
+// one file per page or action; app/dashboard.go holds the route table.
+type Dashboard struct {
+	cfg      DashboardConfig
+	digest   [32]byte // SHA-256 of the admin password
+	sessions *session.Store
+	csrf     fiber.Handler
+	throttle fiber.Handler
+}
+
+// Dashboard paths and names shared by handlers and templates.
+const (
+	DashboardPrefix   = "/dashboard"
+	dashboardLogin    = DashboardPrefix + "/login"
+	sessionCookie     = "dashboard_session"
+	csrfCookie        = "dashboard_csrf"
+	csrfField         = "_csrf"
+	csrfLocal         = "dashboard.csrf"
+	sessionAdminKey   = "admin"
+	sessionSinceKey   = "since"
+	sessionLifetime   = 12 * time.Hour
+	loginAttempts     = 5
+	loginWindow       = time.Minute
+	dashboardPageSize = 50
+)
+
+// NewDashboard builds the handlers and their session, CSRF and login
+// throttling middleware, all on cfg.Storage.
+func NewDashboard(cfg DashboardConfig) *Dashboard {
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Dropped == nil {
+		cfg.Dropped = func() uint64 { return 0 }
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	storage := func(prefix string) fiber.Storage {
+		if cfg.Storage == nil {
+			return nil // each middleware falls back to its own memory store
+		}
+		return cfg.Storage(prefix)
+	}
+	digest := sha256.Sum256([]byte(cfg.Password))
+	cfg.Password = "" // keep only the digest
+	h := &Dashboard{cfg: cfg, digest: digest}
+	h.sessions = session.New(session.Config{
+		Storage:        storage("session:"),
+		Expiration:     sessionLifetime,
+		KeyLookup:      "cookie:" + sessionCookie,
+		CookiePath:     DashboardPrefix,
+		CookieHTTPOnly: true,
+		// Lax, not Strict: a bookmarked or linked dashboard page opens
+		// signed in. Every state change is a POST with a CSRF token.
+		CookieSameSite: "Lax",
+		// Secure is added per request by SecureHeaders when the request
+		// arrived over HTTPS.
+	})
+	h.csrf = csrf.New(csrf.Config{
+		Storage:        storage("csrf:"),
+		KeyLookup:      "form:" + csrfField,
+		CookieName:     csrfCookie,
+		CookiePath:     DashboardPrefix,
+		CookieHTTPOnly: true,
+		CookieSameSite: "Strict",
+		Expiration:     2 * time.Hour,
+		ContextKey:     csrfLocal,
+		ErrorHandler:   h.csrfFailed,
+	})
+	h.throttle = limiter.New(limiter.Config{
+		Storage:    storage("login:"),
+		Max:        loginAttempts,
+		Expiration: loginWindow,
+		// c.IP() is the peer, or X-Forwarded-For only from TRUSTED_PROXIES.
+		KeyGenerator:           func(c *fiber.Ctx) string { return c.IP() },
+		SkipSuccessfulRequests: true, // only failed attempts count
+		LimitReached:           h.loginThrottled,
+	})
+	return h
+}
+
+// CSRF checks the token of every unsafe request and issues one on safe
+// ones, for the templates' hidden _csrf inputs.
+func (h *Dashboard) CSRF(c *fiber.Ctx) error { return h.csrf(c) }
+
+// LoginThrottle limits failed sign-ins per client IP.
+func (h *Dashboard) LoginThrottle(c *fiber.Ctx) error { return h.throttle(c) }
+
+// SecureHeaders sets the headers every dashboard response carries and marks
+// cookies Secure when the request came over HTTPS.
+func (h *Dashboard) SecureHeaders(c *fiber.Ctx) error {
+	c.Set("Content-Security-Policy", "default-src 'none'; style-src 'self'; img-src 'self'; "+
+		"form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+	c.Set("X-Content-Type-Options", "nosniff")
+	c.Set("X-Frame-Options", "DENY")
+	// same-origin keeps the Referer that Fiber's CSRF check demands on HTTPS.
+	c.Set("Referrer-Policy", "same-origin")
+	c.Set("Cache-Control", "no-store")
+	err := c.Next()
+	if h.isHTTPS(c) {
+		markCookiesSecure(&c.Response().Header)
+	}
+	return err
+}
+
+// isHTTPS reports whether the browser talks to us over TLS: directly, or
+// through a trusted reverse proxy that says so. Without TRUSTED_PROXIES
+// anyone could send X-Forwarded-Proto, so it is ignored.
+func (h *Dashboard) isHTTPS(c *fiber.Ctx) bool {
+	return c.Context().IsTLS() || (h.cfg.TrustForwardedProto && c.IsProxyTrusted() && c.Protocol() == "https")
+}
+
+func markCookiesSecure(h *fasthttp.ResponseHeader) {
+	var cookies []*fasthttp.Cookie
+	for _, v := range h.Cookies() {
+		ck := fasthttp.AcquireCookie()
+		if err := ck.ParseBytes(v); err != nil {
+			fasthttp.ReleaseCookie(ck)
+			continue
+		}
+		ck.SetSecure(true)
+		cookies = append(cookies, ck)
+	}
+	for _, ck := range cookies {
+		h.SetCookie(ck)
+		fasthttp.ReleaseCookie(ck)
+	}
+}
+
+// RequireLogin lets signed-in requests through and sends everyone else to
+// the login form, remembering where they were going.
+func (h *Dashboard) RequireLogin(c *fiber.Ctx) error {
+	sess, err := h.sessions.Get(c)
+	if err != nil {
+		return err
+	}
+	if ok, _ := sess.Get(sessionAdminKey).(bool); ok {
+		return c.Next()
+	}
+	target := dashboardLogin
+	if c.Method() == fiber.MethodGet && c.OriginalURL() != DashboardPrefix {
+		target += "?next=" + url.QueryEscape(c.OriginalURL())
+	}
+	return c.Redirect(target, http.StatusSeeOther)
+}
+
+// layout is what base.html needs on every page.
+type layout struct {
+	Title    string
+	Nav      string // "overview", "requests" or "keys": the current section
+	CSRF     string // token for the page's POST forms
+	SignedIn bool
+	Open     bool  // the proxy runs without client keys
+	DBDown   bool  // the database did not answer
+	Dropped  int64 // request log records lost
+	Refresh  int   // seconds; 0: no auto-refresh
+}
+
+// page fills the layout of a signed-in page; nav names its section.
+func (h *Dashboard) page(c *fiber.Ctx, title, nav string) layout {
+	token, _ := c.Locals(csrfLocal).(string)
+	return layout{
+		Title: title, Nav: nav, CSRF: token, SignedIn: true,
+		Open: h.cfg.Open, Dropped: int64(min(h.cfg.Dropped(), math.MaxInt64)),
+	}
+}
+
+// render writes a page inside the base layout.
+func render(c *fiber.Ctx, status int, name string, data any) error {
+	c.Status(status)
+	return c.Render("dashboard/"+name, data, "layouts/base")
+}
+
+// errorPage is the data of dashboard/error.
+type errorPage struct {
+	layout
+	Status  int
+	Message string
+}
+
+// RenderDashboardError answers err as an HTML page; app's ErrorHandler
+// calls it for /dashboard paths. Only fiber.Error messages below 500 are
+// shown, and never an internal error's text.
+func RenderDashboardError(c *fiber.Ctx, err error) error {
+	status, msg := http.StatusInternalServerError, "Something went wrong on our side. The details are in the proxy's log."
+	var fe *fiber.Error
+	switch {
+	case errors.As(err, &fe) && fe.Code < 500:
+		status, msg = fe.Code, fe.Message
+		if fe.Code == http.StatusNotFound {
+			// Fiber's own says "Cannot GET /path"; ours says what to do.
+			msg = "There is no such page, or what it showed no longer exists."
+		}
+	case errors.As(err, &fe):
+		status = fe.Code
+	case errors.Is(err, models.ErrNotFound):
+		status, msg = http.StatusNotFound, "It no longer exists: it may have expired or been deleted."
+	case errors.Is(err, models.ErrInvalidFilter):
+		status, msg = http.StatusBadRequest, "The address holds a filter or page position that is not valid."
+	}
+	c.Set("Cache-Control", "no-store")
+	c.Set("X-Content-Type-Options", "nosniff")
+	title := http.StatusText(status)
+	if title == "" {
+		title = "Error"
+	}
+	return render(c, status, "error", errorPage{layout: layout{Title: title}, Status: status, Message: msg})
+}
+
+// DashboardErrorStatus is the status RenderDashboardError answers err with.
+func DashboardErrorStatus(err error) int {
+	var fe *fiber.Error
+	switch {
+	case errors.As(err, &fe):
+		return fe.Code
+	case errors.Is(err, models.ErrNotFound):
+		return http.StatusNotFound
+	case errors.Is(err, models.ErrInvalidFilter):
+		return http.StatusBadRequest
+	}
+	return http.StatusInternalServerError
+}
+
+// IsDashboardPath reports whether path belongs to the dashboard.
+func IsDashboardPath(path string) bool {
+	return path == DashboardPrefix || strings.HasPrefix(path, DashboardPrefix+"/")
+}

@@ -1,0 +1,61 @@
+package handlers
+
+import (
+	"context"
+	"net/http"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+
+	"github.com/openai-idempotent-proxy/proxy/models"
+)
+
+// keyPage is the data of dashboard/key and dashboard/key_delete.
+type keyPage struct {
+	layout
+	Row      keyRow
+	Headers  []header
+	Response storedResponse
+}
+
+type header struct{ Name, Value string }
+
+// Key shows one idempotency record and its stored response
+// (GET /dashboard/keys/:id).
+func (h *Dashboard) Key(c *fiber.Ctx) error {
+	p, err := h.keyPage(c)
+	if err != nil {
+		return err
+	}
+	return render(c, http.StatusOK, "key", p)
+}
+
+func (h *Dashboard) keyPage(c *fiber.Ctx) (keyPage, error) {
+	id := c.Params("id")
+	if id == "" || len(id) > 128 {
+		return keyPage{}, fiber.ErrNotFound
+	}
+	ctx, cancel := context.WithTimeout(c.UserContext(), 10*time.Second)
+	defer cancel()
+	rec, err := h.cfg.Keys.IdempotencyByID(ctx, id)
+	if err != nil {
+		return keyPage{}, err
+	}
+	utcTimes(&rec)
+	row := newKeyRow(&rec, h.cfg.Now().UTC())
+	p := keyPage{layout: h.page(c, "Key "+truncateRunes(rec.IdemKey, 40), "keys"), Row: row}
+	headers := parseStoredHeaders(rec.Headers)
+	for _, name := range sortedKeys(headers) {
+		p.Headers = append(p.Headers, header{name, headers[name]})
+	}
+	p.Response = decodeStoredResponse(&rec, headers)
+	return p, nil
+}
+
+func utcTimes(r *models.IdempotencyRecord) {
+	r.CreatedAt, r.UpdatedAt, r.ExpiresAt, r.LockedUntil = r.CreatedAt.UTC(), r.UpdatedAt.UTC(), r.ExpiresAt.UTC(), r.LockedUntil.UTC()
+	if r.LastReplayAt != nil {
+		t := r.LastReplayAt.UTC()
+		r.LastReplayAt = &t
+	}
+}

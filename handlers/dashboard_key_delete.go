@@ -1,0 +1,31 @@
+package handlers
+
+import (
+	"context"
+	"net/http"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+)
+
+// DeleteKey expires a key now (POST /dashboard/keys/:id/delete). Without
+// confirm=yes it only shows what would be deleted and asks; the
+// confirmation form posts again with it.
+func (h *Dashboard) DeleteKey(c *fiber.Ctx) error {
+	if c.FormValue("confirm") != "yes" {
+		p, err := h.keyPage(c)
+		if err != nil {
+			return err
+		}
+		p.Title = "Delete key?"
+		return render(c, http.StatusOK, "key_delete", p)
+	}
+	ctx, cancel := context.WithTimeout(c.UserContext(), 10*time.Second)
+	defer cancel()
+	id := c.Params("id")
+	if err := h.cfg.Keys.DeleteIdempotency(ctx, id); err != nil {
+		return err
+	}
+	h.cfg.Logger.Info("dashboard: idempotency key deleted", "id", id)
+	return c.Redirect(DashboardPrefix+"/keys?deleted=1", http.StatusSeeOther)
+}

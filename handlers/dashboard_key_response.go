@@ -1,0 +1,177 @@
+package handlers
+
+import (
+	"bytes"
+	"compress/gzip"
+	"encoding/json"
+	"io"
+	"mime"
+	"slices"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/openai-idempotent-proxy/proxy/models"
+)
+
+// storedResponse is a stored response body made readable. Templates print
+// every field through html/template, so the body is always escaped.
+type storedResponse struct {
+	Kind   string // "json", "sse", "text", "binary" or "none"
+	Text   string // pretty JSON or plain text
+	Events []sseEvent
+	Note   string // e.g. why nothing is shown, or that the view is cut short
+}
+
+// sseEvent is one server-sent event of a stored stream.
+type sseEvent struct {
+	N     int
+	Event string
+	ID    string
+	Data  string // pretty-printed when it is JSON
+}
+
+// Display limits: a stored body can be IDEMPOTENCY_MAX_BODY (8 MiB by
+// default) and a browser need not lay out all of it.
+const (
+	maxShownBytes   = 1 << 20
+	maxShownEvents  = 500
+	maxInflateBytes = 32 << 20
+)
+
+func parseStoredHeaders(s string) map[string]string {
+	h := map[string]string{}
+	_ = json.Unmarshal([]byte(s), &h)
+	return h
+}
+
+func sortedKeys(m map[string]string) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys
+}
+
+func headerValue(h map[string]string, name string) string {
+	for k, v := range h {
+		if strings.EqualFold(k, name) {
+			return v
+		}
+	}
+	return ""
+}
+
+// decodeStoredResponse turns a record's body into what the key page shows:
+// JSON pretty-printed, an SSE stream as its list of events, other text as
+// is, and binary as a size only.
+func decodeStoredResponse(rec *models.IdempotencyRecord, headers map[string]string) storedResponse {
+	body := rec.Body
+	switch {
+	case rec.State == models.StateCompleted && !rec.Replayable:
+		return storedResponse{Kind: "none", Note: "The response was larger than IDEMPOTENCY_MAX_BODY, so it was not stored; retries with this key get 410 Gone."}
+	case len(body) == 0 && rec.State != models.StateCompleted:
+		return storedResponse{Kind: "none", Note: "No response is stored: the request has not completed."}
+	case len(body) == 0:
+		return storedResponse{Kind: "none", Note: "The stored response has an empty body."}
+	}
+	var note string
+	if enc := strings.ToLower(headerValue(headers, "Content-Encoding")); enc == "gzip" {
+		zr, err := gzip.NewReader(bytes.NewReader(body))
+		if err != nil {
+			return storedResponse{Kind: "binary", Note: "The stored body is gzip-compressed but could not be decompressed."}
+		}
+		plain, err := io.ReadAll(io.LimitReader(zr, maxInflateBytes))
+		if err != nil {
+			return storedResponse{Kind: "binary", Note: "The stored body is gzip-compressed but could not be decompressed."}
+		}
+		body, note = plain, "Shown decompressed; it is stored and replayed gzip-compressed."
+	}
+	mt, _, _ := mime.ParseMediaType(headerValue(headers, "Content-Type"))
+	switch {
+	case mt == "text/event-stream" || (rec.Stream && mt == ""):
+		events, cut := parseSSE(body)
+		r := storedResponse{Kind: "sse", Events: events, Note: note}
+		if cut {
+			r.Note = joinNotes(note, "Only the first 500 events are shown.")
+		}
+		return r
+	case json.Valid(body):
+		var out bytes.Buffer
+		if len(body) <= maxShownBytes && json.Indent(&out, body, "", "  ") == nil {
+			return storedResponse{Kind: "json", Text: out.String(), Note: note}
+		}
+		return textResponse("json", body, note)
+	case utf8.Valid(body):
+		return textResponse("text", body, note)
+	}
+	return storedResponse{Kind: "binary", Note: joinNotes(note, "The body is binary and is not shown.")}
+}
+
+func textResponse(kind string, body []byte, note string) storedResponse {
+	if len(body) > maxShownBytes {
+		cut := body[:maxShownBytes]
+		for len(cut) > 0 && !utf8.Valid(cut) {
+			cut = cut[:len(cut)-1]
+		}
+		return storedResponse{Kind: kind, Text: string(cut), Note: joinNotes(note, "Only the first MiB is shown.")}
+	}
+	return storedResponse{Kind: kind, Text: string(body), Note: note}
+}
+
+func joinNotes(a, b string) string {
+	if a == "" {
+		return b
+	}
+	return a + " " + b
+}
+
+// parseSSE splits a stored event stream into events (the WHATWG
+// event-stream format: fields per line, events separated by a blank
+// line). It reports whether it stopped at maxShownEvents.
+func parseSSE(body []byte) ([]sseEvent, bool) {
+	text := strings.ReplaceAll(strings.ReplaceAll(string(body), "\r\n", "\n"), "\r", "\n")
+	var events []sseEvent
+	for _, block := range strings.Split(text, "\n\n") {
+		var ev sseEvent
+		var data []string
+		for _, line := range strings.Split(block, "\n") {
+			if line == "" || strings.HasPrefix(line, ":") {
+				continue
+			}
+			field, value, _ := strings.Cut(line, ":")
+			value = strings.TrimPrefix(value, " ")
+			switch field {
+			case "event":
+				ev.Event = value
+			case "id":
+				ev.ID = value
+			case "data":
+				data = append(data, value)
+			}
+		}
+		if ev.Event == "" && ev.ID == "" && data == nil {
+			continue
+		}
+		if len(events) == maxShownEvents {
+			return events, true
+		}
+		ev.N = len(events) + 1
+		ev.Data = strings.Join(data, "\n")
+		var out bytes.Buffer
+		if json.Valid([]byte(ev.Data)) && json.Indent(&out, []byte(ev.Data), "", "  ") == nil {
+			ev.Data = out.String()
+		}
+		events = append(events, ev)
+	}
+	return events, false
+}
+
+// truncateRunes shortens s to at most n runes, marking the cut.
+func truncateRunes(s string, n int) string {
+	if utf8.RuneCountInString(s) <= n {
+		return s
+	}
+	r := []rune(s)
+	return string(r[:n-1]) + "…"
+}

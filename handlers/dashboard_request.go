@@ -1,0 +1,33 @@
+package handlers
+
+import (
+	"context"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+
+	"github.com/openai-idempotent-proxy/proxy/models"
+)
+
+// requestPage is the data of dashboard/request.
+type requestPage struct {
+	layout
+	Log models.RequestLog
+}
+
+// Request shows one request log row (GET /dashboard/requests/:id).
+func (h *Dashboard) Request(c *fiber.Ctx) error {
+	id, err := strconv.ParseInt(c.Params("id"), 10, 64)
+	if err != nil || id <= 0 {
+		return fiber.ErrNotFound
+	}
+	ctx, cancel := context.WithTimeout(c.UserContext(), 10*time.Second)
+	defer cancel()
+	rec, err := h.cfg.Logs.RequestLogByID(ctx, id)
+	if err != nil {
+		return err
+	}
+	return render(c, http.StatusOK, "request", requestPage{layout: h.page(c, "Request "+strconv.FormatInt(id, 10), "requests"), Log: rec})
+}
