@@ -538,3 +538,33 @@ func TestDatabaseDown(t *testing.T) {
 		t.Fatal("not replayed after recovery")
 	}
 }
+
+func TestResponsesTooLargeToStoreAreNeverRunTwice(t *testing.T) {
+	eachDB(t, func(t *testing.T, env map[string]string) {
+		env["IDEMPOTENCY_MAX_BODY"] = "2KiB"
+		up := apptest.NewUpstream(t)
+		px := apptest.Start(t, up.URL, env)
+		url := px.URL + "/v1/chat/completions"
+		hdr := map[string]string{"X-Test-Events": "100"} // ~17 KiB of SSE
+		first := keyed(t, url, apptest.ClientKey, "huge-1", streamBody, hdr)
+		if first.status != 200 || !bytes.HasSuffix(first.body, []byte("data: [DONE]\n\n")) || len(first.body) < 4<<10 {
+			t.Fatalf("first client: %d, %d bytes", first.status, len(first.body))
+		}
+		retry := keyed(t, url, apptest.ClientKey, "huge-1", streamBody, hdr)
+		if retry.status != 410 || !strings.Contains(string(retry.body), "idempotency_response_not_stored") {
+			t.Fatalf("retry: %d %s", retry.status, retry.body)
+		}
+		if up.Calls() != 1 {
+			t.Fatalf("upstream calls = %d, want 1", up.Calls())
+		}
+		rec := recordFor(t, px, "huge-1")
+		if rec.State != models.StateCompleted || rec.Replayable || rec.BodySize != int64(len(first.body)) || len(rec.Body) != 0 {
+			t.Fatalf("record: state %s replayable %v size %d stored %d", rec.State, rec.Replayable, rec.BodySize, len(rec.Body))
+		}
+		// A small answer under the same cap is stored as usual.
+		small := keyed(t, url, apptest.ClientKey, "small-1", chatBody, nil)
+		if again := keyed(t, url, apptest.ClientKey, "small-1", chatBody, nil); !again.replayed || again.sha() != small.sha() {
+			t.Fatal("small response not replayed")
+		}
+	})
+}
