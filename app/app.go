@@ -101,6 +101,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 	a.Proxy = handlers.NewProxyWithMetrics(handlers.ProxyConfig{
 		UpstreamBaseURL:    cfg.UpstreamBaseURL,
 		UpstreamAPIKey:     cfg.UpstreamAPIKey,
+		UpstreamCAs:        cfg.UpstreamCAs,
 		ClientKeys:         cfg.ClientKeys,
 		AllowOpenProxy:     cfg.AllowOpenProxy,
 		MaxBodySize:        cfg.MaxBodySize,

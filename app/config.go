@@ -1,10 +1,12 @@
 package app
 
 import (
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -19,11 +21,12 @@ import (
 type Config struct {
 	ListenAddr string // LISTEN_ADDR, default ":8080"
 
-	UpstreamAPIKey   string        // OPENAI_API_KEY, required; never logged or shown
-	UpstreamBaseURL  *url.URL      // UPSTREAM_BASE_URL, default https://api.openai.com/v1
-	UpstreamTimeout  time.Duration // UPSTREAM_TIMEOUT, default 30m: upper bound on one upstream call
-	FirstByteTimeout time.Duration // UPSTREAM_FIRST_BYTE_TIMEOUT, default 10m: silence before the response starts
-	IdleTimeout      time.Duration // UPSTREAM_IDLE_TIMEOUT, default 5m: silence in the middle of a response
+	UpstreamAPIKey   string         // OPENAI_API_KEY, required; never logged or shown
+	UpstreamBaseURL  *url.URL       // UPSTREAM_BASE_URL, default https://api.openai.com/v1
+	UpstreamCAs      *x509.CertPool // UPSTREAM_CA_FILE: extra CA certificates (PEM) trusted for the upstream
+	UpstreamTimeout  time.Duration  // UPSTREAM_TIMEOUT, default 30m: upper bound on one upstream call
+	FirstByteTimeout time.Duration  // UPSTREAM_FIRST_BYTE_TIMEOUT, default 10m: silence before the response starts
+	IdleTimeout      time.Duration  // UPSTREAM_IDLE_TIMEOUT, default 5m: silence in the middle of a response
 
 	ClientKeys     []handlers.ClientKey // PROXY_API_KEYS, "key" or "name:key", comma-separated
 	AllowOpenProxy bool                 // ALLOW_OPEN_PROXY, default false
@@ -89,6 +92,24 @@ var settings = []Setting{
 			return errors.New("must not carry a query or fragment")
 		}
 		c.UpstreamBaseURL = u
+		return nil
+	}},
+	{"UPSTREAM_CA_FILE", "", "PEM file of extra CA certificates to trust for an https upstream (e.g. a private CA)", func(c *Config, v string) error {
+		if v == "" {
+			return nil
+		}
+		pem, err := os.ReadFile(v)
+		if err != nil {
+			return fmt.Errorf("cannot read: %w", err)
+		}
+		pool, err := x509.SystemCertPool()
+		if err != nil {
+			pool = x509.NewCertPool()
+		}
+		if !pool.AppendCertsFromPEM(pem) {
+			return errors.New("holds no PEM certificate")
+		}
+		c.UpstreamCAs = pool
 		return nil
 	}},
 	{"PROXY_API_KEYS", "", "client keys, comma-separated, each \"key\" or \"name:key\" (required unless ALLOW_OPEN_PROXY=true)", func(c *Config, v string) error {

@@ -3,6 +3,8 @@ package handlers
 import (
 	"bufio"
 	"bytes"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"io"
@@ -27,6 +29,7 @@ import (
 type ProxyConfig struct {
 	UpstreamBaseURL  *url.URL
 	UpstreamAPIKey   string
+	UpstreamCAs      *x509.CertPool // nil: the system roots
 	ClientKeys       []ClientKey
 	AllowOpenProxy   bool
 	MaxBodySize      int64
@@ -93,9 +96,13 @@ func NewProxyWithMetrics(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m
 			}
 			return &watchConn{Conn: conn, firstByte: cfg.FirstByteTimeout, idle: cfg.IdleTimeout}, nil
 		},
-		MaxConnsPerHost:     4096,
-		MaxConnWaitTimeout:  30 * time.Second,
-		MaxIdleConnDuration: 90 * time.Second,
+		TLSConfig:          &tls.Config{RootCAs: cfg.UpstreamCAs, MinVersion: tls.VersionTLS12},
+		MaxConnsPerHost:    4096,
+		MaxConnWaitTimeout: 30 * time.Second,
+		// Shorter than the idle timeouts of common load balancers, so a
+		// POST is rarely sent on a connection the upstream is closing: it
+		// cannot be retried safely.
+		MaxIdleConnDuration: 30 * time.Second,
 		ReadBufferSize:      16 << 10,
 		WriteBufferSize:     16 << 10,
 	}

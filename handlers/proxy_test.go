@@ -5,10 +5,15 @@ import (
 	"bytes"
 	"crypto/rand"
 	"encoding/json"
+	"encoding/pem"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -446,4 +451,36 @@ func TestKeyedChunkedUploadOverTheLimit(t *testing.T) {
 	if up.Calls() != 0 {
 		t.Fatal("an oversized keyed upload reached upstream")
 	}
+}
+
+// TestHTTPSUpstream: the default upstream is https; the proxy speaks TLS to
+// it, streams through it, and trusts extra CAs from UPSTREAM_CA_FILE.
+func TestHTTPSUpstream(t *testing.T) {
+	up := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Authorization") != "Bearer "+apptest.UpstreamKey {
+			w.WriteHeader(401)
+			return
+		}
+		w.Header().Set("Content-Type", "text/event-stream")
+		for i := 0; i < 3; i++ {
+			fmt.Fprintf(w, "data: {\"n\":%d}\n\n", i)
+			w.(http.Flusher).Flush()
+		}
+		fmt.Fprint(w, "data: [DONE]\n\n")
+	}))
+	defer up.Close()
+	caFile := filepath.Join(t.TempDir(), "ca.pem")
+	pemBytes := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: up.Certificate().Raw})
+	if err := os.WriteFile(caFile, pemBytes, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	px := apptest.Start(t, up.URL+"/v1", map[string]string{"UPSTREAM_CA_FILE": caFile})
+	resp, body := do(t, "POST", px.URL+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(`{"stream":true}`), map[string]string{"Content-Type": "application/json"})
+	if resp.StatusCode != 200 || !strings.HasSuffix(string(body), "data: [DONE]\n\n") {
+		t.Fatalf("over TLS: %d %q", resp.StatusCode, body)
+	}
+	// Without the CA the certificate is refused: 502, never plaintext.
+	untrusted := apptest.Start(t, up.URL+"/v1", nil)
+	resp, body = do(t, "GET", untrusted.URL+"/v1/models", apptest.ClientKey, nil, nil)
+	assertAPIError(t, resp, body, 502, "upstream_unreachable")
 }
