@@ -130,13 +130,8 @@ func TestIncompleteStreamsAreNeverReplayed(t *testing.T) {
 // keyedStreamIgnoringErrors reads a keyed stream to whatever end it has.
 func keyedStreamIgnoringErrors(t *testing.T, url, key string, hdr map[string]string) {
 	t.Helper()
-	req, _ := http.NewRequest("POST", url, strings.NewReader(streamBody))
-	req.Header.Set("Authorization", "Bearer "+apptest.ClientKey)
-	req.Header.Set("Content-Type", "application/json")
+	req := chatRequest(t, url, streamBody, hdr)
 	req.Header.Set("Idempotency-Key", key)
-	for k, v := range hdr {
-		req.Header.Set(k, v)
-	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return
@@ -333,13 +328,8 @@ func TestKeyedStreamRunsToTheEndWithoutItsClient(t *testing.T) {
 		url := px.URL + "/v1/chat/completions"
 		hdr := map[string]string{"X-Test-Events": "30", "X-Test-Interval-Ms": "20"}
 
-		req, _ := http.NewRequest("POST", url, strings.NewReader(streamBody))
-		req.Header.Set("Authorization", "Bearer "+apptest.ClientKey)
-		req.Header.Set("Content-Type", "application/json")
+		req := chatRequest(t, url, streamBody, hdr)
 		req.Header.Set("Idempotency-Key", "gone-1")
-		for k, v := range hdr {
-			req.Header.Set(k, v)
-		}
 		tr := &http.Transport{}
 		resp, err := (&http.Client{Transport: tr}).Do(req)
 		if err != nil {

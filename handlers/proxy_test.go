@@ -46,6 +46,21 @@ func do(t *testing.T, method, url, key string, body io.Reader, header map[string
 	return resp, b
 }
 
+// chatRequest builds an authorised JSON POST with extra headers.
+func chatRequest(t *testing.T, url, body string, hdr map[string]string) *http.Request {
+	t.Helper()
+	req, err := http.NewRequest("POST", url, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+apptest.ClientKey)
+	req.Header.Set("Content-Type", "application/json")
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	return req
+}
+
 // assertAPIError checks OpenAI's error shape and the code.
 func assertAPIError(t *testing.T, resp *http.Response, body []byte, status int, code string) {
 	t.Helper()
@@ -169,11 +184,8 @@ func TestStreamingDeliversEventsAsTheyAreProduced(t *testing.T) {
 	up := apptest.NewUpstream(t)
 	px := apptest.Start(t, up.URL, nil)
 
-	req, _ := http.NewRequest("POST", px.URL+"/v1/chat/completions", strings.NewReader(`{"model":"gpt-4o-mini","stream":true,"messages":[]}`))
-	req.Header.Set("Authorization", "Bearer "+apptest.ClientKey)
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("X-Test-Events", "10")
-	req.Header.Set("X-Test-Interval-Ms", "100")
+	req := chatRequest(t, px.URL+"/v1/chat/completions", `{"model":"gpt-4o-mini","stream":true,"messages":[]}`,
+		map[string]string{"X-Test-Events": "10", "X-Test-Interval-Ms": "100"})
 	start := time.Now()
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -210,11 +222,8 @@ func TestUnkeyedClientDisconnectCancelsUpstream(t *testing.T) {
 	up := apptest.NewUpstream(t)
 	px := apptest.Start(t, up.URL, nil)
 
-	req, _ := http.NewRequest("POST", px.URL+"/v1/chat/completions", strings.NewReader(`{"model":"m","stream":true}`))
-	req.Header.Set("Authorization", "Bearer "+apptest.ClientKey)
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("X-Test-Events", "200")
-	req.Header.Set("X-Test-Interval-Ms", "50")
+	req := chatRequest(t, px.URL+"/v1/chat/completions", `{"model":"m","stream":true}`,
+		map[string]string{"X-Test-Events": "200", "X-Test-Interval-Ms": "50"})
 	tr := &http.Transport{}
 	resp, err := (&http.Client{Transport: tr}).Do(req)
 	if err != nil {
@@ -377,11 +386,8 @@ func TestUpstreamFailures(t *testing.T) {
 	t.Run("silent mid-stream", func(t *testing.T) {
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, map[string]string{"UPSTREAM_IDLE_TIMEOUT": "300ms"})
-		req, _ := http.NewRequest("POST", px.URL+"/v1/chat/completions", strings.NewReader(`{"stream":true}`))
-		req.Header.Set("Authorization", "Bearer "+apptest.ClientKey)
-		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("X-Test-Events", "3")
-		req.Header.Set("X-Test-Interval-Ms", "2000")
+		req := chatRequest(t, px.URL+"/v1/chat/completions", `{"stream":true}`,
+			map[string]string{"X-Test-Events": "3", "X-Test-Interval-Ms": "2000"})
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)

@@ -16,11 +16,7 @@ import (
 func TestGracefulShutdownLetsStreamsFinish(t *testing.T) {
 	up := apptest.NewUpstream(t)
 	px := apptest.Start(t, up.URL, map[string]string{"SHUTDOWN_GRACE": "10s"})
-	req, _ := http.NewRequest("POST", px.URL+"/v1/chat/completions", strings.NewReader(streamBody))
-	req.Header.Set("Authorization", "Bearer "+apptest.ClientKey)
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("X-Test-Events", "10")
-	req.Header.Set("X-Test-Interval-Ms", "100")
+	req := chatRequest(t, px.URL+"/v1/chat/completions", streamBody, map[string]string{"X-Test-Events": "10", "X-Test-Interval-Ms": "100"})
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
