@@ -91,7 +91,7 @@ func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
 	cancel()
 	switch {
 	case err != nil:
-		p.logger.Warn("idempotency store unavailable", "error", err.Error())
+		p.warnSometimes.Do(func() { p.logger.Warn("idempotency store unavailable", "error", err.Error()) })
 		p.metrics.idempotencyResult("unavailable")
 		return ex.reject(c, errKeyUnavailable)
 	case claimed:
@@ -214,36 +214,46 @@ func (ex *exchange) release(reason string) {
 func (ex *exchange) releaseNow(reason string) {
 	p, cl := ex.p, ex.claim
 	p.metrics.releasedClaim(reason)
-	err := retryStore(func(ctx context.Context) error { return p.idem.ReleaseIdempotency(ctx, cl.id, cl.owner, reason) })
-	if err != nil && !errors.Is(err, models.ErrLeaseLost) {
-		p.logger.Warn("release idempotency key", "error", err.Error())
-	}
+	p.persist("release idempotency key", func(ctx context.Context) error { return p.idem.ReleaseIdempotency(ctx, cl.id, cl.owner, reason) })
 }
 
 func (ex *exchange) store(c models.Completion) {
 	p, cl := ex.p, ex.claim
-	err := retryStore(func(ctx context.Context) error {
+	p.persist("store idempotency response", func(ctx context.Context) error {
 		return p.idem.CompleteIdempotency(ctx, cl.id, cl.owner, c, p.cfg.IdempotencyTTL)
 	})
-	if err != nil {
-		p.logger.Warn("store idempotency response", "error", err.Error())
-	}
 }
 
-// retryStore tries a write a few times: losing it means a retry of the key
-// would execute again once the lease lapses.
-func retryStore(f func(ctx context.Context) error) error {
-	var err error
-	for i, wait := 0, 100*time.Millisecond; i < 4; i, wait = i+1, wait*2 {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		err = f(ctx)
-		cancel()
-		if err == nil || errors.Is(err, models.ErrLeaseLost) {
-			return err
-		}
-		time.Sleep(wait)
+// persist writes an attempt's outcome. The first try is synchronous (the
+// client sees the end of its response only after it), with a short
+// deadline; if the database is down, the write is retried in the
+// background for half a lease while the claim is still ours, so a brief
+// outage or restart does not let the key execute again. Retries meanwhile
+// get 409 and then the replay. Only if the database stays away longer does
+// the lease lapse and the next retry execute.
+func (p *Proxy) persist(what string, write func(ctx context.Context) error) {
+	try := func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		return write(ctx)
 	}
-	return err
+	err := try()
+	if err == nil || errors.Is(err, models.ErrLeaseLost) {
+		return
+	}
+	p.warnSometimes.Do(func() { p.logger.Warn(what+": retrying in the background", "error", err.Error()) })
+	p.background.Add(1)
+	go func() {
+		defer p.background.Done()
+		deadline := time.Now().Add(p.cfg.IdempotencyLease / 2)
+		for wait := 100 * time.Millisecond; time.Now().Add(wait).Before(deadline); wait = min(2*wait, 2*time.Second) {
+			time.Sleep(wait)
+			if err = try(); err == nil || errors.Is(err, models.ErrLeaseLost) {
+				return
+			}
+		}
+		p.logger.Error(what+": gave up; the key executes again once its lease lapses", "error", err.Error())
+	}()
 }
 
 // parseIdempotencyKey accepts the draft's Structured Field string ("abc")

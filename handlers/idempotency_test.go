@@ -558,3 +558,38 @@ func TestResponsesTooLargeToStoreAreNeverRunTwice(t *testing.T) {
 		}
 	})
 }
+
+// TestOutageDuringAKeyedRequest: the database goes away while a keyed call
+// runs upstream. The answer still reaches the client, its record is written
+// once the database is back, and retries replay it: the key never runs twice.
+func TestOutageDuringAKeyedRequest(t *testing.T) {
+	dbURL, fwd := testdb.ThroughForwarder(t, testdb.PostgresURL(t))
+	up := apptest.NewUpstream(t)
+	px := apptest.Start(t, up.URL, map[string]string{"DATABASE_URL": dbURL})
+	url := px.URL + "/v1/chat/completions"
+	done := make(chan result)
+	go func() { done <- keyed(t, url, apptest.ClientKey, "outage-1", chatBody, map[string]string{"X-Test-Block": "1"}) }()
+	waitForCalls(t, up, 1)
+	fwd.Down()
+	up.Release()
+	first := <-done
+	if first.status != 200 {
+		t.Fatalf("first answer during the outage: %d %s", first.status, first.body)
+	}
+	fwd.Up()
+	deadline := time.Now().Add(15 * time.Second)
+	var r result
+	for {
+		r = keyed(t, url, apptest.ClientKey, "outage-1", chatBody, nil)
+		if (r.status != 409 && r.status != 503) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !r.replayed || r.sha() != first.sha() {
+		t.Fatalf("after the outage: %d replayed=%v", r.status, r.replayed)
+	}
+	if up.Calls() != 1 {
+		t.Fatalf("upstream calls = %d: the key ran twice", up.Calls())
+	}
+}

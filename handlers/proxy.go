@@ -21,6 +21,7 @@ import (
 	"github.com/gofiber/fiber/v2/middleware/proxy"
 	"github.com/tidwall/gjson"
 	"github.com/valyala/fasthttp"
+	"golang.org/x/time/rate"
 
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
@@ -57,7 +58,9 @@ type Proxy struct {
 	sink       LogSink
 	metrics    *Metrics // nil records nothing
 	logger     *slog.Logger
-	background sync.WaitGroup // keyed requests finishing without their client
+	background sync.WaitGroup // keyed requests finishing without their client, deferred writes
+	// warnSometimes keeps a database outage from flooding the log.
+	warnSometimes rate.Sometimes
 }
 
 // inspectLimit bounds the JSON request bodies read to learn the model and
@@ -74,13 +77,14 @@ func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, logger *slog
 // NewProxyWithMetrics is NewProxy recording into m.
 func NewProxyWithMetrics(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, logger *slog.Logger) *Proxy {
 	p := &Proxy{
-		cfg:     cfg,
-		auth:    NewAuthenticator(cfg.ClientKeys),
-		bearer:  "Bearer " + cfg.UpstreamAPIKey,
-		idem:    idem,
-		sink:    sink,
-		metrics: m,
-		logger:  logger,
+		cfg:           cfg,
+		auth:          NewAuthenticator(cfg.ClientKeys),
+		bearer:        "Bearer " + cfg.UpstreamAPIKey,
+		idem:          idem,
+		sink:          sink,
+		metrics:       m,
+		logger:        logger,
+		warnSometimes: rate.Sometimes{Interval: time.Second},
 	}
 	p.client = &fasthttp.Client{
 		Transport:                teeTransport{},

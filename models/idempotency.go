@@ -83,25 +83,34 @@ func (s *Store) ClaimIdempotency(ctx context.Context, r ClaimRequest) (claimed b
 		if res.RowsAffected == 1 {
 			return true, nil, nil
 		}
-		// A key that expired, or whose last attempt was released, is free.
-		taken, err := s.takeOver(ctx, r, now, "(expires_at < ? OR (fingerprint = ? AND state = ?))", now, r.Fingerprint, StateReleased)
-		if err != nil || taken {
-			return taken, nil, err
-		}
-		// A key in progress under a lapsed lease: its holder died.
-		taken, err = s.takeOver(ctx, r, now, "fingerprint = ? AND state = ? AND locked_until < ?", r.Fingerprint, StateInProgress, now)
-		if err != nil || taken {
-			return taken, &IdempotencyRecord{ID: r.ID, State: StateInProgress}, err
-		}
+		// The row exists: read it, and only where it may be taken over try
+		// the conditional UPDATE (which alone decides the winner). A replay
+		// or a 409 so costs two statements.
 		var rec IdempotencyRecord
-		err = s.db.WithContext(ctx).Where("id = ?", r.ID).Take(&rec).Error
+		err := s.db.WithContext(ctx).Where("id = ?", r.ID).Take(&rec).Error
 		if errors.Is(err, gorm.ErrRecordNotFound) {
 			continue // swept or deleted between the statements: claim again
 		}
 		if err != nil {
 			return false, nil, fmt.Errorf("models: load idempotency key: %w", err)
 		}
-		return false, &rec, nil
+		switch {
+		case rec.ExpiresAt.Before(now) || (rec.Fingerprint == r.Fingerprint && rec.State == StateReleased):
+			// A key that expired, or whose last attempt was released, is free.
+			taken, err := s.takeOver(ctx, r, now, "(expires_at < ? OR (fingerprint = ? AND state = ?))", now, r.Fingerprint, StateReleased)
+			if err != nil || taken {
+				return taken, nil, err
+			}
+		case rec.Fingerprint == r.Fingerprint && rec.State == StateInProgress && rec.LockedUntil.Before(now):
+			// In progress under a lapsed lease: its holder died.
+			taken, err := s.takeOver(ctx, r, now, "fingerprint = ? AND state = ? AND locked_until < ?", r.Fingerprint, StateInProgress, now)
+			if err != nil || taken {
+				return taken, &IdempotencyRecord{ID: r.ID, State: StateInProgress}, err
+			}
+		default:
+			return false, &rec, nil
+		}
+		// Another attempt won the takeover: read the row again.
 	}
 	return false, nil, errors.New("models: claim idempotency key: row keeps changing")
 }

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/glebarez/sqlite"
+	"golang.org/x/time/rate"
 	"gorm.io/driver/postgres"
 	"gorm.io/gorm"
 	"gorm.io/gorm/logger"
@@ -59,12 +60,12 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		// the claim and completion are each one atomic statement.
 		SkipDefaultTransaction: true,
 		NowFunc:                utcNow,
-		Logger: quietLogger{logger.NewSlogLogger(opts.Logger, logger.Config{
+		Logger: newQuietLogger(logger.NewSlogLogger(opts.Logger, logger.Config{
 			SlowThreshold:             slowQuery,
 			LogLevel:                  logger.Warn,
 			IgnoreRecordNotFoundError: true,
 			ParameterizedQueries:      true, // never log values: they may hold keys or bodies
-		})},
+		})),
 	}
 	var (
 		dialector gorm.Dialector
@@ -114,20 +115,41 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 // slowQuery is the duration above which a statement is logged.
 const slowQuery = time.Second
 
-// quietLogger skips GORM's tracing for statements that will not be logged:
-// the slog logger renders the SQL text of every statement before deciding,
-// which cost half the request-log writer's CPU.
-type quietLogger struct{ logger.Interface }
+// quietLogger skips GORM's tracing for statements that will not be logged
+// (the slog logger renders the SQL text of every statement before
+// deciding, which cost half the request-log writer's CPU), logs failures
+// at most once a second (a database outage would otherwise log every
+// statement), and keeps the wrapped logger's ParamsFilter, so SQL is
+// logged with placeholders, never with its values (keys, bodies).
+type quietLogger struct {
+	logger.Interface
+	errors *rate.Sometimes
+}
+
+func newQuietLogger(l logger.Interface) quietLogger {
+	return quietLogger{Interface: l, errors: &rate.Sometimes{Interval: time.Second}}
+}
 
 func (l quietLogger) LogMode(level logger.LogLevel) logger.Interface {
-	return quietLogger{l.Interface.LogMode(level)}
+	return quietLogger{Interface: l.Interface.LogMode(level), errors: l.errors}
 }
 
 func (l quietLogger) Trace(ctx context.Context, begin time.Time, fc func() (string, int64), err error) {
-	if (err == nil || errors.Is(err, gorm.ErrRecordNotFound)) && time.Since(begin) < slowQuery {
-		return
+	failed := err != nil && !errors.Is(err, gorm.ErrRecordNotFound)
+	switch {
+	case failed:
+		l.errors.Do(func() { l.Interface.Trace(ctx, begin, fc, err) })
+	case time.Since(begin) >= slowQuery:
+		l.Interface.Trace(ctx, begin, fc, err)
 	}
-	l.Interface.Trace(ctx, begin, fc, err)
+}
+
+// ParamsFilter hides the values of every statement from the log.
+func (l quietLogger) ParamsFilter(ctx context.Context, sql string, params ...any) (string, []any) {
+	if f, ok := l.Interface.(gorm.ParamsFilter); ok {
+		return f.ParamsFilter(ctx, sql, params...)
+	}
+	return sql, nil
 }
 
 // sqliteDSN tunes the embedded database: WAL so readers never block the
