@@ -568,7 +568,9 @@ func TestOutageDuringAKeyedRequest(t *testing.T) {
 	px := apptest.Start(t, up.URL, map[string]string{"DATABASE_URL": dbURL})
 	url := px.URL + "/v1/chat/completions"
 	done := make(chan result)
-	go func() { done <- keyed(t, url, apptest.ClientKey, "outage-1", chatBody, map[string]string{"X-Test-Block": "1"}) }()
+	go func() {
+		done <- keyed(t, url, apptest.ClientKey, "outage-1", chatBody, map[string]string{"X-Test-Block": "1"})
+	}()
 	waitForCalls(t, up, 1)
 	fwd.Down()
 	up.Release()
