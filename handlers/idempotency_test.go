@@ -1,7 +1,6 @@
 package handlers_test
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -330,19 +329,7 @@ func TestKeyedStreamRunsToTheEndWithoutItsClient(t *testing.T) {
 
 		req := chatRequest(t, url, streamBody, hdr)
 		req.Header.Set("Idempotency-Key", "gone-1")
-		tr := &http.Transport{}
-		resp, err := (&http.Client{Transport: tr}).Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		sc := bufio.NewScanner(resp.Body)
-		for n := 0; n < 2 && sc.Scan(); {
-			if strings.HasPrefix(sc.Text(), "data: ") {
-				n++
-			}
-		}
-		resp.Body.Close() // the client gives up after two events
-		tr.CloseIdleConnections()
+		abandonAfterEvents(t, req, 2) // the client gives up after two events
 
 		select {
 		case <-up.Requests()[0].Ended:

@@ -61,6 +61,25 @@ func chatRequest(t *testing.T, url, body string, hdr map[string]string) *http.Re
 	return req
 }
 
+// abandonAfterEvents reads n SSE events of req's response, then drops the
+// connection, as a client that gives up does.
+func abandonAfterEvents(t *testing.T, req *http.Request, n int) {
+	t.Helper()
+	tr := &http.Transport{}
+	resp, err := (&http.Client{Transport: tr}).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc := bufio.NewScanner(resp.Body)
+	for seen := 0; seen < n && sc.Scan(); {
+		if strings.HasPrefix(sc.Text(), "data: ") {
+			seen++
+		}
+	}
+	resp.Body.Close()
+	tr.CloseIdleConnections()
+}
+
 // assertAPIError checks OpenAI's error shape and the code.
 func assertAPIError(t *testing.T, resp *http.Response, body []byte, status int, code string) {
 	t.Helper()
@@ -224,19 +243,7 @@ func TestUnkeyedClientDisconnectCancelsUpstream(t *testing.T) {
 
 	req := chatRequest(t, px.URL+"/v1/chat/completions", `{"model":"m","stream":true}`,
 		map[string]string{"X-Test-Events": "200", "X-Test-Interval-Ms": "50"})
-	tr := &http.Transport{}
-	resp, err := (&http.Client{Transport: tr}).Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sc := bufio.NewScanner(resp.Body)
-	for n := 0; n < 2 && sc.Scan(); {
-		if strings.HasPrefix(sc.Text(), "data: ") {
-			n++
-		}
-	}
-	resp.Body.Close() // abandon the stream mid-way
-	tr.CloseIdleConnections()
+	abandonAfterEvents(t, req, 2)
 	seen := up.Requests()[0]
 	select {
 	case <-seen.Ended:
