@@ -167,7 +167,7 @@ func (ex *exchange) finish(err error) {
 			rec.CachedTokens, rec.ReasoningTokens = u.CachedTokens, u.ReasoningTokens
 		}
 		if ex.bodyLimit != nil {
-			rec.RequestBytes = ex.bodyLimit.read()
+			rec.RequestBytes = ex.bodyLimit.bytesRead()
 		}
 		var gone *clientGoneError
 		switch {

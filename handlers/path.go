@@ -42,6 +42,3 @@ func upstreamURL(base *url.URL, normalised string, rawQuery []byte) string {
 	u.RawQuery = string(rawQuery)
 	return u.String()
 }
-
-// parseURL is url.Parse, named for the tests' readability.
-var parseURL = url.Parse

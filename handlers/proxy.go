@@ -68,14 +68,9 @@ type Proxy struct {
 // unread (the log shows no model for them).
 const inspectLimit = 32 << 20
 
-// NewProxy builds the handler. idem may be nil (no idempotency); sink may be
-// nil (no request log).
-func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, logger *slog.Logger) *Proxy {
-	return NewProxyWithMetrics(cfg, idem, sink, nil, logger)
-}
-
-// NewProxyWithMetrics is NewProxy recording into m.
-func NewProxyWithMetrics(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, logger *slog.Logger) *Proxy {
+// NewProxy builds the handler. idem may be nil (no idempotency), sink nil
+// (no request log), m nil (no metrics).
+func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, logger *slog.Logger) *Proxy {
 	p := &Proxy{
 		cfg:           cfg,
 		auth:          NewAuthenticator(cfg.ClientKeys),
@@ -343,8 +338,8 @@ type limitedReader struct {
 	exceeded bool
 }
 
-// read reports how many body bytes passed.
-func (l *limitedReader) read() int64 { return l.n }
+// bytesRead reports how many body bytes passed.
+func (l *limitedReader) bytesRead() int64 { return l.n }
 
 var errBodyLimit = errors.New("request body exceeds MAX_BODY_SIZE")
 

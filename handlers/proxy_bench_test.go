@@ -91,7 +91,7 @@ func BenchmarkProxiedNoLog(b *testing.B) {
 		UpstreamBaseURL: base, UpstreamAPIKey: apptest.UpstreamKey,
 		ClientKeys:  []handlers.ClientKey{{Name: "alpha", Key: apptest.ClientKey}},
 		MaxBodySize: 1 << 30, UpstreamTimeout: time.Minute, FirstByteTimeout: time.Minute, IdleTimeout: time.Minute,
-	}, nil, nil, slog.New(slog.DiscardHandler))
+	}, nil, nil, nil, slog.New(slog.DiscardHandler))
 	f := fiber.New(fiber.Config{DisableStartupMessage: true, StreamRequestBody: true, DisablePreParseMultipartForm: true})
 	f.All("/v1/*", p.Handle)
 	ln, _ := net.Listen("tcp", "127.0.0.1:0")

@@ -25,7 +25,10 @@ type exchangeKey struct{}
 type teeTransport struct{}
 
 func (teeTransport) RoundTrip(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp.Response) (bool, error) {
-	ex, _ := req.UserValue(exchangeKey{}).(*exchange)
+	ex, ok := req.UserValue(exchangeKey{}).(*exchange)
+	if !ok {
+		return false, errors.New("proxy: request without an exchange")
+	}
 	tmp := fasthttp.AcquireResponse()
 	tmp.StreamBody = resp.StreamBody
 	tmp.SkipBody = resp.SkipBody
@@ -35,16 +38,6 @@ func (teeTransport) RoundTrip(hc *fasthttp.HostClient, req *fasthttp.Request, re
 		return retry, err
 	}
 	tmp.Header.CopyTo(&resp.Header)
-	if ex == nil { // not a proxied request; never happens, but stay correct
-		body := tmp.BodyStream()
-		if body == nil {
-			resp.SetBody(tmp.Body())
-			fasthttp.ReleaseResponse(tmp)
-			return false, nil
-		}
-		resp.SetBodyStream(&releasingBody{ReadCloserWithError: body.(fasthttp.ReadCloserWithError), resp: tmp}, tmp.Header.ContentLength())
-		return false, nil
-	}
 	if ex.p.scrubHeaders(&resp.Header) {
 		ex.p.logger.Warn("upstream echoed the upstream key in a response header; redacted")
 	}
@@ -192,18 +185,6 @@ type clientGoneError struct{ err error }
 
 func (e *clientGoneError) Error() string { return "client went away: " + e.err.Error() }
 func (e *clientGoneError) Unwrap() error { return e.err }
-
-// releasingBody hands a body stream through and releases its response.
-type releasingBody struct {
-	fasthttp.ReadCloserWithError
-	resp *fasthttp.Response
-}
-
-func (b *releasingBody) CloseWithError(err error) error {
-	e := b.ReadCloserWithError.CloseWithError(err)
-	fasthttp.ReleaseResponse(b.resp)
-	return e
-}
 
 // watchConn enforces the upstream silence limits on one connection: a read
 // deadline is set before every Read, the first-byte limit while a response
