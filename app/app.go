@@ -85,7 +85,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 	// at creation, and a broken template must stop start-up.
 	var views fiber.Views
 	if cfg.AdminPassword != "" {
-		engine, err := newDashboardViews()
+		engine, err := handlers.NewDashboardViews()
 		if err != nil {
 			return nil, err
 		}

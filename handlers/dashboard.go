@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"log/slog"
 	"math"
 	"net/http"
@@ -13,11 +14,15 @@ import (
 
 	"github.com/gofiber/fiber/v2"
 	"github.com/gofiber/fiber/v2/middleware/csrf"
+	"github.com/gofiber/fiber/v2/middleware/filesystem"
 	"github.com/gofiber/fiber/v2/middleware/limiter"
 	"github.com/gofiber/fiber/v2/middleware/session"
+	"github.com/gofiber/template/html/v2"
 	"github.com/valyala/fasthttp"
 
 	"github.com/openai-idempotent-proxy/proxy/models"
+	"github.com/openai-idempotent-proxy/proxy/static"
+	"github.com/openai-idempotent-proxy/proxy/views"
 )
 
 // The dashboard's queries, each a small interface models.Store implements,
@@ -296,4 +301,38 @@ func DashboardErrorStatus(err error) int {
 // IsDashboardPath reports whether path belongs to the dashboard.
 func IsDashboardPath(path string) bool {
 	return path == DashboardPrefix || strings.HasPrefix(path, DashboardPrefix+"/")
+}
+
+// NewDashboardViews builds the template engine over the embedded views.
+// Functions are added before Load, and Load runs now: a template that does
+// not parse fails start-up instead of a page nobody has opened yet.
+func NewDashboardViews() (*html.Engine, error) {
+	engine := html.NewFileSystem(http.FS(views.FS), ".html")
+	engine.AddFuncMap(DashboardFuncs())
+	if err := engine.Load(); err != nil {
+		return nil, fmt.Errorf("dashboard templates: %w", err)
+	}
+	return engine, nil
+}
+
+// Mount registers the dashboard's route table under DashboardPrefix.
+//
+// Every route runs SecureHeaders (CSP, no-store, Secure cookies over
+// HTTPS). Pages need a session (RequireLogin redirects to the login form
+// otherwise) and pass CSRF, which issues the token on GET and checks it on
+// every POST. Sign-in attempts pass the throttle first.
+func (h *Dashboard) Mount(r fiber.Router) {
+	d := r.Group(DashboardPrefix, h.SecureHeaders)
+	d.Use("/static", filesystem.New(filesystem.Config{Root: http.FS(static.FS), MaxAge: 24 * 60 * 60}))
+
+	d.Get("/login", h.CSRF, h.LoginForm)
+	d.Post("/login", h.LoginThrottle, h.CSRF, h.Login)
+	d.Post("/logout", h.RequireLogin, h.CSRF, h.Logout)
+
+	d.Get("/", h.RequireLogin, h.CSRF, h.Overview)
+	d.Get("/requests", h.RequireLogin, h.CSRF, h.Requests)
+	d.Get("/requests/:id", h.RequireLogin, h.CSRF, h.Request)
+	d.Get("/keys", h.RequireLogin, h.CSRF, h.Keys)
+	d.Get("/keys/:id", h.RequireLogin, h.CSRF, h.Key)
+	d.Post("/keys/:id/delete", h.RequireLogin, h.CSRF, h.DeleteKey)
 }

@@ -16,11 +16,8 @@ import (
 	"time"
 
 	"github.com/gofiber/fiber/v2"
-	"github.com/gofiber/template/html/v2"
 
 	"github.com/openai-idempotent-proxy/proxy/models"
-	"github.com/openai-idempotent-proxy/proxy/static"
-	"github.com/openai-idempotent-proxy/proxy/views"
 )
 
 // These tests render every dashboard page from fakes, without a database:
@@ -157,13 +154,11 @@ func seededFake(t *testing.T) *fakeDB {
 
 const testPassword = "correct horse battery"
 
-// newTestApp serves the dashboard over f, with the routes of
-// app/dashboard.go and an error handler like app/errors.go's.
+// newTestApp serves the dashboard over f, with its real route table and an error handler like app/errors.go's.
 func newTestApp(t *testing.T, f *fakeDB, mod func(*DashboardConfig)) *fiber.App {
 	t.Helper()
-	engine := html.NewFileSystem(http.FS(views.FS), ".html")
-	engine.AddFuncMap(DashboardFuncs())
-	if err := engine.Load(); err != nil {
+	engine, err := NewDashboardViews()
+	if err != nil {
 		t.Fatalf("templates: %v", err)
 	}
 	app := fiber.New(fiber.Config{Views: engine, ErrorHandler: func(c *fiber.Ctx, err error) error {
@@ -177,22 +172,7 @@ func newTestApp(t *testing.T, f *fakeDB, mod func(*DashboardConfig)) *fiber.App 
 	if mod != nil {
 		mod(&cfg)
 	}
-	h := NewDashboard(cfg)
-	d := app.Group(DashboardPrefix, h.SecureHeaders)
-	d.Get("/static/dashboard.css", func(c *fiber.Ctx) error {
-		b, _ := static.FS.ReadFile("dashboard.css")
-		c.Type("css")
-		return c.Send(b)
-	})
-	d.Get("/login", h.CSRF, h.LoginForm)
-	d.Post("/login", h.LoginThrottle, h.CSRF, h.Login)
-	d.Post("/logout", h.RequireLogin, h.CSRF, h.Logout)
-	d.Get("/", h.RequireLogin, h.CSRF, h.Overview)
-	d.Get("/requests", h.RequireLogin, h.CSRF, h.Requests)
-	d.Get("/requests/:id", h.RequireLogin, h.CSRF, h.Request)
-	d.Get("/keys", h.RequireLogin, h.CSRF, h.Keys)
-	d.Get("/keys/:id", h.RequireLogin, h.CSRF, h.Key)
-	d.Post("/keys/:id/delete", h.RequireLogin, h.CSRF, h.DeleteKey)
+	NewDashboard(cfg).Mount(app)
 	return app
 }
 
