@@ -110,6 +110,10 @@ var (
 		Message: "Unknown request URL. The proxy serves the OpenAI API under /v1/."}
 	errUpstreamUnreachable = &APIError{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_unreachable", Outcome: "upstream_error",
 		Message: "The upstream API could not be reached."}
+	// errClientClosedRequest is logged (as nginx's 499) for a client that
+	// left before the upstream answered; the client never reads it.
+	errClientClosedRequest = &APIError{Status: 499, Type: "invalid_request_error", Code: "client_closed_request", Outcome: "client_cancelled",
+		Message: "The client closed the connection before the upstream answered."}
 	errUpstreamTimeout = &APIError{Status: http.StatusGatewayTimeout, Type: "server_error", Code: "upstream_timeout", Outcome: "upstream_error",
 		Message: "The upstream API did not answer in time."}
 )

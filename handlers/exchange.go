@@ -9,8 +9,11 @@ import (
 	"io"
 	"log/slog"
 	"mime"
+	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -44,6 +47,13 @@ type exchange struct {
 
 	claim      *claim // set when this request holds an Idempotency-Key claim
 	clientGone bool
+
+	// Unkeyed requests watch their client while the upstream has not begun
+	// to answer (nothing is written then, so nothing else would notice it
+	// leave) and cancel the call if it goes.
+	client    *clientConn
+	stopWatch func()
+	cancelled atomic.Bool
 
 	completeOnce sync.Once
 	finishOnce   sync.Once
@@ -101,6 +111,60 @@ func (ex *exchange) onHeaders(h *fasthttp.ResponseHeader) {
 		if size := h.ContentLength(); size > 0 && int64(size) > ex.p.cfg.IdempotencyMaxBody {
 			cl.overflow = true
 		}
+	}
+}
+
+// clientConn is the client's connection, for watching it leave.
+type clientConn struct {
+	conn net.Conn
+	raw  syscall.RawConn
+}
+
+// watchClientOf returns the client connection to watch, or nil where the
+// socket cannot be peeked at.
+func watchClientOf(conn net.Conn) *clientConn {
+	sc, ok := conn.(syscall.Conn)
+	if !canPeek || !ok {
+		return nil
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return &clientConn{conn: conn, raw: raw}
+}
+
+// watchClient closes the upstream connection if the client closes its own
+// while the call waits for the upstream. It only peeks, so the bytes of a
+// pipelined next request stay for the server (and end the watch).
+func (ex *exchange) watchClient(upstream net.Conn) (stop func()) {
+	cc := ex.client
+	if cc == nil {
+		return func() {}
+	}
+	if uc := upstreamConnOf(upstream); uc != nil {
+		upstream = uc.Conn // close the socket itself, not a TLS layer that would write
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if awaitReadable(cc.raw) == socketClosed {
+			ex.cancelled.Store(true)
+			_ = upstream.Close()
+		}
+	}()
+	return func() {
+		_ = cc.conn.SetReadDeadline(time.Unix(1, 0)) // wakes the watcher
+		<-done
+		_ = cc.conn.SetReadDeadline(time.Time{}) // the server sets its own before the next read
+	}
+}
+
+// endWatch stops watching the client, once the answer has begun.
+func (ex *exchange) endWatch() {
+	if ex.stopWatch != nil {
+		ex.stopWatch()
+		ex.stopWatch = nil
 	}
 }
 
@@ -173,7 +237,7 @@ func (ex *exchange) finish(err error) {
 		switch {
 		case ex.outcome != "":
 			rec.Outcome = ex.outcome
-		case errors.As(err, &gone) || ex.clientGone:
+		case errors.As(err, &gone) || ex.clientGone || ex.cancelled.Load():
 			rec.Outcome = models.OutcomeClientCancelled
 		case err != nil:
 			rec.Outcome = models.OutcomeUpstreamError
@@ -253,7 +317,7 @@ func releaseReason(err error) string {
 	switch {
 	case err == nil:
 		return "incomplete"
-	case errors.Is(err, errTimeoutUpstream) || isTimeout(err):
+	case isTimeout(err):
 		return "upstream_timeout"
 	case errors.As(err, &gone):
 		return "client_gone"

@@ -34,8 +34,10 @@ func prepareUpstreamRequest(h *fasthttp.RequestHeader, authorization string) {
 }
 
 // cleanResponseHeaders drops what must not reach the client from upstream:
-// hop-by-hop headers, and cookies set for the upstream's domain.
-// Content-Length and Transfer-Encoding are re-derived by fasthttp.
+// hop-by-hop headers, cookies set for the upstream's domain, and the
+// upstream's CORS policy (the proxy answers with its own, closed unless
+// CORS_ALLOWED_ORIGINS is set). Content-Length and Transfer-Encoding are
+// re-derived by fasthttp.
 func cleanResponseHeaders(h *fasthttp.ResponseHeader) {
 	for _, name := range connectionTokens(h.Peek("Connection")) {
 		h.Del(name)
@@ -45,6 +47,15 @@ func cleanResponseHeaders(h *fasthttp.ResponseHeader) {
 	}
 	h.Del("Set-Cookie")
 	h.Del("Alt-Svc")
+	var cors []string
+	for k := range h.All() {
+		if len(k) > len("Access-Control-") && strings.EqualFold(string(k[:len("Access-Control-")]), "Access-Control-") {
+			cors = append(cors, string(k))
+		}
+	}
+	for _, name := range cors {
+		h.Del(name)
+	}
 }
 
 func connectionTokens(v []byte) []string {

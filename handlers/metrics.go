@@ -28,6 +28,7 @@ type Metrics struct {
 	released       *prometheus.CounterVec
 	streams        prometheus.Gauge
 	tokens         *prometheus.CounterVec
+	upstreamConns  *prometheus.CounterVec
 }
 
 // LLM calls last from milliseconds to many minutes.
@@ -55,8 +56,13 @@ func NewMetrics() *Metrics {
 			Help: "Server-sent event streams being relayed now."}),
 		tokens: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "proxy_tokens_total",
 			Help: "Tokens reported by upstream, by kind (prompt, completion)."}, []string{"kind"}),
+		upstreamConns: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "proxy_upstream_connections_total",
+			Help: "Pooled upstream connections found closed before use (stale), and requests sent again because the upstream provably never read them (resent)."}, []string{"event"}),
 	}
-	m.Registry.MustRegister(m.requests, m.duration, m.ttfb, m.upstreamErrors, m.idempotency, m.released, m.streams, m.tokens,
+	for _, event := range []string{"stale", "resent"} {
+		m.upstreamConns.WithLabelValues(event)
+	}
+	m.Registry.MustRegister(m.requests, m.duration, m.ttfb, m.upstreamErrors, m.idempotency, m.released, m.streams, m.tokens, m.upstreamConns,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -159,4 +165,11 @@ func modelLabel(model string) string {
 		}
 	}
 	return model
+}
+
+// upstreamConn counts a stale pooled connection or a resent request.
+func (m *Metrics) upstreamConn(event string) {
+	if m != nil {
+		m.upstreamConns.WithLabelValues(event).Inc()
+	}
 }

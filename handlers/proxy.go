@@ -86,23 +86,20 @@ func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, 
 		StreamResponseBody:       true,
 		NoDefaultUserAgentHeader: true,
 		DisablePathNormalizing:   true,
-		// No ReadTimeout: it would cut long streams. watchConn enforces the
-		// first-byte and idle limits and the tee the overall deadline.
+		// No ReadTimeout: it would cut long streams. upstreamConn enforces
+		// the first-byte and idle limits and the call's deadline.
 		Dial: func(addr string) (net.Conn, error) {
-			conn, err := fasthttp.DialTimeout(addr, 30*time.Second)
-			if err != nil {
-				return nil, err
-			}
-			return &watchConn{Conn: conn, firstByte: cfg.FirstByteTimeout, idle: cfg.IdleTimeout}, nil
+			return dialUpstream(addr, cfg.FirstByteTimeout, cfg.IdleTimeout)
 		},
 		TLSConfig:          &tls.Config{RootCAs: cfg.UpstreamCAs, MinVersion: tls.VersionTLS12},
 		MaxConnsPerHost:    4096,
 		MaxConnWaitTimeout: 30 * time.Second,
-		// Shorter than the idle timeouts of common load balancers, so a
-		// POST is rarely sent on a connection the upstream is closing: it
-		// cannot be retried safely.
-		MaxIdleConnDuration: 30 * time.Second,
-		ReadBufferSize:      16 << 10,
+		// Most recently used first: the connection least likely to have
+		// been closed by the upstream. Stale ones are found before use
+		// (sendUpstream), so the idle limit only bounds what we hold.
+		ConnPoolStrategy:    fasthttp.LIFO,
+		MaxIdleConnDuration: 90 * time.Second,
+		ReadBufferSize:      16 << 10, // larger header blocks get a larger buffer
 		WriteBufferSize:     16 << 10,
 	}
 	return p
@@ -179,6 +176,9 @@ func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
 	req := c.Request()
 	prepareUpstreamRequest(&req.Header, p.bearer)
 	req.SetUserValue(exchangeKey{}, ex)
+	if ex.claim == nil {
+		ex.client = watchClientOf(c.Context().Conn())
+	}
 	target := upstreamURL(p.cfg.UpstreamBaseURL, ex.rec.Path, req.URI().QueryString())
 	// The client resets the response, dropping headers that middleware
 	// (CORS) set before the handler ran: keep them to put back.
@@ -196,7 +196,6 @@ func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
 		ex.finish(err)
 		return WriteAPIError(c, apiErr)
 	}
-	cleanResponseHeaders(&c.Response().Header)
 	if ex.sse {
 		// Tell buffering reverse proxies in front of us (nginx) to pass
 		// events through as they come.
@@ -209,19 +208,19 @@ func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
 // maxErrorBody bounds how much of an upstream error body is read to redact.
 const maxErrorBody = 1 << 20
 
-// scrubbedErrorBody reads an upstream error body (bounded) and replaces the
-// upstream key wherever it appears, so a misbehaving upstream that echoes
-// our request back cannot leak the key through the proxy.
-func (p *Proxy) scrubbedErrorBody(up *fasthttp.Response) []byte {
-	var body []byte
-	if s := up.BodyStream(); s != nil {
-		body, _ = io.ReadAll(io.LimitReader(s, maxErrorBody))
-		if rc, ok := s.(fasthttp.ReadCloserWithError); ok {
-			_ = rc.CloseWithError(nil)
-		}
-	} else {
-		body = append([]byte(nil), up.Body()...)
+// scrubbedErrorBody reads an upstream error body (bounded) through the tee,
+// ends the exchange, and replaces the upstream key wherever it appears, so a
+// misbehaving upstream that echoes our request back cannot leak the key
+// through the proxy.
+func (p *Proxy) scrubbedErrorBody(t *tee) []byte {
+	body, err := io.ReadAll(io.LimitReader(t, maxErrorBody))
+	if err == nil && !t.eof {
+		err = errErrorBodyTooLarge
 	}
+	if err != nil && t.readErr == nil {
+		t.readErr = err
+	}
+	_ = t.CloseWithError(nil)
 	if bytes.Contains(body, []byte(p.cfg.UpstreamAPIKey)) {
 		p.logger.Warn("upstream echoed the upstream key in an error body; redacted")
 		body = bytes.ReplaceAll(body, []byte(p.cfg.UpstreamAPIKey), []byte("sk-***redacted***"))
@@ -251,6 +250,9 @@ func (p *Proxy) upstreamError(c *fiber.Ctx, err error, ex *exchange) *APIError {
 		lingerAndClose(c)
 		ex.status, ex.outcome = errBodyTooLarge.Status, errBodyTooLarge.Outcome
 		return errBodyTooLarge
+	case errors.Is(err, errClientCancelled):
+		ex.status, ex.outcome = errClientClosedRequest.Status, errClientClosedRequest.Outcome
+		return errClientClosedRequest
 	case isTimeout(err):
 		p.metrics.upstreamError("first_byte_timeout")
 		ex.status, ex.outcome = errUpstreamTimeout.Status, errUpstreamTimeout.Outcome
@@ -264,7 +266,7 @@ func (p *Proxy) upstreamError(c *fiber.Ctx, err error, ex *exchange) *APIError {
 func isTimeout(err error) bool {
 	var ne net.Error
 	return errors.Is(err, fasthttp.ErrTimeout) || errors.Is(err, os.ErrDeadlineExceeded) ||
-		errors.Is(err, errTimeoutUpstream) || (errors.As(err, &ne) && ne.Timeout())
+		(errors.As(err, &ne) && ne.Timeout())
 }
 
 // idempotencyKeyFields returns every Idempotency-Key field as received,
@@ -340,6 +342,8 @@ type limitedReader struct {
 
 // bytesRead reports how many body bytes passed.
 func (l *limitedReader) bytesRead() int64 { return l.n }
+
+var errErrorBodyTooLarge = errors.New("upstream error body larger than 1 MiB")
 
 var errBodyLimit = errors.New("request body exceeds MAX_BODY_SIZE")
 

@@ -3,10 +3,7 @@ package handlers
 import (
 	"errors"
 	"io"
-	"net"
 	"sync"
-	"sync/atomic"
-	"time"
 
 	"github.com/valyala/fasthttp"
 )
@@ -14,10 +11,10 @@ import (
 // The upstream client is Fiber's proxy middleware driving a dedicated
 // fasthttp.Client with StreamResponseBody and this Transport. The Transport
 // sees every upstream response before Fiber does: it reads the response
-// into a response of its own and hands Fiber a teeing body stream, so the
-// body reaches the client chunk by chunk (fasthttp flushes after each Read)
-// while the exchange counts bytes, reads usage, and captures keyed
-// responses for replay.
+// into a response of its own (sendUpstream) and hands Fiber a teeing body
+// stream, so the body reaches the client chunk by chunk (fasthttp flushes
+// after each Read) while the exchange counts bytes, reads usage, and
+// captures keyed responses for replay.
 
 // exchangeKey carries the *exchange on the fasthttp.Request.
 type exchangeKey struct{}
@@ -32,29 +29,19 @@ func (teeTransport) RoundTrip(hc *fasthttp.HostClient, req *fasthttp.Request, re
 	tmp := fasthttp.AcquireResponse()
 	tmp.StreamBody = resp.StreamBody
 	tmp.SkipBody = resp.SkipBody
-	retry, err := fasthttp.DefaultTransport.RoundTrip(hc, req, tmp)
+	release, err := sendUpstream(hc, req, tmp, ex)
 	if err != nil {
 		fasthttp.ReleaseResponse(tmp)
-		return retry, err
+		return false, err // retries, where safe, happened in sendUpstream
 	}
 	tmp.Header.CopyTo(&resp.Header)
+	cleanResponseHeaders(&resp.Header)
 	if ex.p.scrubHeaders(&resp.Header) {
 		ex.p.logger.Warn("upstream echoed the upstream key in a response header; redacted")
 	}
 	ex.onHeaders(&tmp.Header)
-	if tmp.StatusCode() >= 400 {
-		// Error bodies are small and may echo what upstream received,
-		// the server key included: read them whole and redact.
-		body := ex.p.scrubbedErrorBody(tmp)
-		fasthttp.ReleaseResponse(tmp)
-		resp.SetBody(body)
-		ex.observe(body)
-		ex.bodyComplete()
-		ex.finish(nil)
-		return false, nil
-	}
-	src, ok := tmp.BodyStream().(fasthttp.ReadCloserWithError)
-	if !ok {
+	src := tmp.BodyStream()
+	if src == nil {
 		// HEAD, 204 and 304 carry no body stream.
 		resp.SetBody(tmp.Body())
 		ex.observe(tmp.Body())
@@ -67,8 +54,14 @@ func (teeTransport) RoundTrip(hc *fasthttp.HostClient, req *fasthttp.Request, re
 	if size < 0 {
 		size = -1
 	}
-	t := &tee{src: src, tmp: tmp, ex: ex, size: int64(size)}
-	t.deadline = time.AfterFunc(time.Until(ex.deadline), t.timeout)
+	t := &tee{src: src, release: release, tmp: tmp, ex: ex, size: int64(size)}
+	if tmp.StatusCode() >= 400 {
+		// Error bodies are small and may echo what upstream received,
+		// the server key included: read them whole and redact.
+		body := ex.p.scrubbedErrorBody(t)
+		resp.SetBody(body)
+		return false, nil
+	}
 	resp.SetBodyStream(t, size)
 	return false, nil
 }
@@ -76,20 +69,22 @@ func (teeTransport) RoundTrip(hc *fasthttp.HostClient, req *fasthttp.Request, re
 // tee is the body stream Fiber writes to the client. It implements only
 // CloseWithError (not Close): fasthttp calls both when both exist.
 type tee struct {
-	src      fasthttp.ReadCloserWithError
-	tmp      *fasthttp.Response
-	ex       *exchange
-	size     int64 // Content-Length, or -1
-	n        int64
-	eof      bool
-	readErr  error
-	timedOut atomic.Bool
-	deadline *time.Timer
-	once     sync.Once
+	src     io.Reader // the upstream body, on the connection
+	release func(reuse bool)
+	tmp     *fasthttp.Response
+	ex      *exchange
+	size    int64 // Content-Length, or -1
+	n       int64
+	eof     bool
+	readErr error
+	once    sync.Once
 }
 
 func (t *tee) Read(p []byte) (int, error) {
 	n, err := t.src.Read(p)
+	if n > 0 || err != nil {
+		t.ex.endWatch() // from here on a write to a gone client fails
+	}
 	if n > 0 {
 		t.n += int64(n)
 		t.ex.observe(p[:n])
@@ -98,9 +93,6 @@ func (t *tee) Read(p []byte) (int, error) {
 	case errors.Is(err, io.EOF):
 		t.eof = true
 	case err != nil:
-		if t.timedOut.Load() {
-			err = errTimeoutUpstream
-		}
 		t.readErr = err
 	}
 	// Complete the exchange before the client can see the body end, so a
@@ -111,16 +103,6 @@ func (t *tee) Read(p []byte) (int, error) {
 		t.ex.bodyComplete()
 	}
 	return n, err
-}
-
-// errTimeoutUpstream marks a body cut short by UPSTREAM_TIMEOUT.
-var errTimeoutUpstream = errors.New("upstream timeout")
-
-// timeout fires at the exchange's deadline. Closing the upstream stream is
-// safe while a Read is blocked on it: fasthttp interrupts the connection.
-func (t *tee) timeout() {
-	t.timedOut.Store(true)
-	_ = t.src.CloseWithError(errTimeoutUpstream)
 }
 
 // CloseWithError is called once the server has written the body, or failed
@@ -145,7 +127,7 @@ func (t *tee) CloseWithError(err error) error {
 }
 
 // drain reads the rest of the upstream body without a client, bounded by
-// the exchange's deadline (the timer) and the capture limit.
+// the exchange's deadline (on the connection) and the capture limit.
 func (t *tee) drain() error {
 	buf := make([]byte, 32<<10)
 	for !t.eof {
@@ -162,14 +144,15 @@ func (t *tee) drain() error {
 var errCaptureOverflow = errors.New("response larger than IDEMPOTENCY_MAX_BODY")
 
 func (t *tee) close(err error) {
-	t.deadline.Stop()
+	t.ex.endWatch()
 	if err == nil && !t.eof {
 		err = io.ErrUnexpectedEOF
 	}
-	// A non-nil error makes fasthttp close the upstream connection, which is
-	// how an abandoned unkeyed request cancels the upstream call.
-	_ = t.src.CloseWithError(err)
+	// The connection is pooled again only after a clean, complete body;
+	// otherwise it is closed, which is how an abandoned unkeyed request
+	// cancels the upstream call.
 	fasthttp.ReleaseResponse(t.tmp)
+	t.release(err == nil && t.eof)
 	switch {
 	case t.readErr != nil:
 		t.ex.finish(t.readErr)
@@ -185,33 +168,3 @@ type clientGoneError struct{ err error }
 
 func (e *clientGoneError) Error() string { return "client went away: " + e.err.Error() }
 func (e *clientGoneError) Unwrap() error { return e.err }
-
-// watchConn enforces the upstream silence limits on one connection: a read
-// deadline is set before every Read, the first-byte limit while a response
-// is awaited and the idle limit once it flows. Unlike fasthttp's
-// ReadTimeout, this never cuts a long stream that keeps producing.
-type watchConn struct {
-	net.Conn
-	firstByte, idle time.Duration
-	awaiting        atomic.Bool
-}
-
-func (w *watchConn) Write(b []byte) (int, error) {
-	w.awaiting.Store(true)
-	return w.Conn.Write(b)
-}
-
-func (w *watchConn) Read(b []byte) (int, error) {
-	d := w.idle
-	if w.awaiting.Load() {
-		d = w.firstByte
-	}
-	if err := w.Conn.SetReadDeadline(time.Now().Add(d)); err != nil {
-		return 0, err
-	}
-	n, err := w.Conn.Read(b)
-	if n > 0 {
-		w.awaiting.Store(false)
-	}
-	return n, err
-}

@@ -29,6 +29,7 @@ import (
 //	X-Test-Gzip: 1              gzip the JSON body regardless of Accept-Encoding
 //	X-Test-Block: 1             wait until the request is cancelled or Release
 //	X-Test-Echo-Auth: 1         answer 401 echoing the Authorization it received
+//	X-Test-Header-Kib: 40       add a response header of this many KiB
 type Upstream struct {
 	*httptest.Server
 	calls     atomic.Int64 // requests that reached a handler
@@ -52,9 +53,17 @@ type Seen struct {
 }
 
 // NewUpstream starts a fake upstream; it is closed when the test ends.
-func NewUpstream(t testing.TB) *Upstream {
+func NewUpstream(t testing.TB) *Upstream { return NewUpstreamWith(t, nil) }
+
+// NewUpstreamWith starts a fake upstream after configure has set up its
+// server (idle timeouts, connection hooks, a wrapping handler).
+func NewUpstreamWith(t testing.TB, configure func(*httptest.Server)) *Upstream {
 	u := &Upstream{release: make(chan struct{})}
-	u.Server = httptest.NewServer(http.HandlerFunc(u.serve))
+	u.Server = httptest.NewUnstartedServer(http.HandlerFunc(u.serve))
+	if configure != nil {
+		configure(u.Server)
+	}
+	u.Server.Start()
 	t.Cleanup(func() { u.Release(); u.Server.CloseClientConnections(); u.Server.Close() })
 	return u
 }
@@ -104,6 +113,9 @@ func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
 		case <-r.Context().Done():
 			return
 		}
+	}
+	if n := intHeader(r, "X-Test-Header-Kib"); n > 0 {
+		w.Header().Set("X-Large", strings.Repeat("h", n<<10))
 	}
 	if r.Header.Get("X-Test-Block") != "" {
 		select {
