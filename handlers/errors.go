@@ -106,6 +106,10 @@ var (
 		Message: "The request body is larger than this proxy accepts (MAX_BODY_SIZE)."}
 	errBadPath = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_path", Outcome: "rejected",
 		Message: "The request path is not valid."}
+	errMethodNotAllowed = &APIError{Status: http.StatusMethodNotAllowed, Type: "invalid_request_error", Code: "method_not_allowed", Outcome: "rejected",
+		Message: "This method is not proxied."}
+	errBadBody = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_request_body", Outcome: "rejected",
+		Message: "The request body could not be read: its framing is malformed or it ended early."}
 	errUnknownRoute = &APIError{Status: http.StatusNotFound, Type: "invalid_request_error", Code: "unknown_url", Outcome: "rejected",
 		Message: "Unknown request URL. The proxy serves the OpenAI API under /v1/."}
 	errUpstreamUnreachable = &APIError{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_unreachable", Outcome: "upstream_error",

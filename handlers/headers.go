@@ -30,6 +30,7 @@ func prepareUpstreamRequest(h *fasthttp.RequestHeader, authorization string) {
 	for _, name := range []string{"Cookie", "Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Real-Ip", "Accept-Encoding", "Origin", "Referer"} {
 		h.Del(name)
 	}
+	h.Del("Authorization") // every one: a second could be another client's key
 	h.Set("Authorization", authorization)
 }
 

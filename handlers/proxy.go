@@ -131,6 +131,11 @@ func (p *Proxy) Handle(c *fiber.Ctx) error {
 // admit authenticates, normalises the path and checks the body size,
 // before anything is read or sent upstream.
 func (p *Proxy) admit(c *fiber.Ctx, ex *exchange) error {
+	path, pathErr := normalisePath(string(c.Request().URI().PathOriginal()))
+	ex.rec.Path = path // logged even when the request is refused below
+	if pathErr != nil {
+		ex.rec.Path = truncate(string(c.Request().URI().PathOriginal()), 200)
+	}
 	if !p.cfg.AllowOpenProxy || len(p.cfg.ClientKeys) > 0 {
 		name, err := p.auth.Authenticate(c.Request().Header.Peek("Authorization"))
 		if errors.Is(err, errNoKey) {
@@ -143,11 +148,14 @@ func (p *Proxy) admit(c *fiber.Ctx, ex *exchange) error {
 	} else {
 		ex.rec.Client = "open"
 	}
-	path, apiErr := normalisePath(string(c.Request().URI().PathOriginal()))
-	if apiErr != nil {
-		return apiErr
+	if pathErr != nil {
+		return pathErr
 	}
-	ex.rec.Path = path
+	if m := c.Request().Header.Method(); string(m) == fiber.MethodTrace || string(m) == fiber.MethodConnect {
+		// TRACE echoes the request (our key included) back; CONNECT is
+		// not an API call.
+		return errMethodNotAllowed
+	}
 
 	req := c.Request()
 	size := req.Header.ContentLength()
@@ -164,7 +172,11 @@ func (p *Proxy) admit(c *fiber.Ctx, ex *exchange) error {
 		ex.rec.RequestBytes = int64(size)
 	}
 	if size >= 0 && size <= inspectLimit && isJSON(req.Header.ContentType()) {
-		body := c.Body() // reads a streamed body into memory; bounded above
+		body, err := bufferedBody(req, size) // bounded above
+		if err != nil {
+			c.Context().SetConnectionClose()
+			return errBadBody
+		}
 		ex.rec.Model = truncate(gjson.GetBytes(body, "model").String(), 200)
 		ex.rec.Stream = gjson.GetBytes(body, "stream").Bool()
 	}
@@ -250,6 +262,12 @@ func (p *Proxy) upstreamError(c *fiber.Ctx, err error, ex *exchange) *APIError {
 		lingerAndClose(c)
 		ex.status, ex.outcome = errBodyTooLarge.Status, errBodyTooLarge.Outcome
 		return errBodyTooLarge
+	case ex.bodyLimit != nil && ex.bodyLimit.err != nil:
+		// The client's own upload broke (bad chunked framing, or it hung
+		// up mid-body): not an upstream failure.
+		c.Context().SetConnectionClose()
+		ex.status, ex.outcome = errBadBody.Status, errBadBody.Outcome
+		return errBadBody
 	case errors.Is(err, errClientCancelled):
 		ex.status, ex.outcome = errClientClosedRequest.Status, errClientClosedRequest.Outcome
 		return errClientClosedRequest
@@ -332,12 +350,27 @@ func lingerAndClose(c *fiber.Ctx) {
 	})
 }
 
+// bufferedBody reads a streamed body of a declared size into memory (unlike
+// Request.Body, which forwards a read error's text as the body).
+func bufferedBody(req *fasthttp.Request, size int) ([]byte, error) {
+	if !req.IsBodyStream() {
+		return req.Body(), nil
+	}
+	body := make([]byte, size)
+	if _, err := io.ReadFull(req.BodyStream(), body); err != nil {
+		return nil, err
+	}
+	req.SetBodyRaw(body)
+	return body, nil
+}
+
 // limitedReader fails a chunked upload that outgrows MAX_BODY_SIZE.
 type limitedReader struct {
 	r        io.Reader
 	left     int64
 	n        int64
 	exceeded bool
+	err      error // the client's read error, if its upload broke
 }
 
 // bytesRead reports how many body bytes passed.
@@ -348,6 +381,9 @@ var errErrorBodyTooLarge = errors.New("upstream error body larger than 1 MiB")
 var errBodyLimit = errors.New("request body exceeds MAX_BODY_SIZE")
 
 func (l *limitedReader) Read(p []byte) (int, error) {
+	if l.err != nil {
+		return 0, l.err // a broken upload stays broken: never end it cleanly
+	}
 	if l.left <= 0 {
 		// One byte beyond the limit tells "exactly at" from "over".
 		var one [1]byte
@@ -363,5 +399,8 @@ func (l *limitedReader) Read(p []byte) (int, error) {
 	n, err := l.r.Read(p)
 	l.left -= int64(n)
 	l.n += int64(n)
+	if err != nil && !errors.Is(err, io.EOF) {
+		l.err = err
+	}
 	return n, err
 }
