@@ -100,7 +100,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 	}
 	a := &App{cfg: cfg, logger: logger, Store: store}
 	a.Logs = models.NewLogWriter(store, models.LogWriterOptions{QueueSize: cfg.LogQueueSize, Logger: logger})
-	a.Metrics = newMetrics(store, a.Logs)
+	a.Metrics = newMetrics(store, a.Logs, logger)
 	a.Proxy = handlers.NewProxy(handlers.ProxyConfig{
 		UpstreamBaseURL:    cfg.UpstreamBaseURL,
 		UpstreamAPIKey:     cfg.UpstreamAPIKey,

@@ -3,9 +3,11 @@ package handlers
 import (
 	"crypto/sha256"
 	"crypto/subtle"
+	"log/slog"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -13,6 +15,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/tidwall/gjson"
+	"golang.org/x/time/rate"
 
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
@@ -30,6 +34,17 @@ type Metrics struct {
 	streams        prometheus.Gauge
 	tokens         *prometheus.CounterVec
 	models         modelLabels
+	upstreamAuth   *prometheus.CounterVec
+
+	// Logger receives the upstream key warnings; nil: slog.Default().
+	Logger *slog.Logger
+	// keyRejectedAt is the Unix time in nanoseconds of the last upstream
+	// 401 invalid_api_key; 0: none since start.
+	keyRejectedAt      atomic.Int64
+	keyRejections      atomic.Int64 // upstream 401 invalid_api_key, for the log line
+	otherAuthFailures  atomic.Int64 // other upstream 401s, for the log line
+	logKeyRejected     rate.Sometimes
+	logOtherAuthFailed rate.Sometimes
 }
 
 // The label values of proxy_idempotency_total, _released_total (besides
@@ -65,6 +80,21 @@ func NewMetrics() *Metrics {
 			Help: "Server-sent event streams being relayed now."}),
 		tokens: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "proxy_tokens_total",
 			Help: "Tokens reported by upstream, by kind (prompt, completion)."}, []string{"kind"}),
+		upstreamAuth: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "proxy_upstream_auth_failures_total",
+			Help: "Upstream 401 answers, which concern OPENAI_API_KEY (clients' keys never go upstream), by error code: invalid_api_key or other."}, []string{"code"}),
+		logKeyRejected:     rate.Sometimes{Interval: upstreamAuthLogEvery},
+		logOtherAuthFailed: rate.Sometimes{Interval: upstreamAuthLogEvery},
+	}
+	keyRejected := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "proxy_upstream_key_rejected_timestamp_seconds",
+		Help: "Unix time of the last upstream 401 invalid_api_key (OPENAI_API_KEY refused); 0: none since start."},
+		func() float64 {
+			if at := m.UpstreamKeyRejectedAt(); !at.IsZero() {
+				return float64(at.UnixNano()) / 1e9
+			}
+			return 0
+		})
+	for _, c := range []string{"invalid_api_key", "other"} {
+		m.upstreamAuth.WithLabelValues(c)
 	}
 	// Series with a known set of label values exist from the start, at
 	// zero, so dashboards and alerts (rate, increase) see them before the
@@ -82,6 +112,7 @@ func NewMetrics() *Metrics {
 		m.tokens.WithLabelValues(k)
 	}
 	m.Registry.MustRegister(m.requests, m.duration, m.ttfb, m.upstreamErrors, m.idempotency, m.released, m.streams, m.tokens,
+		m.upstreamAuth, keyRejected,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -120,6 +151,60 @@ func (m *Metrics) observe(rec *models.RequestLog, ttfb time.Duration) {
 		m.tokens.WithLabelValues("prompt").Add(float64(rec.PromptTokens))
 		m.tokens.WithLabelValues("completion").Add(float64(rec.CompletionTokens))
 	}
+}
+
+// upstreamAuthLogEvery is how often an upstream refusing OPENAI_API_KEY
+// is logged: every request fails then, so once a minute is enough.
+const upstreamAuthLogEvery = time.Minute
+
+// upstreamAnswered notices upstream refusing OPENAI_API_KEY. The client's
+// own key never goes upstream, so an upstream 401 is about the server's
+// key, although the client sees a 401 that reads like a bad proxy key.
+func (m *Metrics) upstreamAnswered(ex *exchange) {
+	if m == nil || ex.headersAt.IsZero() || ex.status != fiber.StatusUnauthorized {
+		return
+	}
+	body := ex.tail
+	if ex.claim != nil {
+		body = ex.claim.capture
+	}
+	if ex.encoding == "gzip" {
+		body = gunzip(body)
+	}
+	logger := m.Logger
+	if logger == nil {
+		logger = slog.Default()
+	}
+	code := gjson.GetBytes(body, "error.code").String()
+	if code != "invalid_api_key" {
+		m.upstreamAuth.WithLabelValues("other").Inc()
+		n := m.otherAuthFailures.Add(1)
+		m.logOtherAuthFailed.Do(func() {
+			logger.Warn("upstream answered 401 to OPENAI_API_KEY: the key may lack access to this route, or the upstream wants other credentials",
+				"path", ex.rec.Path, "code", truncate(code, 100), "upstream_401s", n)
+		})
+		return
+	}
+	m.upstreamAuth.WithLabelValues(code).Inc()
+	n := m.keyRejections.Add(1)
+	m.keyRejectedAt.Store(time.Now().UnixNano())
+	m.logKeyRejected.Do(func() {
+		logger.Error("upstream rejects OPENAI_API_KEY (401 invalid_api_key): every request fails and clients see 401 until the key is fixed; their proxy keys are fine",
+			"upstream_rejections", n, "logged_every", upstreamAuthLogEvery.String())
+	})
+}
+
+// UpstreamKeyRejectedAt is when upstream last refused OPENAI_API_KEY
+// (401 invalid_api_key), or the zero time if it has not since start. The
+// dashboard shows a banner while it is recent.
+func (m *Metrics) UpstreamKeyRejectedAt() time.Time {
+	if m == nil {
+		return time.Time{}
+	}
+	if ns := m.keyRejectedAt.Load(); ns != 0 {
+		return time.Unix(0, ns)
+	}
+	return time.Time{}
 }
 
 func (m *Metrics) upstreamError(kind string) {

@@ -4,10 +4,13 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/openai-idempotent-proxy/proxy/app/apptest"
 )
@@ -172,4 +175,69 @@ func labelValue(line, name string) string {
 	}
 	v, _, _ := strings.Cut(rest, `"`)
 	return v
+}
+
+// TestUpstreamKeyRejected: an upstream refusing OPENAI_API_KEY is said
+// plainly in the log (once per interval), counted in /metrics, and exposed
+// for the dashboard; a client's bad proxy key is not mistaken for it.
+func TestUpstreamKeyRejected(t *testing.T) {
+	var calls atomic.Int64
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		w.Header().Set("Content-Type", "application/json; charset=utf-8")
+		w.WriteHeader(http.StatusUnauthorized)
+		code := "invalid_api_key"
+		if r.URL.Path == "/audio/speech" {
+			code = "" // a restricted key without this scope: OpenAI sends no code
+		}
+		fmt.Fprintf(w, `{"error":{"message":"Incorrect API key provided.","type":"invalid_request_error","param":null,"code":%q}}`, code)
+	}))
+	t.Cleanup(up.Close)
+	px := apptest.Start(t, up.URL, map[string]string{"LOG_LEVEL": "info"})
+
+	if at := px.App.Metrics.UpstreamKeyRejectedAt(); !at.IsZero() {
+		t.Fatalf("rejected at %v before any request", at)
+	}
+	resp, _ := do(t, "GET", px.URL+"/v1/models", "pk-not-a-proxy-key-000", nil, nil)
+	if resp.StatusCode != 401 || calls.Load() != 0 {
+		t.Fatalf("bad proxy key: %d, %d upstream calls", resp.StatusCode, calls.Load())
+	}
+	if at := px.App.Metrics.UpstreamKeyRejectedAt(); !at.IsZero() {
+		t.Fatal("a bad client key was taken for an upstream key rejection")
+	}
+
+	before := time.Now()
+	for i := range 3 {
+		do(t, "POST", px.URL+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chatBody), map[string]string{"Content-Type": "application/json"})
+		do(t, "POST", px.URL+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chatBody),
+			map[string]string{"Content-Type": "application/json", "Idempotency-Key": fmt.Sprintf("k-%d", i)})
+	}
+	do(t, "POST", px.URL+"/v1/audio/speech", apptest.ClientKey, strings.NewReader(`{"model":"tts-1","input":"hi"}`), map[string]string{"Content-Type": "application/json"})
+
+	if at := px.App.Metrics.UpstreamKeyRejectedAt(); at.Before(before) {
+		t.Fatalf("UpstreamKeyRejectedAt = %v, want after %v", at, before)
+	}
+	_, body := do(t, "GET", px.URL+"/metrics", "", nil, nil)
+	for _, want := range []string{
+		`proxy_upstream_auth_failures_total{code="invalid_api_key"} 6`,
+		`proxy_upstream_auth_failures_total{code="other"} 1`,
+		"proxy_upstream_key_rejected_timestamp_seconds 1.", // a Unix time, not 0
+	} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+	logs := px.Logs.String()
+	if n := strings.Count(logs, "upstream rejects OPENAI_API_KEY"); n != 1 {
+		t.Errorf("%d log lines about the rejected key after 6 rejections, want 1 (rate-limited):\n%s", n, logs)
+	}
+	for _, l := range strings.Split(logs, "\n") {
+		if strings.Contains(l, "upstream rejects OPENAI_API_KEY") && !strings.Contains(l, "level=ERROR") {
+			t.Errorf("not logged as an error: %s", l)
+		}
+	}
+	if !strings.Contains(logs, "upstream answered 401 to OPENAI_API_KEY") {
+		t.Error("a 401 without invalid_api_key is not logged")
+	}
+	assertNoSecrets(t, "log", logs)
 }
