@@ -230,8 +230,10 @@ var settings = []Setting{
 func LoadConfig(getenv func(string) string) (Config, error) {
 	var c Config
 	var errs []error
+	set := map[string]bool{}
 	for _, s := range settings {
 		v := strings.TrimSpace(getenv(s.Name))
+		set[s.Name] = v != ""
 		if v == "" {
 			v = s.Default
 		}
@@ -240,7 +242,7 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 		}
 	}
 	if len(errs) == 0 {
-		errs = append(errs, c.validate()...)
+		errs = append(errs, c.validate(set)...)
 	}
 	if len(errs) > 0 {
 		return Config{}, fmt.Errorf("invalid configuration: %w", errors.Join(errs...))
@@ -248,8 +250,9 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 	return c, nil
 }
 
-// validate checks the rules that span several settings.
-func (c *Config) validate() []error {
+// validate checks the rules that span several settings; set names those
+// the environment gave.
+func (c *Config) validate(set map[string]bool) []error {
 	var errs []error
 	if len(c.ClientKeys) == 0 && !c.AllowOpenProxy {
 		errs = append(errs, errors.New("PROXY_API_KEYS is required: set client keys, or ALLOW_OPEN_PROXY=true to run without them"))
@@ -262,6 +265,9 @@ func (c *Config) validate() []error {
 	}
 	if c.IdempotencyLease < time.Second {
 		errs = append(errs, errors.New("IDEMPOTENCY_LEASE must be at least 1s"))
+	}
+	if c.FirstByteTimeout > c.UpstreamTimeout && !set["UPSTREAM_FIRST_BYTE_TIMEOUT"] {
+		c.FirstByteTimeout = c.UpstreamTimeout // the default gives way to a shorter whole-call bound
 	}
 	if c.FirstByteTimeout > c.UpstreamTimeout {
 		errs = append(errs, fmt.Errorf("UPSTREAM_FIRST_BYTE_TIMEOUT (%s) must not exceed UPSTREAM_TIMEOUT (%s), the bound on the whole call", c.FirstByteTimeout, c.UpstreamTimeout))

@@ -4,6 +4,7 @@ import (
 	"net"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/openai-idempotent-proxy/proxy/app"
 )
@@ -86,6 +87,12 @@ func TestConfigAcceptsTheDocumentedValues(t *testing.T) {
 		if _, err := app.LoadConfig(valid(kv...)); err != nil {
 			t.Errorf("%v refused: %v", kv, err)
 		}
+	}
+	// A whole-call bound below the first-byte default shortens that default
+	// instead of being refused.
+	cfg, err := app.LoadConfig(valid("UPSTREAM_TIMEOUT", "2m"))
+	if err != nil || cfg.FirstByteTimeout != 2*time.Minute {
+		t.Errorf("UPSTREAM_TIMEOUT=2m alone: first-byte %v, error %v; want 2m, none", cfg.FirstByteTimeout, err)
 	}
 }
 
