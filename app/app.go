@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/gofiber/fiber/v2"
+	"github.com/valyala/fasthttp"
 
 	"github.com/openai-idempotent-proxy/proxy/handlers"
 	"github.com/openai-idempotent-proxy/proxy/models"
@@ -39,15 +40,17 @@ func Run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return 2
 	}
 	logger := NewLogger(cfg, stderr)
-	a, err := New(ctx, cfg, logger)
-	if err != nil {
-		logger.Error("start failed", "error", err.Error())
-		return 1
-	}
+	// Listen first: a port in use is then the one line printed, before
+	// the database is opened or any background job has started.
 	ln, err := net.Listen("tcp", cfg.ListenAddr)
 	if err != nil {
 		logger.Error("listen failed", "addr", cfg.ListenAddr, "error", err.Error())
-		_ = a.Close(context.Background())
+		return 1
+	}
+	a, err := New(ctx, cfg, logger)
+	if err != nil {
+		_ = ln.Close()
+		logger.Error("start failed", "error", err.Error())
 		return 1
 	}
 	if err := a.Serve(ctx, ln); err != nil {
@@ -97,7 +100,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 	}
 	a := &App{cfg: cfg, logger: logger, Store: store}
 	a.Logs = models.NewLogWriter(store, models.LogWriterOptions{QueueSize: cfg.LogQueueSize, Logger: logger})
-	a.Metrics = newMetrics(store, a.Logs)
+	a.Metrics = newMetrics(store, a.Logs, logger)
 	a.Proxy = handlers.NewProxy(handlers.ProxyConfig{
 		UpstreamBaseURL:    cfg.UpstreamBaseURL,
 		UpstreamAPIKey:     cfg.UpstreamAPIKey,
@@ -121,8 +124,11 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 		DisablePreParseMultipartForm: true,
 		BodyLimit:                    4 << 20,
 		ReadBufferSize:               32 << 10, // also the header size limit
-		ReadTimeout:                  cfg.RequestReadTimeout,
-		IdleTimeout:                  2 * time.Minute,
+		// fasthttp's ReadTimeout runs from a new connection's accept, or
+		// from the first byte after a keep-alive wait, to the end of the
+		// headers; bodyReadTimeout then gives the body its own bound.
+		ReadTimeout: cfg.RequestHeaderTimeout,
+		IdleTimeout: 2 * time.Minute,
 		// No WriteTimeout: it would bound whole SSE streams.
 		ErrorHandler:            errorHandler(logger),
 		Views:                   views, // nil unless the dashboard is enabled
@@ -130,10 +136,21 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 		TrustedProxies:          cfg.TrustedProxies,
 		ProxyHeader:             proxyHeader(cfg),
 	})
+	a.Fiber.Server().HeaderReceived = bodyReadTimeout(cfg.RequestReadTimeout)
 	a.routes()
 	a.startJobs()
 	a.announce()
 	return a, nil
+}
+
+// bodyReadTimeout runs once a request's headers are in: it moves the
+// connection's read deadline from REQUEST_HEADER_TIMEOUT (which bounds a
+// client that never finishes its headers) to REQUEST_READ_TIMEOUT for the
+// body, which may be a long upload.
+func bodyReadTimeout(d time.Duration) func(*fasthttp.RequestHeader) fasthttp.RequestConfig {
+	return func(*fasthttp.RequestHeader) fasthttp.RequestConfig {
+		return fasthttp.RequestConfig{ReadTimeout: d}
+	}
 }
 
 func proxyHeader(cfg Config) string {

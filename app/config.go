@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/dustin/go-humanize"
 
@@ -36,10 +37,11 @@ type Config struct {
 
 	CORSAllowedOrigins []string // CORS_ALLOWED_ORIGINS, default none
 
-	MaxBodySize        int64         // MAX_BODY_SIZE, default 512 MiB
-	RequestReadTimeout time.Duration // REQUEST_READ_TIMEOUT, default 10m: reading one whole client request
-	ShutdownGrace      time.Duration // SHUTDOWN_GRACE, default 30s
-	TrustedProxies     []string      // TRUSTED_PROXIES: reverse proxies whose X-Forwarded-For is believed
+	MaxBodySize          int64         // MAX_BODY_SIZE, default 512 MiB
+	RequestHeaderTimeout time.Duration // REQUEST_HEADER_TIMEOUT, default 10s: first byte to end of headers
+	RequestReadTimeout   time.Duration // REQUEST_READ_TIMEOUT, default 10m: end of headers to end of body
+	ShutdownGrace        time.Duration // SHUTDOWN_GRACE, default 30s
+	TrustedProxies       []string      // TRUSTED_PROXIES: reverse proxies whose X-Forwarded-For is believed
 
 	IdempotencyTTL     time.Duration // IDEMPOTENCY_TTL, default 24h
 	IdempotencyLease   time.Duration // IDEMPOTENCY_LEASE, default 30s
@@ -70,17 +72,20 @@ func Settings() []Setting { return settings }
 
 var settings = []Setting{
 	{"LISTEN_ADDR", ":8080", "address the proxy listens on", func(c *Config, v string) error {
-		if _, _, err := net.SplitHostPort(v); err != nil {
-			return errors.New("want host:port, e.g. :8080")
+		if err := checkListenAddr(v); err != nil {
+			return err
 		}
 		c.ListenAddr = v
 		return nil
 	}},
 	{"OPENAI_API_KEY", "", "upstream API key (required); sent upstream, never shown", func(c *Config, v string) error {
-		if strings.TrimSpace(v) == "" {
-			return errors.New("is required")
+		if v == "" {
+			return errRequired
 		}
-		c.UpstreamAPIKey = strings.TrimSpace(v)
+		if err := checkSecret(v, minTokenLen); err != nil {
+			return err
+		}
+		c.UpstreamAPIKey = v
 		return nil
 	}},
 	{"UPSTREAM_BASE_URL", "https://api.openai.com/v1", "OpenAI-compatible base URL, with its own path prefix", func(c *Config, v string) error {
@@ -114,8 +119,16 @@ var settings = []Setting{
 	}},
 	{"PROXY_API_KEYS", "", "client keys, comma-separated, each \"key\" or \"name:key\" (required unless ALLOW_OPEN_PROXY=true)", func(c *Config, v string) error {
 		keys, err := handlers.ParseClientKeys(v)
+		if err != nil {
+			return err
+		}
+		for i, k := range keys {
+			if err := checkSecret(k.Key, minTokenLen); err != nil {
+				return fmt.Errorf("key %d (%s): %w", i+1, k.Name, err)
+			}
+		}
 		c.ClientKeys = keys
-		return err
+		return nil
 	}},
 	{"ALLOW_OPEN_PROXY", "false", "true runs without client keys: anyone who reaches the port spends your key", boolSetting(func(c *Config) *bool { return &c.AllowOpenProxy })},
 	{"DATABASE_URL", "", "postgres://… selects PostgreSQL; empty selects SQLite in DATA_DIR", func(c *Config, v string) error {
@@ -150,7 +163,8 @@ var settings = []Setting{
 	{"UPSTREAM_FIRST_BYTE_TIMEOUT", "10m", "how long upstream may stay silent before its response starts", durationSetting(func(c *Config) *time.Duration { return &c.FirstByteTimeout })},
 	{"UPSTREAM_IDLE_TIMEOUT", "5m", "how long upstream may stay silent in the middle of a response", durationSetting(func(c *Config) *time.Duration { return &c.IdleTimeout })},
 	{"MAX_BODY_SIZE", "512MiB", "largest request body accepted (413 above it)", sizeSetting(func(c *Config) *int64 { return &c.MaxBodySize })},
-	{"REQUEST_READ_TIMEOUT", "10m", "upper bound on receiving one whole client request, upload included", durationSetting(func(c *Config) *time.Duration { return &c.RequestReadTimeout })},
+	{"REQUEST_HEADER_TIMEOUT", "10s", "how long a client may take to send a request's headers, on a new or a kept-alive connection", durationSetting(func(c *Config) *time.Duration { return &c.RequestHeaderTimeout })},
+	{"REQUEST_READ_TIMEOUT", "10m", "upper bound on receiving one client request's body, upload included", durationSetting(func(c *Config) *time.Duration { return &c.RequestReadTimeout })},
 	{"SHUTDOWN_GRACE", "30s", "how long in-flight requests may finish after SIGTERM", durationSetting(func(c *Config) *time.Duration { return &c.ShutdownGrace })},
 	{"TRUSTED_PROXIES", "", "reverse-proxy IPs or CIDRs whose X-Forwarded-For gives the client IP", func(c *Config, v string) error {
 		for _, p := range splitList(v) {
@@ -176,13 +190,20 @@ var settings = []Setting{
 		return nil
 	}},
 	{"ADMIN_PASSWORD", "", "enables the dashboard at /dashboard with this password", func(c *Config, v string) error {
-		if v != "" && len(v) < 8 {
-			return errors.New("must be at least 8 characters")
+		if v != "" {
+			if err := checkSecret(v, minPasswordLen); err != nil {
+				return err
+			}
 		}
 		c.AdminPassword = v
 		return nil
 	}},
 	{"METRICS_TOKEN", "", "bearer token required by /metrics; empty leaves it open", func(c *Config, v string) error {
+		if v != "" {
+			if err := checkSecret(v, minTokenLen); err != nil {
+				return err
+			}
+		}
 		c.MetricsToken = v
 		return nil
 	}},
@@ -209,21 +230,19 @@ var settings = []Setting{
 func LoadConfig(getenv func(string) string) (Config, error) {
 	var c Config
 	var errs []error
+	set := map[string]bool{}
 	for _, s := range settings {
 		v := strings.TrimSpace(getenv(s.Name))
+		set[s.Name] = v != ""
 		if v == "" {
 			v = s.Default
 		}
 		if err := s.parse(&c, v); err != nil {
-			shown := v
-			if isSecret(s.Name) {
-				shown = "…"
-			}
-			errs = append(errs, fmt.Errorf("%s (%q): %w", s.Name, shown, err))
+			errs = append(errs, settingError(s.Name, v, err))
 		}
 	}
 	if len(errs) == 0 {
-		errs = append(errs, c.validate()...)
+		errs = append(errs, c.validate(set)...)
 	}
 	if len(errs) > 0 {
 		return Config{}, fmt.Errorf("invalid configuration: %w", errors.Join(errs...))
@@ -231,8 +250,9 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 	return c, nil
 }
 
-// validate checks the rules that span several settings.
-func (c *Config) validate() []error {
+// validate checks the rules that span several settings; set names those
+// the environment gave.
+func (c *Config) validate(set map[string]bool) []error {
 	var errs []error
 	if len(c.ClientKeys) == 0 && !c.AllowOpenProxy {
 		errs = append(errs, errors.New("PROXY_API_KEYS is required: set client keys, or ALLOW_OPEN_PROXY=true to run without them"))
@@ -246,12 +266,83 @@ func (c *Config) validate() []error {
 	if c.IdempotencyLease < time.Second {
 		errs = append(errs, errors.New("IDEMPOTENCY_LEASE must be at least 1s"))
 	}
-	for name, d := range map[string]time.Duration{"UPSTREAM_TIMEOUT": c.UpstreamTimeout, "UPSTREAM_FIRST_BYTE_TIMEOUT": c.FirstByteTimeout, "UPSTREAM_IDLE_TIMEOUT": c.IdleTimeout, "IDEMPOTENCY_TTL": c.IdempotencyTTL, "LOG_RETENTION": c.LogRetention} {
-		if d <= 0 {
-			errs = append(errs, fmt.Errorf("%s must be positive", name))
-		}
+	if c.FirstByteTimeout > c.UpstreamTimeout && !set["UPSTREAM_FIRST_BYTE_TIMEOUT"] {
+		c.FirstByteTimeout = c.UpstreamTimeout // the default gives way to a shorter whole-call bound
+	}
+	if c.FirstByteTimeout > c.UpstreamTimeout {
+		errs = append(errs, fmt.Errorf("UPSTREAM_FIRST_BYTE_TIMEOUT (%s) must not exceed UPSTREAM_TIMEOUT (%s), the bound on the whole call", c.FirstByteTimeout, c.UpstreamTimeout))
 	}
 	return errs
+}
+
+// errRequired is a required setting left unset.
+var errRequired = errors.New("required, not set")
+
+// settingError names the variable and, unless it is secret or unset, the
+// value that was refused.
+func settingError(name, v string, err error) error {
+	switch {
+	case v == "":
+		return fmt.Errorf("%s: %w", name, err)
+	case isSecret(name):
+		return fmt.Errorf("%s (value not shown): %w", name, err)
+	}
+	return fmt.Errorf("%s=%q: %w", name, v, err)
+}
+
+// Secrets are redacted wherever they occur in log text, so a short one
+// would mangle every line that happens to contain it, and reveal itself
+// by the pattern. Tokens and keys are generated, so they can be long; the
+// admin password is typed by a person.
+const (
+	minTokenLen    = 16
+	minPasswordLen = 12
+)
+
+// checkSecret refuses a secret too short to be one, and the README's
+// "sk-..." placeholder (or any value with an ellipsis) copied as-is.
+func checkSecret(v string, minLen int) error {
+	if strings.Contains(v, "...") || strings.Contains(v, "…") {
+		return errors.New("is a placeholder (it contains \"...\"): set the real value")
+	}
+	if n := utf8.RuneCountInString(v); n < minLen {
+		return fmt.Errorf("must be at least %d characters (got %d)", minLen, n)
+	}
+	return nil
+}
+
+// checkListenAddr refuses what net.Listen would refuse later: no port, a
+// port out of range, or a host that is neither an IP nor a host name.
+func checkListenAddr(v string) error {
+	host, port, err := net.SplitHostPort(v)
+	if err != nil {
+		return errors.New("want host:port, e.g. :8080 or 127.0.0.1:8080")
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		return errors.New("the port must be a number from 1 to 65535")
+	}
+	ip, _, _ := strings.Cut(host, "%") // an IPv6 zone, as in [fe80::1%eth0]
+	if host != "" && net.ParseIP(ip) == nil && !validHostname(host) {
+		return fmt.Errorf("%q is neither an IP address nor a host name", host)
+	}
+	return nil
+}
+
+func validHostname(h string) bool {
+	if len(h) > 253 {
+		return false
+	}
+	for _, label := range strings.Split(h, ".") {
+		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for _, r := range label {
+			if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-') {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // Secrets returns every secret value in the configuration, for redaction.
@@ -303,6 +394,9 @@ func durationSetting(field func(*Config) *time.Duration) func(*Config, string) e
 		d, err := parseDuration(v)
 		if err != nil {
 			return err
+		}
+		if d <= 0 {
+			return errors.New("must be positive")
 		}
 		*field(c) = d
 		return nil

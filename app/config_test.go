@@ -10,6 +10,12 @@ import (
 	"github.com/openai-idempotent-proxy/proxy/app/apptest"
 )
 
+// Keys long enough to be accepted, for tests that are about something else.
+const (
+	testUpstreamKey = "sk-test-0123456789abcdef"
+	testClientKey   = "pk-0123456789abcdef"
+)
+
 func env(kv ...string) func(string) string {
 	m := map[string]string{}
 	for i := 0; i+1 < len(kv); i += 2 {
@@ -19,7 +25,7 @@ func env(kv ...string) func(string) string {
 }
 
 func TestConfigDefaults(t *testing.T) {
-	cfg, err := app.LoadConfig(env("OPENAI_API_KEY", "sk-x", "PROXY_API_KEYS", "pk-0123456789,web:pk-abcdefghij"))
+	cfg, err := app.LoadConfig(env("OPENAI_API_KEY", testUpstreamKey, "PROXY_API_KEYS", "pk-0123456789abcdef,web:pk-abcdefghijklmnop"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -38,29 +44,29 @@ func TestConfigErrorsNameTheVariable(t *testing.T) {
 		env  []string
 		want string
 	}{
-		{"missing key", []string{"PROXY_API_KEYS", "pk-0123456789"}, "OPENAI_API_KEY"},
-		{"no client keys", []string{"OPENAI_API_KEY", "sk-x"}, "PROXY_API_KEYS is required"},
-		{"bad url", []string{"OPENAI_API_KEY", "sk-x", "PROXY_API_KEYS", "pk-0123456789", "UPSTREAM_BASE_URL", "ftp://x"}, "UPSTREAM_BASE_URL"},
-		{"bad duration", []string{"OPENAI_API_KEY", "sk-x", "PROXY_API_KEYS", "pk-0123456789", "UPSTREAM_TIMEOUT", "soon"}, "UPSTREAM_TIMEOUT"},
-		{"bad size", []string{"OPENAI_API_KEY", "sk-x", "PROXY_API_KEYS", "pk-0123456789", "MAX_BODY_SIZE", "lots"}, "MAX_BODY_SIZE"},
-		{"short client key", []string{"OPENAI_API_KEY", "sk-x", "PROXY_API_KEYS", "short"}, "PROXY_API_KEYS"},
-		{"bad origin", []string{"OPENAI_API_KEY", "sk-x", "PROXY_API_KEYS", "pk-0123456789", "CORS_ALLOWED_ORIGINS", "example.com"}, "CORS_ALLOWED_ORIGINS"},
-		{"bad bool", []string{"OPENAI_API_KEY", "sk-x", "ALLOW_OPEN_PROXY", "yes please"}, "ALLOW_OPEN_PROXY"},
-		{"upstream key as client key", []string{"OPENAI_API_KEY", "sk-same-123456", "PROXY_API_KEYS", "sk-same-123456"}, "must not contain OPENAI_API_KEY"},
-		{"bad database url", []string{"OPENAI_API_KEY", "sk-x", "PROXY_API_KEYS", "pk-0123456789", "DATABASE_URL", "mysql://x"}, "DATABASE_URL"},
+		{"missing key", []string{"PROXY_API_KEYS", testClientKey}, "OPENAI_API_KEY"},
+		{"no client keys", []string{"OPENAI_API_KEY", testUpstreamKey}, "PROXY_API_KEYS is required"},
+		{"bad url", []string{"OPENAI_API_KEY", testUpstreamKey, "PROXY_API_KEYS", testClientKey, "UPSTREAM_BASE_URL", "ftp://x"}, "UPSTREAM_BASE_URL"},
+		{"bad duration", []string{"OPENAI_API_KEY", testUpstreamKey, "PROXY_API_KEYS", testClientKey, "UPSTREAM_TIMEOUT", "soon"}, "UPSTREAM_TIMEOUT"},
+		{"bad size", []string{"OPENAI_API_KEY", testUpstreamKey, "PROXY_API_KEYS", testClientKey, "MAX_BODY_SIZE", "lots"}, "MAX_BODY_SIZE"},
+		{"short client key", []string{"OPENAI_API_KEY", testUpstreamKey, "PROXY_API_KEYS", "short"}, "PROXY_API_KEYS"},
+		{"bad origin", []string{"OPENAI_API_KEY", testUpstreamKey, "PROXY_API_KEYS", testClientKey, "CORS_ALLOWED_ORIGINS", "example.com"}, "CORS_ALLOWED_ORIGINS"},
+		{"bad bool", []string{"OPENAI_API_KEY", testUpstreamKey, "ALLOW_OPEN_PROXY", "yes please"}, "ALLOW_OPEN_PROXY"},
+		{"upstream key as client key", []string{"OPENAI_API_KEY", "sk-same-0123456789", "PROXY_API_KEYS", "sk-same-0123456789"}, "must not contain OPENAI_API_KEY"},
+		{"bad database url", []string{"OPENAI_API_KEY", testUpstreamKey, "PROXY_API_KEYS", testClientKey, "DATABASE_URL", "mysql://x"}, "DATABASE_URL"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := app.LoadConfig(env(tc.env...))
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("error %v, want one naming %s", err, tc.want)
 			}
-			if strings.Contains(err.Error(), "pk-0123456789") || strings.Contains(err.Error(), "sk-same-123456") {
+			if strings.Contains(err.Error(), testClientKey) || strings.Contains(err.Error(), "sk-same-0123456789") || strings.Contains(err.Error(), testUpstreamKey) {
 				t.Fatalf("error shows a key: %v", err)
 			}
 		})
 	}
 	// Open proxy only when asked for explicitly.
-	if _, err := app.LoadConfig(env("OPENAI_API_KEY", "sk-x", "ALLOW_OPEN_PROXY", "true")); err != nil {
+	if _, err := app.LoadConfig(env("OPENAI_API_KEY", testUpstreamKey, "ALLOW_OPEN_PROXY", "true")); err != nil {
 		t.Fatalf("open proxy: %v", err)
 	}
 }

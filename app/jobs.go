@@ -28,25 +28,37 @@ func (a *App) startJobs() {
 	}()
 }
 
-// sweep deletes in bounded batches, so a large backlog never holds long locks.
-func (a *App) sweep(ctx context.Context) {
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+// sweep deletes in bounded batches, so a large backlog never holds long
+// locks. Each statement runs to its end even when Close stops the jobs
+// (stop is checked between them): a cancelled statement would only log a
+// "context canceled" failure for every step on the way out.
+func (a *App) sweep(stop context.Context) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(stop), 30*time.Second)
 	defer cancel()
-	if n, err := a.Store.SweepIdempotency(ctx, 1000); err != nil {
-		a.logger.Warn("sweep idempotency keys", "error", err.Error())
-	} else if n > 0 {
-		a.logger.Info("swept expired idempotency keys", "deleted", n)
+	steps := []struct {
+		what  string
+		quiet bool // no line for what it deleted
+		run   func() (int64, error)
+	}{
+		{"expired idempotency keys", false, func() (int64, error) { return a.Store.SweepIdempotency(ctx, 1000) }},
+		{"old request log rows", false, func() (int64, error) {
+			return a.Store.SweepRequestLogs(ctx, a.Store.Now().Add(-a.cfg.LogRetention), 5000)
+		}},
+		{"old request roll-ups", true, func() (int64, error) {
+			return a.Store.SweepRollups(ctx, a.Store.Now().Add(-a.cfg.LogRetention), 5000)
+		}},
+		{"expired sessions", true, func() (int64, error) { return a.Store.SweepKV(ctx, 1000) }},
 	}
-	before := a.Store.Now().Add(-a.cfg.LogRetention)
-	if n, err := a.Store.SweepRequestLogs(ctx, before, 5000); err != nil {
-		a.logger.Warn("sweep request log", "error", err.Error())
-	} else if n > 0 {
-		a.logger.Info("swept old request log rows", "deleted", n)
-	}
-	if _, err := a.Store.SweepRollups(ctx, before, 5000); err != nil {
-		a.logger.Warn("sweep request roll-ups", "error", err.Error())
-	}
-	if _, err := a.Store.SweepKV(ctx, 1000); err != nil {
-		a.logger.Warn("sweep expired sessions", "error", err.Error())
+	for _, s := range steps {
+		if stop.Err() != nil {
+			return
+		}
+		n, err := s.run()
+		switch {
+		case err != nil:
+			a.logger.Warn("sweep "+s.what, "error", err.Error())
+		case n > 0 && !s.quiet:
+			a.logger.Info("swept "+s.what, "deleted", n)
+		}
 	}
 }

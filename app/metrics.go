@@ -1,6 +1,8 @@
 package app
 
 import (
+	"log/slog"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
@@ -10,8 +12,9 @@ import (
 
 // newMetrics adds the series only the app can see: the request log queue
 // and the database connection pool.
-func newMetrics(store *models.Store, logs *models.LogWriter) *handlers.Metrics {
+func newMetrics(store *models.Store, logs *models.LogWriter, logger *slog.Logger) *handlers.Metrics {
 	m := handlers.NewMetrics()
+	m.Logger = logger
 	m.Registry.MustRegister(
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "proxy_log_queue_depth", Help: "Request log records waiting to be written."},
 			func() float64 { return float64(logs.QueueLen()) }),

@@ -216,6 +216,7 @@ func (ex *exchange) finish(err error) {
 		end := time.Now()
 		rec := &ex.rec
 		rec.Status = ex.status
+		ex.p.metrics.upstreamAnswered(ex) // an upstream 401 means OPENAI_API_KEY was refused
 		rec.DurationMs = end.Sub(ex.start).Milliseconds()
 		var ttfb time.Duration // zero: upstream never answered
 		switch {

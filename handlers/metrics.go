@@ -3,8 +3,11 @@ package handlers
 import (
 	"crypto/sha256"
 	"crypto/subtle"
+	"log/slog"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -12,6 +15,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/tidwall/gjson"
+	"golang.org/x/time/rate"
 
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
@@ -29,7 +34,27 @@ type Metrics struct {
 	streams        prometheus.Gauge
 	tokens         *prometheus.CounterVec
 	upstreamConns  *prometheus.CounterVec
+	models         modelLabels
+	upstreamAuth   *prometheus.CounterVec
+
+	// Logger receives the upstream key warnings; nil: slog.Default().
+	Logger *slog.Logger
+	// keyRejectedAt is the Unix time in nanoseconds of the last upstream
+	// 401 invalid_api_key; 0: none since start.
+	keyRejectedAt      atomic.Int64
+	keyRejections      atomic.Int64 // upstream 401 invalid_api_key, for the log line
+	otherAuthFailures  atomic.Int64 // other upstream 401s, for the log line
+	logKeyRejected     rate.Sometimes
+	logOtherAuthFailed rate.Sometimes
 }
+
+// The label values of proxy_idempotency_total, _released_total (besides
+// upstream_status_NNN) and proxy_upstream_errors_total.
+var (
+	idempotencyResults = []string{"executed", "taken_over", "replayed", "conflict", "mismatch", "invalid", "gone", "unavailable"}
+	releaseReasons     = []string{"incomplete", "stream_incomplete", "upstream_timeout", "upstream_error", "client_gone"}
+	upstreamErrorKinds = []string{"unreachable", "first_byte_timeout", "cut_mid_response"}
+)
 
 // LLM calls last from milliseconds to many minutes.
 var latencyBuckets = []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600}
@@ -58,11 +83,42 @@ func NewMetrics() *Metrics {
 			Help: "Tokens reported by upstream, by kind (prompt, completion)."}, []string{"kind"}),
 		upstreamConns: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "proxy_upstream_connections_total",
 			Help: "Pooled upstream connections found closed before use (stale), and requests sent again because the upstream provably never read them (resent)."}, []string{"event"}),
+		upstreamAuth: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "proxy_upstream_auth_failures_total",
+			Help: "Upstream 401 answers, which concern OPENAI_API_KEY (clients' keys never go upstream), by error code: invalid_api_key or other."}, []string{"code"}),
+		logKeyRejected:     rate.Sometimes{Interval: upstreamAuthLogEvery},
+		logOtherAuthFailed: rate.Sometimes{Interval: upstreamAuthLogEvery},
+	}
+	keyRejected := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "proxy_upstream_key_rejected_timestamp_seconds",
+		Help: "Unix time of the last upstream 401 invalid_api_key (OPENAI_API_KEY refused); 0: none since start."},
+		func() float64 {
+			if at := m.UpstreamKeyRejectedAt(); !at.IsZero() {
+				return float64(at.UnixNano()) / 1e9
+			}
+			return 0
+		})
+	for _, c := range []string{"invalid_api_key", "other"} {
+		m.upstreamAuth.WithLabelValues(c)
+	}
+	// Series with a known set of label values exist from the start, at
+	// zero, so dashboards and alerts (rate, increase) see them before the
+	// first event.
+	for _, r := range idempotencyResults {
+		m.idempotency.WithLabelValues(r)
+	}
+	for _, r := range releaseReasons {
+		m.released.WithLabelValues(r)
+	}
+	for _, k := range upstreamErrorKinds {
+		m.upstreamErrors.WithLabelValues(k)
+	}
+	for _, k := range []string{"prompt", "completion"} {
+		m.tokens.WithLabelValues(k)
 	}
 	for _, event := range []string{"stale", "resent"} {
 		m.upstreamConns.WithLabelValues(event)
 	}
-	m.Registry.MustRegister(m.requests, m.duration, m.ttfb, m.upstreamErrors, m.idempotency, m.released, m.streams, m.tokens, m.upstreamConns,
+	m.Registry.MustRegister(m.requests, m.duration, m.ttfb, m.upstreamErrors, m.idempotency, m.released, m.streams, m.tokens,
+		m.upstreamAuth, keyRejected, m.upstreamConns,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -92,7 +148,7 @@ func (m *Metrics) observe(rec *models.RequestLog, ttfb time.Duration) {
 	if rec.Status > 0 {
 		class = strconv.Itoa(rec.Status/100) + "xx"
 	}
-	m.requests.WithLabelValues(route, class, modelLabel(rec.Model), rec.Client, rec.Outcome).Inc()
+	m.requests.WithLabelValues(route, class, m.models.label(rec.Model, rec.Status), rec.Client, rec.Outcome).Inc()
 	m.duration.WithLabelValues(route).Observe(float64(rec.DurationMs) / 1000)
 	if ttfb > 0 {
 		m.ttfb.WithLabelValues(route).Observe(ttfb.Seconds())
@@ -101,6 +157,60 @@ func (m *Metrics) observe(rec *models.RequestLog, ttfb time.Duration) {
 		m.tokens.WithLabelValues("prompt").Add(float64(rec.PromptTokens))
 		m.tokens.WithLabelValues("completion").Add(float64(rec.CompletionTokens))
 	}
+}
+
+// upstreamAuthLogEvery is how often an upstream refusing OPENAI_API_KEY
+// is logged: every request fails then, so once a minute is enough.
+const upstreamAuthLogEvery = time.Minute
+
+// upstreamAnswered notices upstream refusing OPENAI_API_KEY. The client's
+// own key never goes upstream, so an upstream 401 is about the server's
+// key, although the client sees a 401 that reads like a bad proxy key.
+func (m *Metrics) upstreamAnswered(ex *exchange) {
+	if m == nil || ex.headersAt.IsZero() || ex.status != fiber.StatusUnauthorized {
+		return
+	}
+	body := ex.tail
+	if ex.claim != nil {
+		body = ex.claim.capture
+	}
+	if ex.encoding == "gzip" {
+		body = gunzip(body)
+	}
+	logger := m.Logger
+	if logger == nil {
+		logger = slog.Default()
+	}
+	code := gjson.GetBytes(body, "error.code").String()
+	if code != "invalid_api_key" {
+		m.upstreamAuth.WithLabelValues("other").Inc()
+		n := m.otherAuthFailures.Add(1)
+		m.logOtherAuthFailed.Do(func() {
+			logger.Warn("upstream answered 401 to OPENAI_API_KEY: the key may lack access to this route, or the upstream wants other credentials",
+				"path", ex.rec.Path, "code", truncate(code, 100), "upstream_401s", n)
+		})
+		return
+	}
+	m.upstreamAuth.WithLabelValues(code).Inc()
+	n := m.keyRejections.Add(1)
+	m.keyRejectedAt.Store(time.Now().UnixNano())
+	m.logKeyRejected.Do(func() {
+		logger.Error("upstream rejects OPENAI_API_KEY (401 invalid_api_key): every request fails and clients see 401 until the key is fixed; their proxy keys are fine",
+			"upstream_rejections", n, "logged_every", upstreamAuthLogEvery.String())
+	})
+}
+
+// UpstreamKeyRejectedAt is when upstream last refused OPENAI_API_KEY
+// (401 invalid_api_key), or the zero time if it has not since start. The
+// dashboard shows a banner while it is recent.
+func (m *Metrics) UpstreamKeyRejectedAt() time.Time {
+	if m == nil {
+		return time.Time{}
+	}
+	if ns := m.keyRejectedAt.Load(); ns != 0 {
+		return time.Unix(0, ns)
+	}
+	return time.Time{}
 }
 
 func (m *Metrics) upstreamError(kind string) {
@@ -133,26 +243,110 @@ func (m *Metrics) streamEnded() {
 	}
 }
 
-// routeLabel keeps label cardinality bounded: path segments that look like
-// ids (anything with a digit, or long) become ":id".
+// Label values are bounded: a client with a key chooses its models and
+// paths freely, and every distinct value would be a series kept until
+// restart. Routes are matched against OpenAI's API templates, models are
+// admitted once upstream has accepted them, and the rest folds into "other".
+
+// routeTemplates are OpenAI's API routes; ":id" stands for one path segment.
+var routeTemplates = newRouteTree(
+	"/v1/chat/completions", "/v1/chat/completions/:id", "/v1/chat/completions/:id/messages",
+	"/v1/completions", "/v1/embeddings", "/v1/moderations",
+	"/v1/models", "/v1/models/:id",
+	"/v1/responses", "/v1/responses/:id", "/v1/responses/:id/cancel", "/v1/responses/:id/input_items",
+	"/v1/responses/input_tokens", "/v1/responses/compact",
+	"/v1/conversations", "/v1/conversations/:id", "/v1/conversations/:id/items", "/v1/conversations/:id/items/:id",
+	"/v1/audio/speech", "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/audio/voices",
+	"/v1/images/generations", "/v1/images/edits", "/v1/images/variations",
+	"/v1/files", "/v1/files/:id", "/v1/files/:id/content",
+	"/v1/uploads", "/v1/uploads/:id/parts", "/v1/uploads/:id/complete", "/v1/uploads/:id/cancel",
+	"/v1/batches", "/v1/batches/:id", "/v1/batches/:id/cancel",
+	"/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/:id", "/v1/fine_tuning/jobs/:id/cancel",
+	"/v1/fine_tuning/jobs/:id/pause", "/v1/fine_tuning/jobs/:id/resume",
+	"/v1/fine_tuning/jobs/:id/events", "/v1/fine_tuning/jobs/:id/checkpoints",
+	"/v1/fine_tuning/checkpoints/:id/permissions", "/v1/fine_tuning/checkpoints/:id/permissions/:id",
+	"/v1/fine_tuning/alpha/graders/run", "/v1/fine_tuning/alpha/graders/validate",
+	"/v1/vector_stores", "/v1/vector_stores/:id", "/v1/vector_stores/:id/search",
+	"/v1/vector_stores/:id/files", "/v1/vector_stores/:id/files/:id", "/v1/vector_stores/:id/files/:id/content",
+	"/v1/vector_stores/:id/file_batches", "/v1/vector_stores/:id/file_batches/:id",
+	"/v1/vector_stores/:id/file_batches/:id/cancel", "/v1/vector_stores/:id/file_batches/:id/files",
+	"/v1/assistants", "/v1/assistants/:id",
+	"/v1/threads", "/v1/threads/runs", "/v1/threads/:id",
+	"/v1/threads/:id/messages", "/v1/threads/:id/messages/:id",
+	"/v1/threads/:id/runs", "/v1/threads/:id/runs/:id", "/v1/threads/:id/runs/:id/cancel",
+	"/v1/threads/:id/runs/:id/submit_tool_outputs", "/v1/threads/:id/runs/:id/steps", "/v1/threads/:id/runs/:id/steps/:id",
+	"/v1/realtime/sessions", "/v1/realtime/transcription_sessions", "/v1/realtime/client_secrets",
+	"/v1/realtime/calls", "/v1/realtime/calls/:id/accept", "/v1/realtime/calls/:id/hangup",
+	"/v1/realtime/calls/:id/refer", "/v1/realtime/calls/:id/reject",
+	"/v1/evals", "/v1/evals/:id", "/v1/evals/:id/runs", "/v1/evals/:id/runs/:id",
+	"/v1/evals/:id/runs/:id/output_items", "/v1/evals/:id/runs/:id/output_items/:id",
+	"/v1/containers", "/v1/containers/:id", "/v1/containers/:id/files",
+	"/v1/containers/:id/files/:id", "/v1/containers/:id/files/:id/content",
+	"/v1/videos", "/v1/videos/:id", "/v1/videos/:id/content", "/v1/videos/:id/remix",
+)
+
+// routeTree matches a path segment by segment, a literal before ":id".
+type routeTree struct {
+	children map[string]*routeTree
+	template string // set where a template ends
+}
+
+func newRouteTree(templates ...string) *routeTree {
+	root := &routeTree{}
+	for _, tpl := range templates {
+		n := root
+		for _, seg := range strings.Split(strings.TrimPrefix(tpl, "/"), "/") {
+			if n.children == nil {
+				n.children = map[string]*routeTree{}
+			}
+			if n.children[seg] == nil {
+				n.children[seg] = &routeTree{}
+			}
+			n = n.children[seg]
+		}
+		n.template = tpl
+	}
+	return root
+}
+
+func (n *routeTree) match(segs []string) string {
+	if len(segs) == 0 {
+		return n.template
+	}
+	for _, key := range []string{segs[0], ":id"} {
+		if child := n.children[key]; child != nil && (key != ":id" || segs[0] != "") {
+			if tpl := child.match(segs[1:]); tpl != "" {
+				return tpl
+			}
+		}
+	}
+	return ""
+}
+
+// routeLabel names the OpenAI route template a path matches, "none" for a
+// request refused before its path was read, or "other".
 func routeLabel(path string) string {
 	if path == "" {
 		return "none"
 	}
-	segs := strings.Split(strings.TrimPrefix(path, "/"), "/")
-	if len(segs) > 4 {
-		segs = append(segs[:4], "…")
+	if tpl := routeTemplates.match(strings.Split(strings.TrimPrefix(path, "/"), "/")); tpl != "" {
+		return tpl
 	}
-	for i, s := range segs {
-		if i > 0 && (len(s) > 32 || strings.ContainsAny(s, "0123456789:.")) { // segs[0] is "v1"
-			segs[i] = ":id"
-		}
-	}
-	return "/" + strings.Join(segs, "/")
+	return "other"
 }
 
-// modelLabel bounds the model label: clients choose it freely.
-func modelLabel(model string) string {
+// maxModelLabels bounds the distinct model label values.
+const maxModelLabels = 100
+
+// modelLabels admits a model name as a label value once upstream answered
+// a request for it with 2xx, so only models that exist get a series, and
+// at most maxModelLabels of them.
+type modelLabels struct {
+	mu   sync.Mutex
+	seen map[string]bool
+}
+
+func (ml *modelLabels) label(model string, status int) string {
 	if model == "" {
 		return "none"
 	}
@@ -164,7 +358,19 @@ func modelLabel(model string) string {
 			return "other"
 		}
 	}
-	return model
+	ml.mu.Lock()
+	defer ml.mu.Unlock()
+	if ml.seen[model] {
+		return model
+	}
+	if status/100 == 2 && len(ml.seen) < maxModelLabels {
+		if ml.seen == nil {
+			ml.seen = map[string]bool{}
+		}
+		ml.seen[model] = true
+		return model
+	}
+	return "other"
 }
 
 // upstreamConn counts a stale pooled connection or a resent request.

@@ -144,6 +144,14 @@ func (l quietLogger) Trace(ctx context.Context, begin time.Time, fc func() (stri
 	}
 }
 
+// Error drops GORM's "failed to initialize database" line: Open returns
+// that error, and the caller reports it once as the cause.
+func (l quietLogger) Error(ctx context.Context, msg string, data ...any) {
+	if !strings.HasPrefix(msg, "failed to initialize database") {
+		l.Interface.Error(ctx, msg, data...)
+	}
+}
+
 // ParamsFilter hides the values of every statement from the log.
 func (l quietLogger) ParamsFilter(ctx context.Context, sql string, params ...any) (string, []any) {
 	if f, ok := l.Interface.(gorm.ParamsFilter); ok {
