@@ -136,7 +136,13 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 		TrustedProxies:          cfg.TrustedProxies,
 		ProxyHeader:             proxyHeader(cfg),
 	})
-	a.Fiber.Server().HeaderReceived = bodyReadTimeout(cfg.RequestReadTimeout)
+	srv := a.Fiber.Server()
+	srv.HeaderReceived = bodyReadTimeout(cfg.RequestReadTimeout)
+	// Requests that fail before a handler runs are answered in OpenAI's
+	// shape, never quoting the request (its Authorization) back.
+	srv.ErrorHandler = handlers.ServerErrorHandler
+	srv.SecureErrorLogMessage = true
+	srv.Handler = handlers.RejectUnknownMethods(srv.Handler)
 	a.routes()
 	a.startJobs()
 	a.announce()

@@ -1,10 +1,14 @@
 package handlers
 
 import (
+	"encoding/json"
 	"errors"
+	"io"
+	"net"
 	"net/http"
 
 	"github.com/gofiber/fiber/v2"
+	"github.com/valyala/fasthttp"
 )
 
 // APIError is an error answered in OpenAI's error JSON shape, which the
@@ -110,6 +114,14 @@ var (
 		Message: "This method is not proxied."}
 	errBadBody = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_request_body", Outcome: "rejected",
 		Message: "The request body could not be read: its framing is malformed or it ended early."}
+	errMalformedRequest = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "malformed_request", Outcome: "rejected",
+		Message: "The request could not be parsed as HTTP/1.1."}
+	errBadHeaderName = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "malformed_request", Outcome: "rejected",
+		Message: "A request header name is not a valid HTTP token."}
+	errHeadersTooLarge = &APIError{Status: http.StatusRequestHeaderFieldsTooLarge, Type: "invalid_request_error", Code: "request_headers_too_large", Outcome: "rejected",
+		Message: "The request headers are larger than this proxy accepts."}
+	errRequestTimeout = &APIError{Status: http.StatusRequestTimeout, Type: "invalid_request_error", Code: "request_timeout", Outcome: "rejected",
+		Message: "The request was not received in time."}
 	errUnknownRoute = &APIError{Status: http.StatusNotFound, Type: "invalid_request_error", Code: "unknown_url", Outcome: "rejected",
 		Message: "Unknown request URL. The proxy serves the OpenAI API under /v1/."}
 	errUpstreamUnreachable = &APIError{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_unreachable", Outcome: "upstream_error",
@@ -121,3 +133,49 @@ var (
 	errUpstreamTimeout = &APIError{Status: http.StatusGatewayTimeout, Type: "server_error", Code: "upstream_timeout", Outcome: "upstream_error",
 		Message: "The upstream API did not answer in time."}
 )
+
+// ServerErrorHandler answers requests that fail before any handler runs
+// (unparsable request line or headers, oversized headers, a body that ends
+// early, timeouts) in OpenAI's error shape. Unlike fasthttp's default, it
+// never quotes the request back: that text holds the client's headers,
+// Authorization included.
+func ServerErrorHandler(ctx *fasthttp.RequestCtx, err error) {
+	e := errMalformedRequest
+	var small *fasthttp.ErrSmallBuffer
+	var netErr net.Error
+	switch {
+	case errors.As(err, &small):
+		e = errHeadersTooLarge
+	case errors.As(err, &netErr) && netErr.Timeout(), errors.Is(err, fasthttp.ErrTimeout):
+		e = errRequestTimeout
+	case errors.Is(err, fasthttp.ErrBodyTooLarge):
+		e = errBodyTooLarge
+	case errors.Is(err, io.ErrUnexpectedEOF), errors.As(err, new(*fasthttp.ErrBrokenChunk)):
+		e = errBadBody
+	}
+	writeRawAPIError(ctx, e)
+	ctx.SetConnectionClose()
+}
+
+// RejectUnknownMethods answers methods outside HTTP's registered set (and
+// lowercase ones, which are different tokens) in OpenAI's error shape,
+// before the router would answer them in plain text.
+func RejectUnknownMethods(next fasthttp.RequestHandler) fasthttp.RequestHandler {
+	return func(ctx *fasthttp.RequestCtx) {
+		switch string(ctx.Method()) {
+		case fiber.MethodGet, fiber.MethodHead, fiber.MethodPost, fiber.MethodPut, fiber.MethodPatch,
+			fiber.MethodDelete, fiber.MethodOptions, fiber.MethodConnect, fiber.MethodTrace:
+			next(ctx)
+		default:
+			writeRawAPIError(ctx, errMethodNotAllowed)
+		}
+	}
+}
+
+func writeRawAPIError(ctx *fasthttp.RequestCtx, e *APIError) {
+	body, _ := json.Marshal(openAIErrorBody(e))
+	ctx.Response.Reset()
+	ctx.SetStatusCode(e.Status)
+	ctx.SetContentType(fiber.MIMEApplicationJSON)
+	ctx.SetBody(body)
+}

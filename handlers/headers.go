@@ -81,3 +81,28 @@ func replayableHeader(name string) bool {
 	}
 	return strings.HasPrefix(n, "openai-")
 }
+
+// validHeaderNames reports whether every request header name is an RFC 9110
+// token; fasthttp accepts some that are not (a space inside), which
+// upstreams then refuse or, worse, read differently.
+func validHeaderNames(h *fasthttp.RequestHeader) bool {
+	for k := range h.All() {
+		if len(k) == 0 {
+			return false
+		}
+		for _, c := range k {
+			if !isTokenChar(c) {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+func isTokenChar(c byte) bool {
+	switch {
+	case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		return true
+	}
+	return strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0
+}

@@ -95,6 +95,30 @@ func TestHostileRequests(t *testing.T) {
 		}
 	})
 
+	t.Run("unparsable requests are answered in JSON without echoing them", func(t *testing.T) {
+		auth := "\r\nAuthorization: Bearer " + apptest.ClientKey + "\r\nCookie: session=secret-cookie-value"
+		for _, tc := range []struct {
+			name, raw, code string
+			status          int
+		}{
+			{"lowercase method", "get /v1/models HTTP/1.1\r\nHost: " + host + auth, "method_not_allowed", 405},
+			{"unknown method", "BREW /v1/models HTTP/1.1\r\nHost: " + host + auth, "method_not_allowed", 405},
+			{"control byte in a value", "GET /v1/models HTTP/1.1\r\nHost: " + host + auth + "\r\nX-Bad: a\x01b", "malformed_request", 400},
+			{"space in a name", "GET /v1/models HTTP/1.1\r\nHost: " + host + auth + "\r\nBad Name: x", "malformed_request", 400},
+			{"oversized headers", "GET /v1/models HTTP/1.1\r\nHost: " + host + auth + "\r\nX-Big: " + strings.Repeat("b", 64<<10), "request_headers_too_large", 431},
+		} {
+			before := up.Calls()
+			resp, body := sendRaw(t, px.URL, tc.raw+"\r\nConnection: close\r\n\r\n", false)
+			wantOpenAIError(t, resp, body, tc.status, tc.code)
+			if strings.Contains(body, apptest.ClientKey) || strings.Contains(body, "secret-cookie-value") || strings.Contains(body, "Host:") {
+				t.Errorf("%s: the answer quotes the request: %s", tc.name, body)
+			}
+			if up.Calls() != before {
+				t.Errorf("%s: reached the upstream", tc.name)
+			}
+		}
+	})
+
 	t.Run("refused requests are logged with their path", func(t *testing.T) {
 		resp, _ := do(t, "POST", px.URL+"/v1/chat/completions?x=1", "pk-wrong-key-0123456789", strings.NewReader(`{}`), nil)
 		if resp.StatusCode != 401 {

@@ -151,6 +151,9 @@ func (p *Proxy) admit(c *fiber.Ctx, ex *exchange) error {
 	if pathErr != nil {
 		return pathErr
 	}
+	if !validHeaderNames(&c.Request().Header) {
+		return errBadHeaderName
+	}
 	if m := c.Request().Header.Method(); string(m) == fiber.MethodTrace || string(m) == fiber.MethodConnect {
 		// TRACE echoes the request (our key included) back; CONNECT is
 		// not an API call.
