@@ -126,10 +126,10 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 		ReadBufferSize:               32 << 10, // also the header size limit
 		// fasthttp's ReadTimeout runs from a new connection's accept, or
 		// from the first byte after a keep-alive wait, to the end of the
-		// headers; bodyReadTimeout then gives the body its own bound.
+		// headers; requestTimeouts then gives the body its own bound.
 		ReadTimeout: cfg.RequestHeaderTimeout,
 		IdleTimeout: 2 * time.Minute,
-		// No WriteTimeout: it would bound whole SSE streams.
+		// No WriteTimeout here: requestTimeouts sets UPSTREAM_TIMEOUT per request.
 		ErrorHandler:            errorHandler(logger),
 		Views:                   views, // nil unless the dashboard is enabled
 		EnableTrustedProxyCheck: len(cfg.TrustedProxies) > 0,
@@ -137,7 +137,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 		ProxyHeader:             proxyHeader(cfg),
 	})
 	srv := a.Fiber.Server()
-	srv.HeaderReceived = bodyReadTimeout(cfg.RequestReadTimeout)
+	srv.HeaderReceived = requestTimeouts(cfg.RequestReadTimeout, cfg.UpstreamTimeout)
 	// Requests that fail before a handler runs are answered in OpenAI's
 	// shape, never quoting the request (its Authorization) back.
 	srv.ErrorHandler = handlers.ServerErrorHandler
@@ -149,13 +149,17 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 	return a, nil
 }
 
-// bodyReadTimeout runs once a request's headers are in: it moves the
+// requestTimeouts runs once a request's headers are in. It moves the
 // connection's read deadline from REQUEST_HEADER_TIMEOUT (which bounds a
-// client that never finishes its headers) to REQUEST_READ_TIMEOUT for the
-// body, which may be a long upload.
-func bodyReadTimeout(d time.Duration) func(*fasthttp.RequestHeader) fasthttp.RequestConfig {
+// client that never finishes its headers) to read, REQUEST_READ_TIMEOUT, for
+// the body, which may be a long upload. deliver bounds how long the response
+// may take to reach the client once it starts: without it, a client that
+// stops reading would hold its connection, and a keyed request its lease,
+// for as long as it keeps the socket open. It is UPSTREAM_TIMEOUT: no
+// answer is meant to last longer.
+func requestTimeouts(read, deliver time.Duration) func(*fasthttp.RequestHeader) fasthttp.RequestConfig {
 	return func(*fasthttp.RequestHeader) fasthttp.RequestConfig {
-		return fasthttp.RequestConfig{ReadTimeout: d}
+		return fasthttp.RequestConfig{ReadTimeout: read, WriteTimeout: deliver}
 	}
 }
 

@@ -51,6 +51,7 @@ type exchange struct {
 	// Unkeyed requests watch their client while the upstream has not begun
 	// to answer (nothing is written then, so nothing else would notice it
 	// leave) and cancel the call if it goes.
+	upstream  *upstreamConn // the connection the answer comes on, once it has begun
 	client    *clientConn
 	stopWatch func()
 	cancelled atomic.Bool

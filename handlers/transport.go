@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io"
 	"sync"
+	"time"
 
 	"github.com/valyala/fasthttp"
 )
@@ -129,6 +130,9 @@ func (t *tee) CloseWithError(err error) error {
 // drain reads the rest of the upstream body without a client, bounded by
 // the exchange's deadline (on the connection) and the capture limit.
 func (t *tee) drain() error {
+	// A client that stalled until the delivery bound leaves a call at its
+	// deadline whose answer is often complete in the socket buffer: read it.
+	t.ex.upstream.extendDeadline(drainGrace)
 	buf := make([]byte, 32<<10)
 	for !t.eof {
 		if t.ex.captureOverflow() {
@@ -140,6 +144,10 @@ func (t *tee) drain() error {
 	}
 	return nil
 }
+
+// drainGrace is how long a keyed call may still be read after its client
+// left at the very end of UPSTREAM_TIMEOUT.
+const drainGrace = 10 * time.Second
 
 var errCaptureOverflow = errors.New("response larger than IDEMPOTENCY_MAX_BODY")
 

@@ -94,6 +94,7 @@ func sendUpstream(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp
 			return nil, err
 		}
 		ex.stopWatch = stopWatch // until the first body byte: see tee.Read
+		ex.upstream = uc
 		if uc != nil {
 			uc.keepAlive = keepAliveTimeout(resp.Header.Peek("Keep-Alive"))
 		}
@@ -229,6 +230,14 @@ func (c *upstreamConn) neverAnswered(req *fasthttp.Request) bool {
 		return true
 	}
 	return req.Header.IsGet() || req.Header.IsHead()
+}
+
+// extendDeadline gives a call whose client is gone at least d more to
+// read what the upstream sends (often already in the socket's buffer).
+func (c *upstreamConn) extendDeadline(d time.Duration) {
+	if c != nil && time.Until(c.deadline) < d {
+		c.deadline = time.Now().Add(d)
+	}
 }
 
 // keepAliveTimeout parses "Keep-Alive: timeout=5, max=100".

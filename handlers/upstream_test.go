@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -331,4 +332,37 @@ func TestUpstreamResponseHeaders(t *testing.T) {
 			t.Errorf("upstream's Access-Control-Expose-Headers reached the client: %q", got)
 		}
 	})
+}
+
+// A client that stops reading a keyed stream holds neither its connection
+// nor its key past the delivery bound: the proxy reads the answer to its end
+// without it, stores it, and the retry is a replay.
+func TestStalledReaderReleasesItsKey(t *testing.T) {
+	up := apptest.NewUpstream(t)
+	px := apptest.Start(t, up.URL, map[string]string{"UPSTREAM_TIMEOUT": "2s", "UPSTREAM_FIRST_BYTE_TIMEOUT": "2s", "IDEMPOTENCY_MAX_BODY": "64MiB"})
+	u, _ := url.Parse(px.URL)
+	conn, err := net.Dial("tcp", u.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.(*net.TCPConn).SetReadBuffer(4 << 10)
+	// 40 events of 256 KiB: far more than the sockets buffer, sent at once.
+	body := `{"model":"gpt-4o-mini","stream":true}`
+	fmt.Fprintf(conn, "POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"+
+		"Idempotency-Key: stalled-reader\r\nX-Test-Events: 40\r\nX-Test-Pad-Kib: 256\r\nContent-Length: %d\r\n\r\n%s", u.Host, apptest.ClientKey, len(body), body)
+	if _, err := io.ReadFull(conn, make([]byte, 1024)); err != nil { // it began, then the client stalls
+		t.Fatal(err)
+	}
+	var retry result
+	apptest.Eventually(t, 15*time.Second, func() bool {
+		retry = keyed(t, px.URL+"/v1/chat/completions", apptest.ClientKey, "stalled-reader", body, nil)
+		return retry.status == 200
+	}, "the key of a stalled reader was not settled")
+	if !retry.replayed || !strings.Contains(string(retry.body), "[DONE]") {
+		t.Errorf("retry: replayed=%v, %d bytes", retry.replayed, len(retry.body))
+	}
+	if n := up.Calls(); n != 1 {
+		t.Errorf("upstream calls %d, want 1", n)
+	}
 }

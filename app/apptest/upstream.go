@@ -30,6 +30,7 @@ import (
 //	X-Test-Block: 1             wait until the request is cancelled or Release
 //	X-Test-Echo-Auth: 1         answer 401 echoing the Authorization it received
 //	X-Test-Header-Kib: 40       add a response header of this many KiB
+//	X-Test-Pad-Kib: 64          pad each SSE content event by this many KiB
 type Upstream struct {
 	*httptest.Server
 	calls     atomic.Int64 // requests that reached a handler
@@ -201,11 +202,12 @@ func (u *Upstream) streamChat(w http.ResponseWriter, r *http.Request, model stri
 	w.WriteHeader(200)
 	w.(http.Flusher).Flush()
 	cut := intHeader(r, "X-Test-Cut-After")
+	pad := strings.Repeat("p", intHeader(r, "X-Test-Pad-Kib")<<10)
 	for i := 0; i < events; i++ {
 		if cut > 0 && i == cut {
 			panic(http.ErrAbortHandler) // drop the connection mid-stream
 		}
-		chunk := fmt.Sprintf(`{"id":%q,"object":"chat.completion.chunk","created":1,"model":%q,"choices":[{"index":0,"delta":{"content":"tok%d "},"finish_reason":null}]}`, id, model, i)
+		chunk := fmt.Sprintf(`{"id":%q,"object":"chat.completion.chunk","created":1,"model":%q,"choices":[{"index":0,"delta":{"content":"tok%d %s"},"finish_reason":null}]}`, id, model, i, pad)
 		if !send(chunk) || !pause(r, interval) {
 			return
 		}
