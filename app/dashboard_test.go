@@ -707,3 +707,33 @@ func TestDashboardStateIsSharedByReplicas(t *testing.T) {
 		t.Fatalf("sixth attempt after five spread over two replicas: %d, want 429", resp.StatusCode)
 	}
 }
+
+// A proxy adds well under a millisecond: requests of 1 ms must read as
+// 1 ms on the overview, not as the middle of a 0–50 ms bucket.
+func TestDashboardLatencyOfFastRequests(t *testing.T) {
+	eachDB(t, func(t *testing.T, env map[string]string) {
+		up := apptest.NewUpstream(t)
+		px := apptest.Start(t, up.URL, env)
+		now := time.Now().UTC()
+		logs := make([]models.RequestLog, 100)
+		for i := range logs {
+			logs[i] = models.RequestLog{CreatedAt: now.Add(-time.Duration(i) * time.Second), Client: "alpha", Method: "POST",
+				Path: "/v1/chat/completions", Model: "gpt-4o-mini", Status: 200, Outcome: models.OutcomeProxied, DurationMs: 1}
+		}
+		logs[99].DurationMs = 40 // p95 stays 1 ms, the mean moves
+		seedLogs(t, px, logs)
+		b := newBrowser(t, px)
+		b.login()
+		page := b.page("/dashboard?window=1h")
+		m := latencyTileRe.FindStringSubmatch(page)
+		if m == nil {
+			t.Fatalf("no latency tile:\n%s", page)
+		}
+		t.Logf("latency tile: p50 %q, p95 %q", html.UnescapeString(m[1]), html.UnescapeString(m[2]))
+		if m[1] != "1 ms" || m[2] != "1 ms" {
+			t.Errorf("1 ms requests shown as p50 %q, p95 %q; want 1 ms and 1 ms", m[1], m[2])
+		}
+	})
+}
+
+var latencyTileRe = regexp.MustCompile(`<dd class="big">([^<]*) <small>p50</small></dd>\s*<dd class="sub">([^<]*) p95`)
