@@ -558,12 +558,20 @@ func TestDashboardLoginThrottle(t *testing.T) {
 		attempt := func(password string) (*http.Response, string) {
 			return b.post("/dashboard/login", url.Values{"_csrf": {token}, "password": {password}})
 		}
-		// Successful sign-ins do not count.
+		// Successful sign-ins (from the same address) do not count. Each
+		// spends its form's token, so each uses a browser of its own.
 		for range 3 {
-			if resp, _ := attempt(adminPassword); resp.StatusCode != 303 {
-				t.Fatalf("right password: %d", resp.StatusCode)
-			}
+			newBrowser(t, px).login()
 		}
+		if resp, _ := attempt(adminPassword); resp.StatusCode != 303 {
+			t.Fatalf("right password: %d", resp.StatusCode)
+		}
+		// The token was spent by signing in: the form rotates.
+		if resp, _ := b.post("/dashboard/login", url.Values{"_csrf": {token}, "password": {adminPassword}}); resp.StatusCode != 403 {
+			t.Fatalf("login token reused after sign-in: %d, want 403", resp.StatusCode)
+		}
+		b = newBrowser(t, px)
+		token = csrfOf(t, b.page("/dashboard/login"))
 		for i := range 5 {
 			resp, body := attempt(fmt.Sprintf("wrong-password-%d", i))
 			if resp.StatusCode != 401 {
