@@ -648,6 +648,10 @@ func TestDashboardWarningsAndNoKeys(t *testing.T) {
 	up := apptest.NewUpstream(t)
 	open := apptest.Start(t, up.URL, map[string]string{"ADMIN_PASSWORD": adminPassword, "PROXY_API_KEYS": "", "ALLOW_OPEN_PROXY": "true"})
 	b := newBrowser(t, open)
+	// The public login page tells no anonymous visitor that the port is open.
+	if strings.Contains(b.page("/dashboard/login"), "Open proxy") {
+		t.Error("the login page shows the open-proxy banner")
+	}
 	b.login()
 	contains(t, "open proxy overview", b.page("/dashboard"), "Open proxy.")
 
@@ -745,3 +749,46 @@ func TestDashboardLatencyOfFastRequests(t *testing.T) {
 }
 
 var latencyTileRe = regexp.MustCompile(`<dd class="big">([^<]*) <small>p50</small></dd>\s*<dd class="sub">([^<]*) p95`)
+
+// A key released because upstream answered 500 says so on its page: retry
+// allowed, and why; not "has not completed" beside a countdown. And a
+// ?status=5xx link shows 5xx selected in the filter it applies.
+func TestDashboardReleasedKeyAndStatusFilter(t *testing.T) {
+	up := apptest.NewUpstream(t)
+	px := apptest.Start(t, up.URL, map[string]string{"ADMIN_PASSWORD": adminPassword})
+	req, _ := http.NewRequest("POST", px.URL+"/v1/chat/completions", strings.NewReader(`{"model":"gpt-4o-mini"}`))
+	req.Header.Set("Authorization", "Bearer "+apptest.ClientKey)
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Idempotency-Key", "released-by-500")
+	req.Header.Set("X-Test-Status", "500")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = resp.Body.Close()
+	if resp.StatusCode != 500 {
+		t.Fatalf("upstream 500 answered %d", resp.StatusCode)
+	}
+	b := newBrowser(t, px)
+	b.login()
+	var ids []string
+	apptest.Eventually(t, 10*time.Second, func() bool {
+		ids = matches(keyRowRe, b.page("/dashboard/keys?state=released"))
+		return len(ids) == 1
+	}, "the released key never appeared")
+	page := b.page("/dashboard/keys/" + ids[0])
+	contains(t, "released key page", page, "released", "Allowed now", "upstream status 500", "executes again")
+	for _, wrong := range []string{"has not completed", " left</strong>"} {
+		if strings.Contains(page, wrong) {
+			t.Errorf("released key page says %q", wrong)
+		}
+	}
+	apptest.Eventually(t, 10*time.Second, func() bool {
+		return len(matches(requestRowRe, b.page("/dashboard/requests?status=5xx"))) == 1
+	}, "the 500 never appeared in the request log")
+	page = b.page("/dashboard/requests?status=5xx")
+	contains(t, "status filter", page, `<option value="5" selected>5xx</option>`)
+	if strings.Contains(page, `<option value="" selected`) {
+		t.Error("dropdown says any")
+	}
+}
