@@ -1,18 +1,16 @@
 package app
 
 import (
-	"github.com/gofiber/fiber/v2"
+	"context"
+	"time"
 
 	"github.com/openai-idempotent-proxy/proxy/handlers"
-	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
-// The dashboard's sessions, CSRF tokens and login throttle live in the
-// database, shared by every replica.
-var _ fiber.Storage = (*models.KVStorage)(nil)
-
 // mountDashboard registers the admin pages under /dashboard (the page
-// table is Dashboard.Mount); without ADMIN_PASSWORD none exist.
+// table is Dashboard.Mount); without ADMIN_PASSWORD none exist. The
+// sign-in state (signing secret, signed-out sessions, failed sign-ins)
+// lives in the database, shared by every replica.
 func (a *App) mountDashboard() {
 	h := handlers.NewDashboard(handlers.DashboardConfig{
 		Password:            a.cfg.AdminPassword,
@@ -23,10 +21,15 @@ func (a *App) mountDashboard() {
 		Logs:                a.Store,
 		Keys:                a.Store,
 		DB:                  a.Store,
+		Auth:                a.Store,
 		Dropped:             a.Logs.Dropped,
-		Storage:             func(prefix string) fiber.Storage { return a.Store.NewKVStorage(prefix) },
 		Now:                 a.Store.Now,
 		Logger:              a.logger,
 	})
+	// The secret is created at start-up rather than by the first visitor;
+	// if the database is down now, the first page that needs it retries.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	h.Prepare(ctx)
 	h.Mount(a.Fiber)
 }

@@ -15,6 +15,7 @@ import (
 	"gorm.io/gorm"
 
 	"github.com/openai-idempotent-proxy/proxy/app/apptest"
+	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
 // TestDashboardAtScale times every dashboard page against PostgreSQL holding
@@ -251,18 +252,18 @@ func seedScale(t *testing.T, db *gorm.DB, nLogs, nKeys int, maxAge time.Duration
 	// the totals from the finer roll-ups, which is far cheaper than
 	// aggregating 10M rows six times.
 	counters := []string{"requests", "prompt_tokens", "completion_tokens", "total_tokens", "request_bytes", "response_bytes",
-		"duration_ms_sum", "replayed", "idempotency_conflicts", "idempotency_mismatches", "upstream_errors",
-		"lat_le_50", "lat_le_100", "lat_le_250", "lat_le_500", "lat_le_1000", "lat_le_2500", "lat_le_5000",
-		"lat_le_10000", "lat_le_30000", "lat_le_60000", "lat_le_120000", "lat_le_inf"}
-	cols := strings.Join(counters, ", ")
-	sums := "SUM(" + strings.Join(counters, "), SUM(") + ")"
+		"duration_ms_sum", "replayed", "idempotency_conflicts", "idempotency_mismatches", "upstream_errors"}
 	lat := []string{}
-	prev := "-1"
-	for _, bound := range []string{"50", "100", "250", "500", "1000", "2500", "5000", "10000", "30000", "60000", "120000"} {
-		lat = append(lat, fmt.Sprintf("count(*) FILTER (WHERE duration_ms > %s AND duration_ms <= %s)", prev, bound))
+	prev := int64(-1)
+	for _, bound := range models.LatencyBoundsMs {
+		counters = append(counters, fmt.Sprintf("lat_le_%d", bound))
+		lat = append(lat, fmt.Sprintf("count(*) FILTER (WHERE duration_ms > %d AND duration_ms <= %d)", prev, bound))
 		prev = bound
 	}
-	lat = append(lat, "count(*) FILTER (WHERE duration_ms > 120000)")
+	counters = append(counters, "lat_le_inf")
+	lat = append(lat, fmt.Sprintf("count(*) FILTER (WHERE duration_ms > %d)", prev))
+	cols := strings.Join(counters, ", ")
+	sums := "SUM(" + strings.Join(counters, "), SUM(") + ")"
 	step("roll-ups",
 		fmt.Sprintf(`INSERT INTO request_rollups (scope, span, bucket, client, model, status_class, %s)
 		SELECT 1, 60, floor(extract(epoch FROM created_at) / 60)::bigint * 60, client, model,

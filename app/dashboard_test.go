@@ -558,12 +558,20 @@ func TestDashboardLoginThrottle(t *testing.T) {
 		attempt := func(password string) (*http.Response, string) {
 			return b.post("/dashboard/login", url.Values{"_csrf": {token}, "password": {password}})
 		}
-		// Successful sign-ins do not count.
+		// Successful sign-ins (from the same address) do not count. Each
+		// spends its form's token, so each uses a browser of its own.
 		for range 3 {
-			if resp, _ := attempt(adminPassword); resp.StatusCode != 303 {
-				t.Fatalf("right password: %d", resp.StatusCode)
-			}
+			newBrowser(t, px).login()
 		}
+		if resp, _ := attempt(adminPassword); resp.StatusCode != 303 {
+			t.Fatalf("right password: %d", resp.StatusCode)
+		}
+		// The token was spent by signing in: the form rotates.
+		if resp, _ := b.post("/dashboard/login", url.Values{"_csrf": {token}, "password": {adminPassword}}); resp.StatusCode != 403 {
+			t.Fatalf("login token reused after sign-in: %d, want 403", resp.StatusCode)
+		}
+		b = newBrowser(t, px)
+		token = csrfOf(t, b.page("/dashboard/login"))
 		for i := range 5 {
 			resp, body := attempt(fmt.Sprintf("wrong-password-%d", i))
 			if resp.StatusCode != 401 {
@@ -640,6 +648,10 @@ func TestDashboardWarningsAndNoKeys(t *testing.T) {
 	up := apptest.NewUpstream(t)
 	open := apptest.Start(t, up.URL, map[string]string{"ADMIN_PASSWORD": adminPassword, "PROXY_API_KEYS": "", "ALLOW_OPEN_PROXY": "true"})
 	b := newBrowser(t, open)
+	// The public login page tells no anonymous visitor that the port is open.
+	if strings.Contains(b.page("/dashboard/login"), "Open proxy") {
+		t.Error("the login page shows the open-proxy banner")
+	}
 	b.login()
 	contains(t, "open proxy overview", b.page("/dashboard"), "Open proxy.")
 
@@ -705,5 +717,78 @@ func TestDashboardStateIsSharedByReplicas(t *testing.T) {
 	attacker.base = a.URL
 	if resp, _ := attacker.post("/dashboard/login", url.Values{"_csrf": {tokenA}, "password": {adminPassword}}); resp.StatusCode != 429 {
 		t.Fatalf("sixth attempt after five spread over two replicas: %d, want 429", resp.StatusCode)
+	}
+}
+
+// A proxy adds well under a millisecond: requests of 1 ms must read as
+// 1 ms on the overview, not as the middle of a 0–50 ms bucket.
+func TestDashboardLatencyOfFastRequests(t *testing.T) {
+	eachDB(t, func(t *testing.T, env map[string]string) {
+		up := apptest.NewUpstream(t)
+		px := apptest.Start(t, up.URL, env)
+		now := time.Now().UTC()
+		logs := make([]models.RequestLog, 100)
+		for i := range logs {
+			logs[i] = models.RequestLog{CreatedAt: now.Add(-time.Duration(i) * time.Second), Client: "alpha", Method: "POST",
+				Path: "/v1/chat/completions", Model: "gpt-4o-mini", Status: 200, Outcome: models.OutcomeProxied, DurationMs: 1}
+		}
+		logs[99].DurationMs = 40 // p95 stays 1 ms, the mean moves
+		seedLogs(t, px, logs)
+		b := newBrowser(t, px)
+		b.login()
+		page := b.page("/dashboard?window=1h")
+		m := latencyTileRe.FindStringSubmatch(page)
+		if m == nil {
+			t.Fatalf("no latency tile:\n%s", page)
+		}
+		t.Logf("latency tile: p50 %q, p95 %q", html.UnescapeString(m[1]), html.UnescapeString(m[2]))
+		if m[1] != "1 ms" || m[2] != "1 ms" {
+			t.Errorf("1 ms requests shown as p50 %q, p95 %q; want 1 ms and 1 ms", m[1], m[2])
+		}
+	})
+}
+
+var latencyTileRe = regexp.MustCompile(`<dd class="big">([^<]*) <small>p50</small></dd>\s*<dd class="sub">([^<]*) p95`)
+
+// A key released because upstream answered 500 says so on its page: retry
+// allowed, and why; not "has not completed" beside a countdown. And a
+// ?status=5xx link shows 5xx selected in the filter it applies.
+func TestDashboardReleasedKeyAndStatusFilter(t *testing.T) {
+	up := apptest.NewUpstream(t)
+	px := apptest.Start(t, up.URL, map[string]string{"ADMIN_PASSWORD": adminPassword})
+	req, _ := http.NewRequest("POST", px.URL+"/v1/chat/completions", strings.NewReader(`{"model":"gpt-4o-mini"}`))
+	req.Header.Set("Authorization", "Bearer "+apptest.ClientKey)
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Idempotency-Key", "released-by-500")
+	req.Header.Set("X-Test-Status", "500")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = resp.Body.Close()
+	if resp.StatusCode != 500 {
+		t.Fatalf("upstream 500 answered %d", resp.StatusCode)
+	}
+	b := newBrowser(t, px)
+	b.login()
+	var ids []string
+	apptest.Eventually(t, 10*time.Second, func() bool {
+		ids = matches(keyRowRe, b.page("/dashboard/keys?state=released"))
+		return len(ids) == 1
+	}, "the released key never appeared")
+	page := b.page("/dashboard/keys/" + ids[0])
+	contains(t, "released key page", page, "released", "Allowed now", "upstream status 500", "executes again")
+	for _, wrong := range []string{"has not completed", " left</strong>"} {
+		if strings.Contains(page, wrong) {
+			t.Errorf("released key page says %q", wrong)
+		}
+	}
+	apptest.Eventually(t, 10*time.Second, func() bool {
+		return len(matches(requestRowRe, b.page("/dashboard/requests?status=5xx"))) == 1
+	}, "the 500 never appeared in the request log")
+	page = b.page("/dashboard/requests?status=5xx")
+	contains(t, "status filter", page, `<option value="5" selected>5xx</option>`)
+	if strings.Contains(page, `<option value="" selected`) {
+		t.Error("dropdown says any")
 	}
 }

@@ -8,15 +8,12 @@ import (
 	"log/slog"
 	"math"
 	"net/http"
-	"net/url"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
-	"github.com/gofiber/fiber/v2/middleware/csrf"
 	"github.com/gofiber/fiber/v2/middleware/filesystem"
-	"github.com/gofiber/fiber/v2/middleware/limiter"
-	"github.com/gofiber/fiber/v2/middleware/session"
 	"github.com/gofiber/template/html/v2"
 	"github.com/valyala/fasthttp"
 
@@ -66,9 +63,9 @@ type DashboardConfig struct {
 	DB    Pinger
 	// Dropped counts request log records lost (LogWriter.Dropped); nil: none.
 	Dropped func() uint64
-	// Storage returns the shared storage for one use (sessions, CSRF tokens,
-	// login attempts), keys prefixed; nil keeps them in this process only.
-	Storage func(prefix string) fiber.Storage
+	// Auth is the sign-in state shared by replicas (the signing secret,
+	// signed-out sessions, failed sign-ins); nil keeps it in this process.
+	Auth DashboardAuth
 	// Now is the clock expirations are measured against; nil: time.Now.
 	Now    func() time.Time
 	Logger *slog.Logger
@@ -77,11 +74,11 @@ type DashboardConfig struct {
 // Dashboard serves the admin pages under /dashboard. Handlers are methods,
 // one file per page or action; app/dashboard.go holds the route table.
 type Dashboard struct {
-	cfg      DashboardConfig
-	digest   [32]byte // SHA-256 of the admin password
-	sessions *session.Store
-	csrf     fiber.Handler
-	throttle fiber.Handler
+	cfg    DashboardConfig
+	digest [32]byte // SHA-256 of the admin password
+
+	signerMu sync.Mutex
+	signer   *signer // nil until the shared secret has been read
 }
 
 // Dashboard paths and names shared by handlers and templates.
@@ -89,19 +86,15 @@ const (
 	DashboardPrefix   = "/dashboard"
 	dashboardLogin    = DashboardPrefix + "/login"
 	sessionCookie     = "dashboard_session"
-	csrfCookie        = "dashboard_csrf"
 	csrfField         = "_csrf"
-	csrfLocal         = "dashboard.csrf"
-	sessionAdminKey   = "admin"
-	sessionSinceKey   = "since"
 	sessionLifetime   = 12 * time.Hour
 	loginAttempts     = 5
 	loginWindow       = time.Minute
 	dashboardPageSize = 50
 )
 
-// NewDashboard builds the handlers and their session, CSRF and login
-// throttling middleware, all on cfg.Storage.
+// NewDashboard builds the handlers. Nothing touches the database yet: the
+// signing secret is read on first use.
 func NewDashboard(cfg DashboardConfig) *Dashboard {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
@@ -112,56 +105,19 @@ func NewDashboard(cfg DashboardConfig) *Dashboard {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	storage := func(prefix string) fiber.Storage {
-		if cfg.Storage == nil {
-			return nil // each middleware falls back to its own memory store
-		}
-		return cfg.Storage(prefix)
+	if cfg.Auth == nil {
+		cfg.Auth = newMemoryAuth(cfg.Now)
 	}
 	digest := sha256.Sum256([]byte(cfg.Password))
 	cfg.Password = "" // keep only the digest
-	h := &Dashboard{cfg: cfg, digest: digest}
-	h.sessions = session.New(session.Config{
-		Storage:        storage("session:"),
-		Expiration:     sessionLifetime,
-		KeyLookup:      "cookie:" + sessionCookie,
-		CookiePath:     DashboardPrefix,
-		CookieHTTPOnly: true,
-		// Lax, not Strict: a bookmarked or linked dashboard page opens
-		// signed in. Every state change is a POST with a CSRF token.
-		CookieSameSite: "Lax",
-		// Secure is added per request by SecureHeaders when the request
-		// arrived over HTTPS.
-	})
-	h.csrf = csrf.New(csrf.Config{
-		Storage:        storage("csrf:"),
-		KeyLookup:      "form:" + csrfField,
-		CookieName:     csrfCookie,
-		CookiePath:     DashboardPrefix,
-		CookieHTTPOnly: true,
-		CookieSameSite: "Strict",
-		Expiration:     2 * time.Hour,
-		ContextKey:     csrfLocal,
-		ErrorHandler:   h.csrfFailed,
-	})
-	h.throttle = limiter.New(limiter.Config{
-		Storage:    storage("login:"),
-		Max:        loginAttempts,
-		Expiration: loginWindow,
-		// c.IP() is the peer, or X-Forwarded-For only from TRUSTED_PROXIES.
-		KeyGenerator:           func(c *fiber.Ctx) string { return c.IP() },
-		SkipSuccessfulRequests: true, // only failed attempts count
-		LimitReached:           h.loginThrottled,
-	})
-	return h
+	return &Dashboard{cfg: cfg, digest: digest}
 }
 
-// CSRF checks the token of every unsafe request and issues one on safe
-// ones, for the templates' hidden _csrf inputs.
-func (h *Dashboard) CSRF(c *fiber.Ctx) error { return h.csrf(c) }
-
-// LoginThrottle limits failed sign-ins per client IP.
-func (h *Dashboard) LoginThrottle(c *fiber.Ctx) error { return h.throttle(c) }
+// Prepare reads the signing secret now, so the first page view does not
+// create it; an error is only logged, and the read is retried on use.
+func (h *Dashboard) Prepare(ctx context.Context) {
+	_, _ = h.keys(ctx)
+}
 
 // SecureHeaders sets the headers every dashboard response carries and marks
 // cookies Secure when the request came over HTTPS.
@@ -204,23 +160,6 @@ func markCookiesSecure(h *fasthttp.ResponseHeader) {
 	}
 }
 
-// RequireLogin lets signed-in requests through and sends everyone else to
-// the login form, remembering where they were going.
-func (h *Dashboard) RequireLogin(c *fiber.Ctx) error {
-	sess, err := h.sessions.Get(c)
-	if err != nil {
-		return err
-	}
-	if ok, _ := sess.Get(sessionAdminKey).(bool); ok {
-		return c.Next()
-	}
-	target := dashboardLogin
-	if c.Method() == fiber.MethodGet && c.OriginalURL() != DashboardPrefix {
-		target += "?next=" + url.QueryEscape(c.OriginalURL())
-	}
-	return c.Redirect(target, http.StatusSeeOther)
-}
-
 // layout is what base.html needs on every page.
 type layout struct {
 	Title    string
@@ -235,11 +174,32 @@ type layout struct {
 
 // page fills the layout of a signed-in page; nav names its section.
 func (h *Dashboard) page(c *fiber.Ctx, title, nav string) layout {
-	token, _ := c.Locals(csrfLocal).(string)
+	dbDown, _ := c.Locals(dbDownLocal).(bool)
 	return layout{
-		Title: title, Nav: nav, CSRF: token, SignedIn: true,
+		Title: title, Nav: nav, CSRF: h.csrfOf(c), SignedIn: c.Locals(sessionLocal) != nil, DBDown: dbDown,
 		Open: h.cfg.Open, Dropped: int64(min(h.cfg.Dropped(), math.MaxInt64)),
 	}
+}
+
+// DegradeWhenDatabaseDown turns a page's internal error into a 503 page
+// with the "database unreachable" banner when the database does not
+// answer, instead of a bare 500: an admin opening the dashboard during an
+// outage must learn why nothing shows.
+func (h *Dashboard) DegradeWhenDatabaseDown(c *fiber.Ctx) error {
+	err := c.Next()
+	if err == nil || DashboardErrorStatus(err) != http.StatusInternalServerError {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), authTimeout)
+	defer cancel()
+	if h.cfg.DB.Ping(ctx) == nil {
+		return err
+	}
+	h.cfg.Logger.Warn("dashboard: database unreachable", "path", c.Path(), "error", err.Error())
+	p := errorPage{layout: h.page(c, "Database unreachable", ""), Status: http.StatusServiceUnavailable,
+		Message: "This page needs the database, which does not answer. It shows again once the database is back."}
+	p.DBDown = true
+	return render(c, http.StatusServiceUnavailable, "error", p)
 }
 
 // render writes a page inside the base layout.
@@ -318,21 +278,21 @@ func NewDashboardViews() (*html.Engine, error) {
 // Mount registers the dashboard's route table under DashboardPrefix.
 //
 // Every route runs SecureHeaders (CSP, no-store, Secure cookies over
-// HTTPS). Pages need a session (RequireLogin redirects to the login form
-// otherwise) and pass CSRF, which issues the token on GET and checks it on
-// every POST. Sign-in attempts pass the throttle first.
+// HTTPS) and DegradeWhenDatabaseDown. Pages need a session (RequireLogin
+// redirects to the login form otherwise); every signed-in POST passes
+// CheckCSRF. The sign-in POST checks its own token and the throttle.
 func (h *Dashboard) Mount(r fiber.Router) {
-	d := r.Group(DashboardPrefix, h.SecureHeaders)
+	d := r.Group(DashboardPrefix, h.SecureHeaders, h.DegradeWhenDatabaseDown)
 	d.Use("/static", filesystem.New(filesystem.Config{Root: http.FS(static.FS), MaxAge: 24 * 60 * 60}))
 
-	d.Get("/login", h.CSRF, h.LoginForm)
-	d.Post("/login", h.LoginThrottle, h.CSRF, h.Login)
-	d.Post("/logout", h.RequireLogin, h.CSRF, h.Logout)
+	d.Get("/login", h.LoginForm)
+	d.Post("/login", h.Login)
+	d.Post("/logout", h.RequireLogin, h.CheckCSRF, h.Logout)
 
-	d.Get("/", h.RequireLogin, h.CSRF, h.Overview)
-	d.Get("/requests", h.RequireLogin, h.CSRF, h.Requests)
-	d.Get("/requests/:id", h.RequireLogin, h.CSRF, h.Request)
-	d.Get("/keys", h.RequireLogin, h.CSRF, h.Keys)
-	d.Get("/keys/:id", h.RequireLogin, h.CSRF, h.Key)
-	d.Post("/keys/:id/delete", h.RequireLogin, h.CSRF, h.DeleteKey)
+	d.Get("/", h.RequireLogin, h.Overview)
+	d.Get("/requests", h.RequireLogin, h.Requests)
+	d.Get("/requests/:id", h.RequireLogin, h.Request)
+	d.Get("/keys", h.RequireLogin, h.Keys)
+	d.Get("/keys/:id", h.RequireLogin, h.Key)
+	d.Post("/keys/:id/delete", h.RequireLogin, h.CheckCSRF, h.DeleteKey)
 }

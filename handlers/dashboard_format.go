@@ -14,6 +14,7 @@ import (
 
 	"github.com/dustin/go-humanize"
 
+	"github.com/openai-idempotent-proxy/proxy/models"
 	"github.com/openai-idempotent-proxy/proxy/static"
 )
 
@@ -24,6 +25,7 @@ func DashboardFuncs() template.FuncMap {
 		"num":         func(n int64) string { return humanize.Comma(n) },
 		"bytes":       formatBytes,
 		"ms":          formatMs,
+		"latency":     formatLatency,
 		"pct":         formatPct,
 		"utc":         formatTime,
 		"statusClass": statusClassName,
@@ -89,14 +91,48 @@ func formatBytes(n int64) string {
 }
 
 // formatMs shows a latency: whole milliseconds below a second, then seconds.
+// Durations are logged in whole milliseconds, cut down, so 0 means "under
+// a millisecond".
 func formatMs(ms float64) string {
 	switch {
-	case ms <= 0:
-		return "0 ms"
+	case ms < 1:
+		return "< 1 ms"
 	case ms < 1000:
 		return fmt.Sprintf("%.0f ms", ms)
 	}
 	return fmt.Sprintf("%.2f s", ms/1000)
+}
+
+// formatLatency shows the histogram bucket a latency quantile is in, and
+// no more: "< 1 ms", "2 ms", "10–25 ms", "500 ms–1 s", "> 120 s".
+func formatLatency(r models.LatencyRange) string {
+	switch {
+	case !r.Known:
+		return "—"
+	case r.AboveMs < 0 && r.UpToMs == 0:
+		return "< 1 ms"
+	case r.AboveMs < 0:
+		return "≤ " + formatBound(r.UpToMs, true)
+	case r.UpToMs < 0:
+		return "> " + formatBound(r.AboveMs, true)
+	case r.UpToMs-r.AboveMs == 1:
+		return formatBound(r.UpToMs, true)
+	}
+	// One unit for both ends when they share it: "10–25 ms", "1–2.5 s".
+	sameUnit := (r.AboveMs < 1000) == (r.UpToMs < 1000)
+	return formatBound(r.AboveMs, !sameUnit) + "–" + formatBound(r.UpToMs, true)
+}
+
+// formatBound shows a bucket bound in ms below a second, else in seconds.
+func formatBound(ms int64, unit bool) string {
+	n, u := strconv.FormatInt(ms, 10), " ms"
+	if ms >= 1000 {
+		n, u = strconv.FormatFloat(float64(ms)/1000, 'f', -1, 64), " s"
+	}
+	if !unit {
+		return n
+	}
+	return n + u
 }
 
 // formatPct shows a 0..1 rate as a percentage, with more digits when small.

@@ -12,7 +12,7 @@ import (
 // confirm=yes it only shows what would be deleted and asks; the
 // confirmation form posts again with it.
 func (h *Dashboard) DeleteKey(c *fiber.Ctx) error {
-	if c.FormValue("confirm") != "yes" {
+	if postValue(c, "confirm") != "yes" {
 		p, err := h.keyPage(c)
 		if err != nil {
 			return err

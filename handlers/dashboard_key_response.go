@@ -70,6 +70,8 @@ func decodeStoredResponse(rec *models.IdempotencyRecord, headers map[string]stri
 	switch {
 	case rec.State == models.StateCompleted && !rec.Replayable:
 		return storedResponse{Kind: "none", Note: "The response was larger than IDEMPOTENCY_MAX_BODY, so it was not stored; retries with this key get 410 Gone."}
+	case rec.State == models.StateReleased:
+		return storedResponse{Kind: "none", Note: "No response is stored: the attempt was released without one, so the next request with this key executes again."}
 	case len(body) == 0 && rec.State != models.StateCompleted:
 		return storedResponse{Kind: "none", Note: "No response is stored: the request has not completed."}
 	case len(body) == 0:

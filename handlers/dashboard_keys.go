@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/http"
 	"net/url"
+	"strings"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -46,7 +47,8 @@ type keyRow struct {
 	Replays                       int
 	LastReplay                    string // "3m ago", or ""
 	Attempts                      int
-	ReleaseReason                 string
+	ReleaseReason                 string // why it was released, e.g. "upstream status 500"
+	Released                      bool   // a retry with this key executes now
 }
 
 func newKeyRow(r *models.IdempotencyRecord, now time.Time) keyRow {
@@ -54,7 +56,7 @@ func newKeyRow(r *models.IdempotencyRecord, now time.Time) keyRow {
 		ID: r.ID, Key: r.IdemKey, Client: r.Client, Method: r.Method, Path: r.Path,
 		Status: r.Status, Size: r.BodySize, Stream: r.Stream, Replayable: r.Replayable,
 		Created: r.CreatedAt, Expires: r.ExpiresAt, Left: formatLeft(r.ExpiresAt.Sub(now)),
-		Expired: !r.ExpiresAt.After(now), Replays: r.ReplayCount, Attempts: r.Attempts, ReleaseReason: r.ReleaseReason,
+		Expired: !r.ExpiresAt.After(now), Replays: r.ReplayCount, Attempts: r.Attempts, ReleaseReason: strings.ReplaceAll(r.ReleaseReason, "_", " "),
 	}
 	if r.LastReplayAt != nil {
 		row.LastReplay = formatAgo(now, *r.LastReplayAt)
@@ -71,7 +73,9 @@ func newKeyRow(r *models.IdempotencyRecord, now time.Time) keyRow {
 	case r.State == models.StateCompleted:
 		row.State, row.StateClass = "completed", "completed"
 	case r.State == models.StateReleased:
-		row.State, row.StateClass = "released", "released"
+		// Released keys are free at once; their expiry only bounds how
+		// long the record stays visible here.
+		row.State, row.StateClass, row.Detail, row.Released = "released", "released", "retry allowed", true
 	default:
 		row.State, row.StateClass = r.State, "released"
 	}

@@ -114,7 +114,8 @@ func seededFake(t *testing.T) *fakeDB {
 	replayed := testNow.Add(-3 * time.Minute)
 	f := &fakeDB{
 		totals: models.Totals{Requests: 1234, Errors: 12, ErrorRate: 12.0 / 1234, Replays: 56, Conflicts: 3, Mismatches: 1,
-			PromptTokens: 1000, CompletionTokens: 500, TotalTokens: 1500, P50Ms: 240, P95Ms: 1830, AvgLatencyMs: 410},
+			PromptTokens: 1000, CompletionTokens: 500, TotalTokens: 1500, AvgLatencyMs: 410,
+			P50: models.LatencyRange{Known: true, AboveMs: 100, UpToMs: 250}, P95: models.LatencyRange{Known: true, AboveMs: 1000, UpToMs: 2500}},
 		top: []models.TopEntry{{Name: "gpt-4o-mini", Requests: 1000, Tokens: 1200}, {Name: "", Requests: 234}},
 		logs: []models.RequestLog{
 			{ID: 41, CreatedAt: testNow.Add(-time.Minute), Client: "alpha", Method: "POST", Path: "/v1/chat/completions",
@@ -275,7 +276,7 @@ func TestEveryPageRenders(t *testing.T) {
 		resp, body := c.get("/dashboard?window=1h")
 		wantStatus(t, resp, body, 200)
 		wantContains(t, body,
-			"1,234", "0.97%", "240 ms", "1.83 s", "1,500", ">56<", "Conflicts",
+			"1,234", "0.97%", "100–250 ms", "1–2.5 s", "410 ms", "1,500", ">56<", "Conflicts",
 			`<svg class="chart"`, `role="img"`, "<title id=\"chart-requests-t\">Requests over time by status class</title>",
 			`class="s5xx"`, `class="tprompt"`, "gpt-4o-mini", "(none)", "alpha",
 			"Open proxy.", "7 request log records were dropped", `aria-current="page">Last hour`)
@@ -487,6 +488,30 @@ func TestSafeNext(t *testing.T) {
 		if got := safeNext(in); got != want {
 			t.Errorf("safeNext(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// A latency shows its histogram bucket, never a figure finer than it.
+func TestFormatLatency(t *testing.T) {
+	for _, tc := range []struct {
+		r    models.LatencyRange
+		want string
+	}{
+		{models.LatencyRange{}, "—"},
+		{models.LatencyRange{Known: true, AboveMs: -1, UpToMs: 0}, "< 1 ms"},
+		{models.LatencyRange{Known: true, AboveMs: 0, UpToMs: 1}, "1 ms"},
+		{models.LatencyRange{Known: true, AboveMs: 2, UpToMs: 5}, "2–5 ms"},
+		{models.LatencyRange{Known: true, AboveMs: -1, UpToMs: 50}, "≤ 50 ms"},
+		{models.LatencyRange{Known: true, AboveMs: 500, UpToMs: 1000}, "500 ms–1 s"},
+		{models.LatencyRange{Known: true, AboveMs: 1000, UpToMs: 2500}, "1–2.5 s"},
+		{models.LatencyRange{Known: true, AboveMs: 120000, UpToMs: -1}, "> 120 s"},
+	} {
+		if got := formatLatency(tc.r); got != tc.want {
+			t.Errorf("formatLatency(%+v) = %q, want %q", tc.r, got, tc.want)
+		}
+	}
+	if got := formatMs(0); got != "< 1 ms" {
+		t.Errorf("formatMs(0) = %q", got)
 	}
 }
 

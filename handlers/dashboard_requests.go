@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -59,6 +60,11 @@ func (h *Dashboard) Requests(c *fiber.Ctx) error {
 	if err != nil {
 		p.Error = err.Error()
 		return render(c, http.StatusBadRequest, "requests", p)
+	}
+	if lf.StatusClass != 0 {
+		// ?status=5xx and ?status=5 filter alike; the dropdown's option
+		// values are the digit, so show the choice it filters by.
+		p.Filter.Status = strconv.Itoa(lf.StatusClass)
 	}
 	lf.Cursor, lf.Limit = c.Query("cursor"), dashboardPageSize
 	ctx, cancel := context.WithTimeout(c.UserContext(), listTimeout)

@@ -137,9 +137,13 @@ func (k *KVStorage) Reset() error {
 func (k *KVStorage) Close() error { return nil }
 
 // SweepKV deletes expired kv_store entries, batch rows per statement, until
-// none are left, and returns how many it deleted.
+// none are left, and the dashboard's ended login-failure windows, and
+// returns how many it deleted.
 func (s *Store) SweepKV(ctx context.Context, batch int) (int64, error) {
-	var total int64
+	total, err := s.sweepLoginFailures(ctx)
+	if err != nil {
+		return total, err
+	}
 	for {
 		n, err := s.sweepKVOnce(ctx, batch)
 		total += n

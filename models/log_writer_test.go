@@ -202,7 +202,7 @@ func checkRollupSums(t *testing.T, s *models.Store, scope, span int, want sums, 
 	var gotReplayed, gotUpstream, histogram int64
 	row := s.DB().Raw(`SELECT SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(total_tokens),
 		SUM(request_bytes), SUM(response_bytes), SUM(duration_ms_sum), SUM(replayed), SUM(upstream_errors),
-		SUM(lat_le_50 + lat_le_100 + lat_le_250 + lat_le_500 + lat_le_1000 + lat_le_2500 + lat_le_5000 +
+		SUM(lat_le_0 + lat_le_1 + lat_le_2 + lat_le_5 + lat_le_10 + lat_le_25 + lat_le_50 + lat_le_100 + lat_le_250 + lat_le_500 + lat_le_1000 + lat_le_2500 + lat_le_5000 +
 		    lat_le_10000 + lat_le_30000 + lat_le_60000 + lat_le_120000 + lat_le_inf)
 		FROM request_rollups WHERE scope = ? AND span = ?`, scope, span).Row()
 	if err := row.Scan(&got.Requests, &got.Prompt, &got.Completion, &got.Total, &got.In, &got.Out, &got.Duration,

@@ -248,18 +248,19 @@ FROM (
 	t.Logf("rebuilt %d indexes in %v", len(indexDefs), time.Since(start))
 
 	start = time.Now()
-	hist := []string{}
+	hist, histCols := []string{}, []string{}
 	lower := int64(-1)
 	for _, b := range models.LatencyBoundsMs {
 		hist = append(hist, fmt.Sprintf("count(*) FILTER (WHERE duration_ms > %d AND duration_ms <= %d)", lower, b))
+		histCols = append(histCols, fmt.Sprintf("lat_le_%d", b))
 		lower = b
 	}
+	histCols = append(histCols, "lat_le_inf")
 	hist = append(hist, fmt.Sprintf("count(*) FILTER (WHERE duration_ms > %d)", lower))
 	must(t, db.Exec(`
 INSERT INTO request_rollups (scope, span, bucket, client, model, status_class, requests, prompt_tokens, completion_tokens,
 	total_tokens, request_bytes, response_bytes, duration_ms_sum, replayed, idempotency_conflicts,
-	idempotency_mismatches, upstream_errors, lat_le_50, lat_le_100, lat_le_250, lat_le_500, lat_le_1000, lat_le_2500,
-	lat_le_5000, lat_le_10000, lat_le_30000, lat_le_60000, lat_le_120000, lat_le_inf)
+	idempotency_mismatches, upstream_errors, `+strings.Join(histCols, ", ")+`)
 SELECT scope, span, floor(extract(epoch FROM created_at) / span)::bigint * span,
 	CASE WHEN scope = 0 THEN '' ELSE client END, CASE WHEN scope = 0 THEN '' ELSE model END,
 	CASE WHEN status BETWEEN 200 AND 599 THEN status / 100 ELSE 0 END,

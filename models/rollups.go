@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"strings"
 	"time"
@@ -17,10 +18,17 @@ import (
 // handlers map it to 400.
 var ErrInvalidFilter = errors.New("models: invalid filter")
 
-// LatencyBoundsMs are the inclusive upper bounds of the latency histogram
-// kept in request_rollups (columns lat_le_<bound>); one more bucket,
-// lat_le_inf, counts everything slower than the last bound.
-var LatencyBoundsMs = [...]int64{50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000}
+// LatencyBoundsMs are the inclusive upper bounds, in whole milliseconds of
+// RequestLog.DurationMs, of the latency histogram kept in request_rollups
+// (columns lat_le_<bound>); one more bucket, lat_le_inf, counts everything
+// slower than the last bound. The proxy itself adds well under a
+// millisecond, so the buckets start at 0 (under 1 ms) and stay narrow up
+// to 50 ms.
+var LatencyBoundsMs = [...]int64{0, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000}
+
+// unsplitColumn holds the counts of rows written before the fine buckets
+// existed (migration 00004): each is a request of 0–50 ms, no finer.
+const unsplitColumn = "lat_le_50_unsplit"
 
 // rollupSpans are the grains of the roll-ups in seconds, coarsest first:
 // UTC day, hour, minute. Every request is counted at each grain; a window
@@ -47,8 +55,9 @@ const (
 	cConflicts
 	cMismatches
 	cUpstreamErrors
-	cLatency    // first of len(LatencyBoundsMs)+1 histogram buckets
-	numCounters = cLatency + len(LatencyBoundsMs) + 1
+	cLatency                                              // first of len(LatencyBoundsMs)+1 histogram buckets
+	cLatencyUnsplit = cLatency + len(LatencyBoundsMs) + 1 // never added to, see unsplitColumn
+	numCounters     = cLatencyUnsplit + 1
 )
 
 // counterColumns names the request_rollups column of each counter.
@@ -61,7 +70,7 @@ var counterColumns = func() []string {
 	for _, b := range LatencyBoundsMs {
 		cols = append(cols, fmt.Sprintf("lat_le_%d", b))
 	}
-	return append(cols, "lat_le_inf")
+	return append(cols, "lat_le_inf", unsplitColumn)
 }()
 
 // counters are the additive columns of one roll-up row.
@@ -96,8 +105,9 @@ func (c *counters) plus(o *counters) {
 	}
 }
 
-// latency returns the histogram part.
-func (c *counters) latency() []int64 { return c[cLatency:] }
+// latency returns the histogram part, one count per LatencyBoundsMs bucket
+// plus the overflow bucket.
+func (c *counters) latency() []int64 { return c[cLatency:cLatencyUnsplit] }
 
 // latencyBucket is the histogram bucket of a duration: the first bound it
 // does not exceed, or the overflow bucket.
@@ -371,8 +381,8 @@ type Totals struct {
 	PromptTokens, CompletionTokens, TotalTokens int64
 	RequestBytes, ResponseBytes                 int64
 	AvgLatencyMs                                float64
-	// P50Ms and P95Ms are estimated from the histogram, see LatencyQuantile.
-	P50Ms, P95Ms float64
+	// P50 and P95 are the histogram buckets holding them, see LatencyQuantile.
+	P50, P95 LatencyRange
 }
 
 // Totals sums the roll-ups of the minutes that start in [from, to).
@@ -421,8 +431,8 @@ func newTotals(c *counters, errs int64) Totals {
 		TotalTokens:      c[cTotalTokens],
 		RequestBytes:     c[cRequestBytes],
 		ResponseBytes:    c[cResponseBytes],
-		P50Ms:            LatencyQuantile(c.latency(), 0.50),
-		P95Ms:            LatencyQuantile(c.latency(), 0.95),
+		P50:              LatencyQuantile(c.latency(), c[cLatencyUnsplit], 0.50),
+		P95:              LatencyQuantile(c.latency(), c[cLatencyUnsplit], 0.95),
 	}
 	if t.Requests > 0 {
 		t.ErrorRate = float64(errs) / float64(t.Requests)
@@ -431,37 +441,53 @@ func newTotals(c *counters, errs int64) Totals {
 	return t
 }
 
-// LatencyQuantile estimates the q-quantile (0..1) of a latency histogram
-// with one count per LatencyBoundsMs bucket plus the overflow bucket. Like
-// Prometheus' histogram_quantile it finds the bucket holding the rank q·N
-// and interpolates linearly inside it, assuming its requests are spread
-// evenly between the previous bound (0 for the first) and its own. The
-// error is thus at most the bucket's width: ±25 ms below 100 ms, ±750 ms
-// around 1–2.5 s. A rank in the overflow bucket reports the last bound,
-// 120000, meaning "at least two minutes". No requests yields 0.
-func LatencyQuantile(hist []int64, q float64) float64 {
-	var total int64
+// LatencyRange is the histogram bucket a latency quantile falls in: the
+// quantile is more than AboveMs and at most UpToMs whole milliseconds.
+// That bucket is all the roll-ups know, so it is what the dashboard shows;
+// interpolating inside it would invent precision (one 0–50 ms bucket once
+// made 1 ms requests read "25 ms").
+type LatencyRange struct {
+	Known   bool  // false without requests
+	AboveMs int64 // -1 for the first bucket: under a millisecond
+	UpToMs  int64 // -1 past the last bound: slower than AboveMs
+}
+
+// LatencyQuantile finds the bucket holding the q-quantile (0..1) of a
+// latency histogram with one count per LatencyBoundsMs bucket plus the
+// overflow bucket; unsplit counts requests of 0–50 ms from rows written
+// before the fine buckets existed. A rank among those reports 0–50 ms.
+func LatencyQuantile(hist []int64, unsplit int64, q float64) LatencyRange {
+	total := unsplit
 	for _, c := range hist {
 		total += c
 	}
 	if total == 0 {
-		return 0
+		return LatencyRange{}
 	}
-	rank := q * float64(total)
-	var cum int64
-	lower := 0.0
+	rank := max(1, int64(math.Ceil(q*float64(total)))) // the rank-th fastest request
+	if unsplit > 0 {
+		var upTo50 int64
+		for i, b := range LatencyBoundsMs {
+			if b <= 50 {
+				upTo50 += hist[i]
+			}
+		}
+		if rank <= upTo50+unsplit {
+			return LatencyRange{Known: true, AboveMs: -1, UpToMs: 50}
+		}
+	}
+	cum := unsplit
+	above := int64(-1)
 	for i, c := range hist {
 		if i >= len(LatencyBoundsMs) {
 			break
 		}
-		upper := float64(LatencyBoundsMs[i])
-		if c > 0 && float64(cum+c) >= rank {
-			return lower + (upper-lower)*(rank-float64(cum))/float64(c)
+		if cum += c; cum >= rank {
+			return LatencyRange{Known: true, AboveMs: above, UpToMs: LatencyBoundsMs[i]}
 		}
-		cum += c
-		lower = upper
+		above = LatencyBoundsMs[i]
 	}
-	return lower
+	return LatencyRange{Known: true, AboveMs: above, UpToMs: -1}
 }
 
 // TopEntry is one row of a top-N table.

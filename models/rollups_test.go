@@ -61,11 +61,10 @@ func TestTotalsKnownAnswers(t *testing.T) {
 			PromptTokens: 120, CompletionTokens: 240, TotalTokens: 360,
 			RequestBytes: 1330, ResponseBytes: 7120,
 			AvgLatencyMs: 32338.0 / 8,
-			// Buckets: ≤50: 4, ≤100: 1, ≤1000: 1, ≤2500: 1, ≤30000: 1.
-			// p50: rank 4 ends the ≤50 bucket: 0 + 50·4/4 = 50.
-			// p95: rank 7.6 falls in (10000, 30000] holding rank 8 only:
-			// 10000 + 20000·(7.6-7)/1 = 22000.
-			P50Ms: 50, P95Ms: 22000,
+			// Sorted: 1, 2, 5, 40, 90, 700, 1500, 30000 ms.
+			// p50: the 4th, 40 ms, in (25, 50]; p95: the 8th, in (10000, 30000].
+			P50: models.LatencyRange{Known: true, AboveMs: 25, UpToMs: 50},
+			P95: models.LatencyRange{Known: true, AboveMs: 10000, UpToMs: 30000},
 		}
 		if !totalsEqual(got, want) {
 			t.Errorf("Totals\n got %+v\nwant %+v", got, want)
@@ -75,11 +74,11 @@ func TestTotalsKnownAnswers(t *testing.T) {
 
 func totalsEqual(a, b models.Totals) bool {
 	near := func(x, y float64) bool { return math.Abs(x-y) < 1e-9 }
-	if !near(a.ErrorRate, b.ErrorRate) || !near(a.AvgLatencyMs, b.AvgLatencyMs) || !near(a.P50Ms, b.P50Ms) || !near(a.P95Ms, b.P95Ms) {
+	if !near(a.ErrorRate, b.ErrorRate) || !near(a.AvgLatencyMs, b.AvgLatencyMs) {
 		return false
 	}
-	a.ErrorRate, a.AvgLatencyMs, a.P50Ms, a.P95Ms = 0, 0, 0, 0
-	b.ErrorRate, b.AvgLatencyMs, b.P50Ms, b.P95Ms = 0, 0, 0, 0
+	a.ErrorRate, a.AvgLatencyMs = 0, 0
+	b.ErrorRate, b.AvgLatencyMs = 0, 0
 	return a == b
 }
 
@@ -219,6 +218,7 @@ func TestTopModelsAndClients(t *testing.T) {
 }
 
 func TestLatencyQuantile(t *testing.T) {
+	bucket := func(bound int64) int { return slices.Index(models.LatencyBoundsMs[:], bound) }
 	hist := func(counts map[int]int64) []int64 {
 		h := make([]int64, len(models.LatencyBoundsMs)+1)
 		for i, c := range counts {
@@ -226,21 +226,30 @@ func TestLatencyQuantile(t *testing.T) {
 		}
 		return h
 	}
+	in := func(above, upTo int64) models.LatencyRange {
+		return models.LatencyRange{Known: true, AboveMs: above, UpToMs: upTo}
+	}
+	overflow := len(models.LatencyBoundsMs)
 	for _, tc := range []struct {
-		name string
-		hist []int64
-		q    float64
-		want float64
+		name    string
+		hist    []int64
+		unsplit int64
+		q       float64
+		want    models.LatencyRange
 	}{
-		{"empty", hist(nil), 0.5, 0},
-		{"all in the first bucket", hist(map[int]int64{0: 100}), 0.5, 25},
-		{"interpolated in (100, 250]", hist(map[int]int64{0: 50, 2: 50}), 0.75, 175},
-		{"exact bucket end", hist(map[int]int64{0: 1, 1: 1}), 0.5, 50},
-		{"overflow reports the last bound", hist(map[int]int64{11: 10}), 0.95, 120000},
+		{"empty", hist(nil), 0, 0.5, models.LatencyRange{}},
+		{"sub-millisecond", hist(map[int]int64{bucket(0): 100}), 0, 0.5, in(-1, 0)},
+		// The bug this replaced: 1 ms requests read "25 ms p50".
+		{"1 ms requests", hist(map[int]int64{bucket(1): 100}), 0, 0.5, in(0, 1)},
+		{"p95 in the slow tail", hist(map[int]int64{bucket(1): 90, bucket(250): 10}), 0, 0.95, in(100, 250)},
+		{"rank exactly at a bucket end", hist(map[int]int64{bucket(1): 1, bucket(2): 1}), 0, 0.5, in(0, 1)},
+		{"overflow", hist(map[int]int64{overflow: 10}), 0, 0.95, in(120000, -1)},
+		{"rows from before the fine buckets", hist(map[int]int64{bucket(1): 10}), 10, 0.5, in(-1, 50)},
+		{"old rows below, rank above 50 ms", hist(map[int]int64{bucket(1000): 10}), 1, 0.95, in(500, 1000)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := models.LatencyQuantile(tc.hist, tc.q); math.Abs(got-tc.want) > 1e-9 {
-				t.Errorf("got %v, want %v", got, tc.want)
+			if got := models.LatencyQuantile(tc.hist, tc.unsplit, tc.q); got != tc.want {
+				t.Errorf("got %+v, want %+v", got, tc.want)
 			}
 		})
 	}
