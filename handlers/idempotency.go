@@ -28,7 +28,7 @@ type IdempotencyStore interface {
 	ClaimIdempotency(ctx context.Context, r models.ClaimRequest) (bool, *models.IdempotencyRecord, error)
 	RenewIdempotencyLease(ctx context.Context, id, owner string, lease time.Duration) error
 	CompleteIdempotency(ctx context.Context, id, owner string, c models.Completion, ttl time.Duration) error
-	ReleaseIdempotency(ctx context.Context, id, owner, reason string) error
+	ReleaseIdempotency(ctx context.Context, id, owner, reason string, ttl time.Duration) error
 	MarkIdempotencyReplayed(ctx context.Context, id string) error
 }
 
@@ -214,7 +214,9 @@ func (ex *exchange) release(reason string) {
 func (ex *exchange) releaseNow(reason string) {
 	p, cl := ex.p, ex.claim
 	p.metrics.releasedClaim(reason)
-	p.persist("release idempotency key", func(ctx context.Context) error { return p.idem.ReleaseIdempotency(ctx, cl.id, cl.owner, reason) })
+	p.persist("release idempotency key", func(ctx context.Context) error {
+		return p.idem.ReleaseIdempotency(ctx, cl.id, cl.owner, reason, p.cfg.IdempotencyTTL)
+	})
 }
 
 func (ex *exchange) store(c models.Completion) {

@@ -1,6 +1,7 @@
 package handlers_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -581,4 +582,59 @@ func TestOutageDuringAKeyedRequest(t *testing.T) {
 	if up.Calls() != 1 {
 		t.Fatalf("upstream calls = %d: the key ran twice", up.Calls())
 	}
+}
+
+// TestShortTTLNeverRunsARunningCallTwice: IDEMPOTENCY_TTL counts from
+// completion, and a live lease always wins. A keyed stream that runs longer
+// than the TTL is still in progress for its retries (409), a different body
+// is a reuse of the key (422, as on every path), and once it ends the retry
+// replays it: one upstream execution.
+func TestShortTTLNeverRunsARunningCallTwice(t *testing.T) {
+	eachDB(t, func(t *testing.T, env map[string]string) {
+		env["IDEMPOTENCY_TTL"] = "1s"
+		up := apptest.NewUpstream(t)
+		px := apptest.Start(t, up.URL, env)
+		url := px.URL + "/v1/chat/completions"
+		hdr := map[string]string{"X-Test-Events": "30", "X-Test-Interval-Ms": "100"} // about 3 s
+
+		req := chatRequest(t, url, streamBody, hdr)
+		req.Header.Set("Idempotency-Key", "short-ttl")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		br := bufio.NewReader(resp.Body)
+		var first bytes.Buffer
+		// Read 15 events (about 1.5 s): longer than the TTL since the claim.
+		for seen := 0; seen < 15; {
+			line, err := br.ReadString('\n')
+			if err != nil {
+				t.Fatalf("first stream: %v", err)
+			}
+			first.WriteString(line)
+			if strings.HasPrefix(line, "data: ") {
+				seen++
+			}
+		}
+		retry := keyed(t, url, apptest.ClientKey, "short-ttl", streamBody, hdr)
+		if retry.status != 409 {
+			t.Errorf("retry past the TTL of a running call: %d, want 409", retry.status)
+		}
+		other := keyed(t, url, apptest.ClientKey, "short-ttl", chatBody, nil)
+		if other.status != 422 {
+			t.Errorf("different body while running: %d, want 422", other.status)
+		}
+		rest, err := io.ReadAll(br)
+		if err != nil {
+			t.Fatal(err)
+		}
+		first.Write(rest)
+		if again := keyed(t, url, apptest.ClientKey, "short-ttl", streamBody, hdr); !again.replayed || again.sha() != sha256.Sum256(first.Bytes()) {
+			t.Errorf("after the end: %d replayed=%v", again.status, again.replayed)
+		}
+		if n := up.Calls(); n != 1 {
+			t.Errorf("upstream executions = %d, want 1", n)
+		}
+	})
 }
