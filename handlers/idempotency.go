@@ -54,12 +54,107 @@ type claim struct {
 	headers   map[string]string
 	capture   []byte
 	overflow  bool // the response outgrew IDEMPOTENCY_MAX_BODY
-	settled   bool
 	stop      chan struct{}
 	stopOnce  sync.Once
+
+	// row is the request's log row as it stood when the key was claimed,
+	// and start its arrival: what a shutdown logs for an attempt it cuts.
+	row   models.RequestLog
+	start time.Time
+
+	// mu guards the two flags below: the exchange and a shutdown may both
+	// try to settle the claim, and exactly one of them does.
+	mu         sync.Mutex
+	settled    bool
+	atShutdown bool // settled and logged by releaseInFlight
 }
 
 func (cl *claim) stopRenewal() { cl.stopOnce.Do(func() { close(cl.stop) }) }
+
+// take makes the caller the one that settles the claim; false if it was
+// settled already.
+func (cl *claim) take(atShutdown bool) bool {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	if cl.settled {
+		return false
+	}
+	cl.settled, cl.atShutdown = true, atShutdown
+	return true
+}
+
+// claimSet holds the keyed attempts in flight on this replica, so that a
+// shutdown can settle those still running when SHUTDOWN_GRACE ends.
+type claimSet struct {
+	mu sync.Mutex
+	m  map[*claim]struct{}
+}
+
+func (s *claimSet) add(cl *claim) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.m == nil {
+		s.m = map[*claim]struct{}{}
+	}
+	s.m[cl] = struct{}{}
+}
+
+func (s *claimSet) remove(cl *claim) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.m, cl)
+}
+
+func (s *claimSet) all() []*claim {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]*claim, 0, len(s.m))
+	for cl := range s.m {
+		out = append(out, cl)
+	}
+	return out
+}
+
+// releaseInFlight settles the keyed attempts still running when the
+// shutdown grace has ended: the process exits next, which cuts them, so
+// each key is released (reason "shutdown") and its request logged now,
+// while the database and the log writer are still open. Without it the
+// key stayed in progress until its lease lapsed, and its retry got 409
+// for up to IDEMPOTENCY_LEASE. An attempt that settles itself first (it
+// completed in the meantime) is left to do so.
+func (p *Proxy) releaseInFlight() {
+	for _, cl := range p.claims.all() {
+		if !cl.take(true) {
+			continue
+		}
+		p.claims.remove(cl)
+		cl.stopRenewal()
+		p.metrics.releasedClaim("shutdown")
+		p.persist("release idempotency key at shutdown", func(ctx context.Context) error {
+			return p.idem.ReleaseIdempotency(ctx, cl.id, cl.owner, "shutdown", p.cfg.IdempotencyTTL)
+		})
+		p.logger.Warn("idempotency key released at shutdown: the request was still running", "key_id", cl.id)
+		if p.sink != nil {
+			row := cl.row
+			row.Outcome = models.OutcomeUpstreamError
+			row.Error = "shutdown: still running when SHUTDOWN_GRACE ended; the key was released"
+			row.DurationMs = time.Since(cl.start).Milliseconds()
+			p.sink.Record(row)
+		}
+	}
+}
+
+// loggedAtShutdown reports whether a shutdown settled this exchange's claim
+// and wrote its log row: the exchange must not log a second one.
+func (ex *exchange) loggedAtShutdown() bool {
+	cl := ex.claim
+	if cl == nil {
+		return false
+	}
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	return cl.atShutdown
+}
 
 // handleKeyed runs a POST or PATCH that carries an Idempotency-Key: at most
 // once upstream, and every repeat answered from the stored record.
@@ -100,7 +195,8 @@ func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
 			p.logger.Info("idempotency key taken over after its lease lapsed", "key_id", id)
 		}
 		p.metrics.idempotencyResult("executed")
-		ex.claim = &claim{id: id, owner: owner, stop: make(chan struct{})}
+		ex.claim = &claim{id: id, owner: owner, stop: make(chan struct{}), row: ex.rec, start: ex.start}
+		p.claims.add(ex.claim)
 		go p.renewLease(ex.claim)
 		return p.forward(c, ex)
 	case rec.Fingerprint != fingerprint:
@@ -184,10 +280,10 @@ func releasable(status int) bool {
 // or the exchange is over without it.
 func (ex *exchange) settle(complete bool) {
 	cl := ex.claim
-	if cl.settled {
+	if !cl.take(false) {
 		return
 	}
-	cl.settled = true
+	ex.p.claims.remove(cl)
 	switch {
 	case cl.overflow:
 		ex.store(models.Completion{Status: ex.status, Headers: storedHeaders(cl.headers), BodySize: ex.respBytes, Stream: ex.sse, Replayable: false})
@@ -204,10 +300,10 @@ func (ex *exchange) settle(complete bool) {
 
 // release gives the key back unless the claim was already settled.
 func (ex *exchange) release(reason string) {
-	if ex.claim.settled {
+	if !ex.claim.take(false) {
 		return
 	}
-	ex.claim.settled = true
+	ex.p.claims.remove(ex.claim)
 	ex.releaseNow(reason)
 }
 

@@ -638,3 +638,46 @@ func TestShortTTLNeverRunsARunningCallTwice(t *testing.T) {
 		}
 	})
 }
+
+// TestShutdownSettlesKeyedCallsStillRunning: SIGTERM during a keyed stream
+// longer than SHUTDOWN_GRACE. The proxy releases the key (reason shutdown)
+// and writes the request's log row before it exits, so the retry on the
+// next instance executes at once instead of waiting out the lease.
+func TestShutdownSettlesKeyedCallsStillRunning(t *testing.T) {
+	eachDB(t, func(t *testing.T, env map[string]string) {
+		env["DATA_DIR"] = t.TempDir() // shared by both instances on SQLite
+		env["SHUTDOWN_GRACE"] = "1s"
+		up := apptest.NewUpstream(t)
+		first := apptest.Start(t, up.URL, env)
+		hdr := map[string]string{"X-Test-Events": "100", "X-Test-Interval-Ms": "100"} // about 10 s
+		req := chatRequest(t, first.URL+"/v1/chat/completions", streamBody, hdr)
+		req.Header.Set("Idempotency-Key", "sigterm-1")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		if _, err := bufio.NewReader(resp.Body).ReadString('\n'); err != nil { // the stream is flowing
+			t.Fatal(err)
+		}
+		first.Stop(t) // SIGTERM: the grace ends with the stream still running
+
+		next := apptest.Start(t, up.URL, env)
+		rec := recordFor(t, next, "sigterm-1")
+		if rec.State != models.StateReleased || rec.ReleaseReason != "shutdown" {
+			t.Errorf("record after shutdown: state %s reason %q, want released/shutdown", rec.State, rec.ReleaseReason)
+		}
+		var logged []models.RequestLog
+		if err := next.App.Store.DB().Where("idempotency_key = ?", "sigterm-1").Find(&logged).Error; err != nil {
+			t.Fatal(err)
+		}
+		if len(logged) != 1 || !strings.Contains(logged[0].Error, "shutdown") {
+			t.Errorf("log rows after shutdown: %+v, want one naming the shutdown", logged)
+		}
+		// The retry executes at once: no 409 while a dead lease runs out.
+		retry := keyed(t, next.URL+"/v1/chat/completions", apptest.ClientKey, "sigterm-1", streamBody, nil)
+		if retry.status != 200 || retry.replayed || !bytes.Contains(retry.body, []byte("data: [DONE]")) {
+			t.Fatalf("retry after shutdown: %d replayed=%v", retry.status, retry.replayed)
+		}
+	})
+}
