@@ -2,6 +2,7 @@ package handlers
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -13,8 +14,11 @@ import (
 	"mime"
 	"mime/multipart"
 	"net/http"
+	"net/textproto"
 	"os"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -276,6 +280,39 @@ func releasable(status int) bool {
 	return status >= 500
 }
 
+// storable lists what the README promises to store: 2xx and the
+// deterministic 4xx. Informational answers and redirects (101, 302, 304)
+// are not the result of the call, so they are released too.
+func storable(status int) bool {
+	return (status >= 200 && status < 300) || (status >= 400 && status < 500 && !releasable(status))
+}
+
+// maxJSONCheck bounds how much of a compressed JSON body is decompressed
+// to check it.
+const maxJSONCheck = 64 << 20
+
+// completeJSON tells whether a captured JSON body is whole. A body framed
+// by closing the connection (no Content-Length, not chunked) and cut
+// mid-way looks complete to the transport; it is not valid JSON. Codings
+// other than gzip cannot be checked here and pass.
+func completeJSON(body []byte, encoding string) bool {
+	switch encoding {
+	case "", "identity":
+		return json.Valid(body)
+	case "gzip":
+		zr, err := gzip.NewReader(bytes.NewReader(body))
+		if err != nil {
+			return false
+		}
+		plain, err := io.ReadAll(io.LimitReader(zr, maxJSONCheck+1))
+		if err != nil {
+			return false // cut inside the gzip stream
+		}
+		return len(plain) > maxJSONCheck || json.Valid(plain)
+	}
+	return true
+}
+
 // settle stores or releases the claim once the body has ended (complete)
 // or the exchange is over without it.
 func (ex *exchange) settle(complete bool) {
@@ -285,14 +322,16 @@ func (ex *exchange) settle(complete bool) {
 	}
 	ex.p.claims.remove(cl)
 	switch {
+	case !storable(ex.status):
+		ex.releaseNow("upstream_status_" + strconv.Itoa(ex.status))
 	case cl.overflow:
 		ex.store(models.Completion{Status: ex.status, Headers: storedHeaders(cl.headers), BodySize: ex.respBytes, Stream: ex.sse, Replayable: false})
 	case !complete:
 		ex.releaseNow("incomplete")
-	case releasable(ex.status):
-		ex.releaseNow("upstream_status_" + strconv.Itoa(ex.status))
 	case ex.sse && !ex.stream.Terminal():
 		ex.releaseNow("stream_incomplete")
+	case ex.json && !completeJSON(cl.capture, ex.encoding):
+		ex.releaseNow("body_incomplete")
 	default:
 		ex.store(models.Completion{Status: ex.status, Headers: storedHeaders(cl.headers), Body: cl.capture, BodySize: ex.respBytes, Stream: ex.sse, Replayable: true})
 	}
@@ -489,12 +528,39 @@ func multipartDigest(body io.Reader, boundary string) ([]byte, error) {
 		if _, err := io.Copy(content, part); err != nil {
 			return nil, err
 		}
-		for _, s := range []string{part.FormName(), part.FileName(), part.Header.Get("Content-Type")} {
+		for _, s := range []string{part.FormName(), part.FileName(), partHeaders(part.Header)} {
 			h.Write([]byte(s))
 			h.Write([]byte{0})
 		}
 		h.Write(content.Sum(nil))
 	}
+}
+
+// partHeaders renders a part's headers in a canonical order. Every part
+// header counts (Content-Type, Content-Transfer-Encoding, …): each can
+// change what the part means, and none varies between retries of one
+// request; what SDKs do vary, the boundary, is in the request's
+// Content-Type, not here. Content-Disposition is compared parsed, so
+// quoting differences between encoders do not make another request.
+func partHeaders(hdr textproto.MIMEHeader) string {
+	keys := make([]string, 0, len(hdr))
+	for k := range hdr {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	var b strings.Builder
+	for _, k := range keys {
+		for _, v := range hdr[k] {
+			v = strings.TrimSpace(v)
+			if k == "Content-Disposition" {
+				if d, params, err := mime.ParseMediaType(v); err == nil {
+					v = mime.FormatMediaType(d, params)
+				}
+			}
+			b.WriteString(k + ": " + v + "\n")
+		}
+	}
+	return b.String()
 }
 
 // spoolBody copies a request body stream into memory, spilling to a
