@@ -204,6 +204,9 @@ func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
 		go p.renewLease(ex.claim)
 		return p.forward(c, ex)
 	case rec.Fingerprint != fingerprint:
+		// Checked before the state: a different request with the key is a
+		// client error to correct (422) even while the first one runs; the
+		// draft's 409 means "retry unchanged", which would not help.
 		p.metrics.idempotencyResult("mismatch")
 		return ex.reject(c, errKeyMismatch)
 	case rec.State == models.StateCompleted && !rec.Replayable:
@@ -554,7 +557,9 @@ func partHeaders(hdr textproto.MIMEHeader) string {
 			v = strings.TrimSpace(v)
 			if k == "Content-Disposition" {
 				if d, params, err := mime.ParseMediaType(v); err == nil {
-					v = mime.FormatMediaType(d, params)
+					if f := mime.FormatMediaType(d, params); f != "" {
+						v = f
+					}
 				}
 			}
 			b.WriteString(k + ": " + v + "\n")
