@@ -267,7 +267,7 @@ func (ex *exchange) finish(err error) {
 			ex.p.metrics.upstreamError("cut_mid_response")
 		}
 		ex.p.metrics.observe(rec, ttfb)
-		if ex.p.sink != nil {
+		if ex.p.sink != nil && !ex.loggedAtShutdown() {
 			ex.p.sink.Record(*rec)
 		}
 		level := slog.LevelDebug

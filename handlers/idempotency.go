@@ -2,6 +2,7 @@ package handlers
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -13,8 +14,11 @@ import (
 	"mime"
 	"mime/multipart"
 	"net/http"
+	"net/textproto"
 	"os"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -28,7 +32,7 @@ type IdempotencyStore interface {
 	ClaimIdempotency(ctx context.Context, r models.ClaimRequest) (bool, *models.IdempotencyRecord, error)
 	RenewIdempotencyLease(ctx context.Context, id, owner string, lease time.Duration) error
 	CompleteIdempotency(ctx context.Context, id, owner string, c models.Completion, ttl time.Duration) error
-	ReleaseIdempotency(ctx context.Context, id, owner, reason string) error
+	ReleaseIdempotency(ctx context.Context, id, owner, reason string, ttl time.Duration) error
 	MarkIdempotencyReplayed(ctx context.Context, id string) error
 }
 
@@ -54,12 +58,107 @@ type claim struct {
 	headers   map[string]string
 	capture   []byte
 	overflow  bool // the response outgrew IDEMPOTENCY_MAX_BODY
-	settled   bool
 	stop      chan struct{}
 	stopOnce  sync.Once
+
+	// row is the request's log row as it stood when the key was claimed,
+	// and start its arrival: what a shutdown logs for an attempt it cuts.
+	row   models.RequestLog
+	start time.Time
+
+	// mu guards the two flags below: the exchange and a shutdown may both
+	// try to settle the claim, and exactly one of them does.
+	mu         sync.Mutex
+	settled    bool
+	atShutdown bool // settled and logged by releaseInFlight
 }
 
 func (cl *claim) stopRenewal() { cl.stopOnce.Do(func() { close(cl.stop) }) }
+
+// take makes the caller the one that settles the claim; false if it was
+// settled already.
+func (cl *claim) take(atShutdown bool) bool {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	if cl.settled {
+		return false
+	}
+	cl.settled, cl.atShutdown = true, atShutdown
+	return true
+}
+
+// claimSet holds the keyed attempts in flight on this replica, so that a
+// shutdown can settle those still running when SHUTDOWN_GRACE ends.
+type claimSet struct {
+	mu sync.Mutex
+	m  map[*claim]struct{}
+}
+
+func (s *claimSet) add(cl *claim) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.m == nil {
+		s.m = map[*claim]struct{}{}
+	}
+	s.m[cl] = struct{}{}
+}
+
+func (s *claimSet) remove(cl *claim) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.m, cl)
+}
+
+func (s *claimSet) all() []*claim {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]*claim, 0, len(s.m))
+	for cl := range s.m {
+		out = append(out, cl)
+	}
+	return out
+}
+
+// releaseInFlight settles the keyed attempts still running when the
+// shutdown grace has ended: the process exits next, which cuts them, so
+// each key is released (reason "shutdown") and its request logged now,
+// while the database and the log writer are still open. Without it the
+// key stayed in progress until its lease lapsed, and its retry got 409
+// for up to IDEMPOTENCY_LEASE. An attempt that settles itself first (it
+// completed in the meantime) is left to do so.
+func (p *Proxy) releaseInFlight() {
+	for _, cl := range p.claims.all() {
+		if !cl.take(true) {
+			continue
+		}
+		p.claims.remove(cl)
+		cl.stopRenewal()
+		p.metrics.releasedClaim("shutdown")
+		p.persist("release idempotency key at shutdown", func(ctx context.Context) error {
+			return p.idem.ReleaseIdempotency(ctx, cl.id, cl.owner, "shutdown", p.cfg.IdempotencyTTL)
+		})
+		p.logger.Warn("idempotency key released at shutdown: the request was still running", "key_id", cl.id)
+		if p.sink != nil {
+			row := cl.row
+			row.Outcome = models.OutcomeUpstreamError
+			row.Error = "shutdown: still running when SHUTDOWN_GRACE ended; the key was released"
+			row.DurationMs = time.Since(cl.start).Milliseconds()
+			p.sink.Record(row)
+		}
+	}
+}
+
+// loggedAtShutdown reports whether a shutdown settled this exchange's claim
+// and wrote its log row: the exchange must not log a second one.
+func (ex *exchange) loggedAtShutdown() bool {
+	cl := ex.claim
+	if cl == nil {
+		return false
+	}
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	return cl.atShutdown
+}
 
 // handleKeyed runs a POST or PATCH that carries an Idempotency-Key: at most
 // once upstream, and every repeat answered from the stored record.
@@ -100,10 +199,14 @@ func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
 			p.logger.Info("idempotency key taken over after its lease lapsed", "key_id", id)
 		}
 		p.metrics.idempotencyResult("executed")
-		ex.claim = &claim{id: id, owner: owner, stop: make(chan struct{})}
+		ex.claim = &claim{id: id, owner: owner, stop: make(chan struct{}), row: ex.rec, start: ex.start}
+		p.claims.add(ex.claim)
 		go p.renewLease(ex.claim)
 		return p.forward(c, ex)
 	case rec.Fingerprint != fingerprint:
+		// Checked before the state: a different request with the key is a
+		// client error to correct (422) even while the first one runs; the
+		// draft's 409 means "retry unchanged", which would not help.
 		p.metrics.idempotencyResult("mismatch")
 		return ex.reject(c, errKeyMismatch)
 	case rec.State == models.StateCompleted && !rec.Replayable:
@@ -180,23 +283,58 @@ func releasable(status int) bool {
 	return status >= 500
 }
 
+// storable lists what the README promises to store: 2xx and the
+// deterministic 4xx. Informational answers and redirects (101, 302, 304)
+// are not the result of the call, so they are released too.
+func storable(status int) bool {
+	return (status >= 200 && status < 300) || (status >= 400 && status < 500 && !releasable(status))
+}
+
+// maxJSONCheck bounds how much of a compressed JSON body is decompressed
+// to check it.
+const maxJSONCheck = 64 << 20
+
+// completeJSON tells whether a captured JSON body is whole. A body framed
+// by closing the connection (no Content-Length, not chunked) and cut
+// mid-way looks complete to the transport; it is not valid JSON. Codings
+// other than gzip cannot be checked here and pass.
+func completeJSON(body []byte, encoding string) bool {
+	switch encoding {
+	case "", "identity":
+		return json.Valid(body)
+	case "gzip":
+		zr, err := gzip.NewReader(bytes.NewReader(body))
+		if err != nil {
+			return false
+		}
+		plain, err := io.ReadAll(io.LimitReader(zr, maxJSONCheck+1))
+		if err != nil {
+			return false // cut inside the gzip stream
+		}
+		return len(plain) > maxJSONCheck || json.Valid(plain)
+	}
+	return true
+}
+
 // settle stores or releases the claim once the body has ended (complete)
 // or the exchange is over without it.
 func (ex *exchange) settle(complete bool) {
 	cl := ex.claim
-	if cl.settled {
+	if !cl.take(false) {
 		return
 	}
-	cl.settled = true
+	ex.p.claims.remove(cl)
 	switch {
+	case !storable(ex.status):
+		ex.releaseNow("upstream_status_" + strconv.Itoa(ex.status))
 	case cl.overflow:
 		ex.store(models.Completion{Status: ex.status, Headers: storedHeaders(cl.headers), BodySize: ex.respBytes, Stream: ex.sse, Replayable: false})
 	case !complete:
 		ex.releaseNow("incomplete")
-	case releasable(ex.status):
-		ex.releaseNow("upstream_status_" + strconv.Itoa(ex.status))
 	case ex.sse && !ex.stream.Terminal():
 		ex.releaseNow("stream_incomplete")
+	case ex.json && !completeJSON(cl.capture, ex.encoding):
+		ex.releaseNow("body_incomplete")
 	default:
 		ex.store(models.Completion{Status: ex.status, Headers: storedHeaders(cl.headers), Body: cl.capture, BodySize: ex.respBytes, Stream: ex.sse, Replayable: true})
 	}
@@ -204,17 +342,19 @@ func (ex *exchange) settle(complete bool) {
 
 // release gives the key back unless the claim was already settled.
 func (ex *exchange) release(reason string) {
-	if ex.claim.settled {
+	if !ex.claim.take(false) {
 		return
 	}
-	ex.claim.settled = true
+	ex.p.claims.remove(ex.claim)
 	ex.releaseNow(reason)
 }
 
 func (ex *exchange) releaseNow(reason string) {
 	p, cl := ex.p, ex.claim
 	p.metrics.releasedClaim(reason)
-	p.persist("release idempotency key", func(ctx context.Context) error { return p.idem.ReleaseIdempotency(ctx, cl.id, cl.owner, reason) })
+	p.persist("release idempotency key", func(ctx context.Context) error {
+		return p.idem.ReleaseIdempotency(ctx, cl.id, cl.owner, reason, p.cfg.IdempotencyTTL)
+	})
 }
 
 func (ex *exchange) store(c models.Completion) {
@@ -391,12 +531,41 @@ func multipartDigest(body io.Reader, boundary string) ([]byte, error) {
 		if _, err := io.Copy(content, part); err != nil {
 			return nil, err
 		}
-		for _, s := range []string{part.FormName(), part.FileName(), part.Header.Get("Content-Type")} {
+		for _, s := range []string{part.FormName(), part.FileName(), partHeaders(part.Header)} {
 			h.Write([]byte(s))
 			h.Write([]byte{0})
 		}
 		h.Write(content.Sum(nil))
 	}
+}
+
+// partHeaders renders a part's headers in a canonical order. Every part
+// header counts (Content-Type, Content-Transfer-Encoding, …): each can
+// change what the part means, and none varies between retries of one
+// request; what SDKs do vary, the boundary, is in the request's
+// Content-Type, not here. Content-Disposition is compared parsed, so
+// quoting differences between encoders do not make another request.
+func partHeaders(hdr textproto.MIMEHeader) string {
+	keys := make([]string, 0, len(hdr))
+	for k := range hdr {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	var b strings.Builder
+	for _, k := range keys {
+		for _, v := range hdr[k] {
+			v = strings.TrimSpace(v)
+			if k == "Content-Disposition" {
+				if d, params, err := mime.ParseMediaType(v); err == nil {
+					if f := mime.FormatMediaType(d, params); f != "" {
+						v = f
+					}
+				}
+			}
+			b.WriteString(k + ": " + v + "\n")
+		}
+	}
+	return b.String()
 }
 
 // spoolBody copies a request body stream into memory, spilling to a

@@ -1,6 +1,7 @@
 package handlers_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -8,6 +9,8 @@ import (
 	"io"
 	"mime/multipart"
 	"net/http"
+	"net/http/httptest"
+	"net/textproto"
 	"strings"
 	"sync"
 	"testing"
@@ -580,5 +583,219 @@ func TestOutageDuringAKeyedRequest(t *testing.T) {
 	}
 	if up.Calls() != 1 {
 		t.Fatalf("upstream calls = %d: the key ran twice", up.Calls())
+	}
+}
+
+// TestShortTTLNeverRunsARunningCallTwice: IDEMPOTENCY_TTL counts from
+// completion, and a live lease always wins. A keyed stream that runs longer
+// than the TTL is still in progress for its retries (409), a different body
+// is a reuse of the key (422, as on every path), and once it ends the retry
+// replays it: one upstream execution.
+func TestShortTTLNeverRunsARunningCallTwice(t *testing.T) {
+	eachDB(t, func(t *testing.T, env map[string]string) {
+		env["IDEMPOTENCY_TTL"] = "1s"
+		up := apptest.NewUpstream(t)
+		px := apptest.Start(t, up.URL, env)
+		url := px.URL + "/v1/chat/completions"
+		hdr := map[string]string{"X-Test-Events": "30", "X-Test-Interval-Ms": "100"} // about 3 s
+
+		req := chatRequest(t, url, streamBody, hdr)
+		req.Header.Set("Idempotency-Key", "short-ttl")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		br := bufio.NewReader(resp.Body)
+		var first bytes.Buffer
+		// Read 15 events (about 1.5 s): longer than the TTL since the claim.
+		for seen := 0; seen < 15; {
+			line, err := br.ReadString('\n')
+			if err != nil {
+				t.Fatalf("first stream: %v", err)
+			}
+			first.WriteString(line)
+			if strings.HasPrefix(line, "data: ") {
+				seen++
+			}
+		}
+		retry := keyed(t, url, apptest.ClientKey, "short-ttl", streamBody, hdr)
+		if retry.status != 409 {
+			t.Errorf("retry past the TTL of a running call: %d, want 409", retry.status)
+		}
+		other := keyed(t, url, apptest.ClientKey, "short-ttl", chatBody, nil)
+		if other.status != 422 {
+			t.Errorf("different body while running: %d, want 422", other.status)
+		}
+		rest, err := io.ReadAll(br)
+		if err != nil {
+			t.Fatal(err)
+		}
+		first.Write(rest)
+		if again := keyed(t, url, apptest.ClientKey, "short-ttl", streamBody, hdr); !again.replayed || again.sha() != sha256.Sum256(first.Bytes()) {
+			t.Errorf("after the end: %d replayed=%v", again.status, again.replayed)
+		}
+		if n := up.Calls(); n != 1 {
+			t.Errorf("upstream executions = %d, want 1", n)
+		}
+	})
+}
+
+// TestShutdownSettlesKeyedCallsStillRunning: SIGTERM during a keyed stream
+// longer than SHUTDOWN_GRACE. The proxy releases the key (reason shutdown)
+// and writes the request's log row before it exits, so the retry on the
+// next instance executes at once instead of waiting out the lease.
+func TestShutdownSettlesKeyedCallsStillRunning(t *testing.T) {
+	eachDB(t, func(t *testing.T, env map[string]string) {
+		env["DATA_DIR"] = t.TempDir() // shared by both instances on SQLite
+		env["SHUTDOWN_GRACE"] = "1s"
+		up := apptest.NewUpstream(t)
+		first := apptest.Start(t, up.URL, env)
+		hdr := map[string]string{"X-Test-Events": "100", "X-Test-Interval-Ms": "100"} // about 10 s
+		req := chatRequest(t, first.URL+"/v1/chat/completions", streamBody, hdr)
+		req.Header.Set("Idempotency-Key", "sigterm-1")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		if _, err := bufio.NewReader(resp.Body).ReadString('\n'); err != nil { // the stream is flowing
+			t.Fatal(err)
+		}
+		first.Stop(t) // SIGTERM: the grace ends with the stream still running
+
+		next := apptest.Start(t, up.URL, env)
+		rec := recordFor(t, next, "sigterm-1")
+		if rec.State != models.StateReleased || rec.ReleaseReason != "shutdown" {
+			t.Errorf("record after shutdown: state %s reason %q, want released/shutdown", rec.State, rec.ReleaseReason)
+		}
+		var logged []models.RequestLog
+		if err := next.App.Store.DB().Where("idempotency_key = ?", "sigterm-1").Find(&logged).Error; err != nil {
+			t.Fatal(err)
+		}
+		if len(logged) != 1 || !strings.Contains(logged[0].Error, "shutdown") {
+			t.Errorf("log rows after shutdown: %+v, want one naming the shutdown", logged)
+		}
+		// The retry executes at once: no 409 while a dead lease runs out.
+		retry := keyed(t, next.URL+"/v1/chat/completions", apptest.ClientKey, "sigterm-1", streamBody, nil)
+		if retry.status != 200 || retry.replayed || !bytes.Contains(retry.body, []byte("data: [DONE]")) {
+			t.Fatalf("retry after shutdown: %d replayed=%v", retry.status, retry.replayed)
+		}
+	})
+}
+
+// rawUpstream answers every request with the raw HTTP response that answer
+// returns for its call number (1, 2, …) and closes the connection: a server
+// that frames bodies by closing (no Content-Length, not chunked), or speaks
+// statuses the fake OpenAI upstream does not.
+func rawUpstream(t *testing.T, answer func(call int) string) (url string, calls func() int) {
+	t.Helper()
+	var mu sync.Mutex
+	n := 0
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		mu.Lock()
+		n++
+		call := n
+		mu.Unlock()
+		conn, _, err := w.(http.Hijacker).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		_, _ = io.WriteString(conn, answer(call))
+	}))
+	t.Cleanup(srv.Close)
+	return srv.URL, func() int { mu.Lock(); defer mu.Unlock(); return n }
+}
+
+// TestCutCloseDelimitedJSONIsNeverReplayed: a JSON 200 framed by closing the
+// connection, cut mid-body, looks complete to the transport; it is not
+// valid JSON, so the key is released instead of storing it as a success.
+func TestCutCloseDelimitedJSONIsNeverReplayed(t *testing.T) {
+	full := `{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hello"}}]}`
+	upURL, calls := rawUpstream(t, func(call int) string {
+		body := full
+		if call == 1 {
+			body = full[:40] // the connection drops mid-body
+		}
+		return "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n" + body
+	})
+	px := apptest.Start(t, upURL, nil)
+	url := px.URL + "/v1/chat/completions"
+	if cut := keyed(t, url, apptest.ClientKey, "cut-json", chatBody, nil); cut.status != 200 || string(cut.body) != full[:40] {
+		t.Fatalf("cut answer: %d %s", cut.status, cut.body)
+	}
+	retry := keyed(t, url, apptest.ClientKey, "cut-json", chatBody, nil)
+	if retry.replayed || string(retry.body) != full {
+		t.Fatalf("retry after a cut JSON body: %d replayed=%v %s", retry.status, retry.replayed, retry.body)
+	}
+	if again := keyed(t, url, apptest.ClientKey, "cut-json", chatBody, nil); !again.replayed || string(again.body) != full {
+		t.Fatalf("the complete answer is not replayed: replayed=%v %s", again.replayed, again.body)
+	}
+	if rec := recordFor(t, px, "cut-json"); rec.Attempts != 2 {
+		t.Fatalf("attempts %d, want 2", rec.Attempts)
+	}
+	if n := calls(); n != 2 {
+		t.Fatalf("upstream calls = %d, want 2", n)
+	}
+}
+
+// TestOnlyFinalAnswersAreStored: the README stores 2xx and deterministic
+// 4xx only; a redirect or a 304 is released, and the retry executes.
+func TestOnlyFinalAnswersAreStored(t *testing.T) {
+	for _, tc := range []struct{ name, head string }{
+		{"101", "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: close\r\n\r\n"},
+		{"302", "HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"},
+		{"304", "HTTP/1.1 304 Not Modified\r\nConnection: close\r\n\r\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			upURL, calls := rawUpstream(t, func(int) string { return tc.head })
+			px := apptest.Start(t, upURL, nil)
+			url := px.URL + "/v1/chat/completions"
+			for i := range 2 {
+				r := keyed(t, url, apptest.ClientKey, "final-"+tc.name, chatBody, nil)
+				if r.replayed {
+					t.Fatalf("answer %d: a %s was stored and replayed", i+1, tc.name)
+				}
+			}
+			if n := calls(); n != 2 {
+				t.Fatalf("upstream calls = %d, want 2", n)
+			}
+			if rec := recordFor(t, px, "final-"+tc.name); rec.State != models.StateReleased || rec.ReleaseReason != "upstream_status_"+tc.name {
+				t.Fatalf("record: state %s reason %q", rec.State, rec.ReleaseReason)
+			}
+		})
+	}
+}
+
+// TestMultipartPartHeadersArePartOfTheRequest: a part header that changes
+// what the part means (Content-Transfer-Encoding here) makes another request.
+func TestMultipartPartHeadersArePartOfTheRequest(t *testing.T) {
+	up := apptest.NewUpstream(t)
+	px := apptest.Start(t, up.URL, nil)
+	send := func(extra map[string]string) (*http.Response, []byte) {
+		var buf bytes.Buffer
+		mw := multipart.NewWriter(&buf)
+		_ = mw.WriteField("purpose", "batch")
+		h := textproto.MIMEHeader{"Content-Disposition": {`form-data; name="file"; filename="data.jsonl"`}, "Content-Type": {"application/octet-stream"}}
+		for k, v := range extra {
+			h.Set(k, v)
+		}
+		pw, _ := mw.CreatePart(h)
+		_, _ = pw.Write([]byte("eyJhIjoxfQ=="))
+		_ = mw.Close()
+		return do(t, "POST", px.URL+"/v1/files", apptest.ClientKey, &buf, map[string]string{"Content-Type": mw.FormDataContentType(), "Idempotency-Key": "upload-cte"})
+	}
+	if r, b := send(nil); r.StatusCode != 200 {
+		t.Fatalf("first upload: %d %s", r.StatusCode, b)
+	}
+	if r, _ := send(nil); r.Header.Get("Idempotent-Replayed") != "true" {
+		t.Fatal("the same upload with a new boundary is not a replay")
+	}
+	r, b := send(map[string]string{"Content-Transfer-Encoding": "base64"})
+	assertAPIError(t, r, b, 422, "idempotency_key_reused")
+	if n := up.Calls(); n != 1 {
+		t.Fatalf("upstream calls = %d, want 1", n)
 	}
 }

@@ -59,6 +59,7 @@ type Proxy struct {
 	metrics    *Metrics // nil records nothing
 	logger     *slog.Logger
 	background sync.WaitGroup // keyed requests finishing without their client, deferred writes
+	claims     claimSet       // keyed attempts in flight, settled at shutdown
 	// warnSometimes keeps a database outage from flooding the log.
 	warnSometimes rate.Sometimes
 }
@@ -106,7 +107,7 @@ func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, 
 }
 
 // Wait blocks until keyed requests that outlived their clients have been
-// stored, or stop is closed.
+// stored, or stop is closed; then it releases the keys still running.
 func (p *Proxy) Wait(stop <-chan struct{}) {
 	done := make(chan struct{})
 	go func() { p.background.Wait(); close(done) }()
@@ -114,6 +115,7 @@ func (p *Proxy) Wait(stop <-chan struct{}) {
 	case <-done:
 	case <-stop:
 	}
+	p.releaseInFlight()
 }
 
 // Handle serves every /v1/* request.

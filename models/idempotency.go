@@ -63,31 +63,41 @@ type ClaimRequest struct {
 //
 // The claim is one arbitrated statement, never check-then-insert: an INSERT
 // … ON CONFLICT DO NOTHING on the primary key, then, if the row exists, a
-// conditional UPDATE that takes it over only when it is expired, released by
-// a failed attempt with the same fingerprint, or in progress under a lapsed
-// lease (its holder crashed). RowsAffected decides the single winner on
-// PostgreSQL and SQLite alike.
+// conditional UPDATE that takes it over only when it is free (expired, or
+// released by a failed attempt with the same fingerprint) or in progress
+// under a lapsed lease (its holder crashed). A live lease always wins, even
+// over an expired TTL: the TTL counts from the end of an attempt. Both
+// conditions are evaluated by the database on the database's clock (see
+// sqlNow), and RowsAffected decides the single winner on PostgreSQL and
+// SQLite alike.
 func (s *Store) ClaimIdempotency(ctx context.Context, r ClaimRequest) (claimed bool, existing *IdempotencyRecord, err error) {
+	free, lapsed := s.claimConditions(r.Fingerprint)
 	for range 3 {
-		now := s.now()
-		row := IdempotencyRecord{
-			ID: r.ID, Client: r.Client, Method: r.Method, Path: r.Path, IdemKey: r.Key,
-			Fingerprint: r.Fingerprint, State: StateInProgress, Owner: r.Owner,
-			LockedUntil: now.Add(r.Lease), Headers: "{}", Stream: r.Stream, Replayable: true,
-			Attempts: 1, CreatedAt: now, UpdatedAt: now, ExpiresAt: now.Add(r.TTL),
-		}
-		res := s.db.WithContext(ctx).Clauses(clause.OnConflict{DoNothing: true}).Create(&row)
+		now := s.sqlNow(0)
+		res := s.db.WithContext(ctx).Model(&IdempotencyRecord{}).Clauses(clause.OnConflict{DoNothing: true}).
+			Create(map[string]any{
+				"id": r.ID, "client": r.Client, "method": r.Method, "path": r.Path, "idem_key": r.Key,
+				"fingerprint": r.Fingerprint, "state": StateInProgress, "owner": r.Owner,
+				"locked_until": s.sqlNow(r.Lease), "headers": "{}", "stream": r.Stream, "replayable": true,
+				"attempts": 1, "created_at": now, "updated_at": now, "expires_at": s.sqlNow(r.TTL),
+			})
 		if res.Error != nil {
 			return false, nil, fmt.Errorf("models: claim idempotency key: %w", res.Error)
 		}
 		if res.RowsAffected == 1 {
 			return true, nil, nil
 		}
-		// The row exists: read it, and only where it may be taken over try
-		// the conditional UPDATE (which alone decides the winner). A replay
-		// or a 409 so costs two statements.
-		var rec IdempotencyRecord
-		err := s.db.WithContext(ctx).Where("id = ?", r.ID).Take(&rec).Error
+		// The row exists: read it with the database's judgement of it, and
+		// only where it may be taken over try the conditional UPDATE (which
+		// alone decides the winner). A replay or a 409 so costs two
+		// statements.
+		var row struct {
+			IdempotencyRecord `gorm:"embedded"`
+			Free, Lapsed      bool
+		}
+		err := s.db.WithContext(ctx).Model(&IdempotencyRecord{}).
+			Select("*, ("+free.SQL+") AS free, ("+lapsed.SQL+") AS lapsed", append(append([]any{}, free.Vars...), lapsed.Vars...)...).
+			Where("id = ?", r.ID).Take(&row).Error
 		if errors.Is(err, gorm.ErrRecordNotFound) {
 			continue // swept or deleted between the statements: claim again
 		}
@@ -95,19 +105,18 @@ func (s *Store) ClaimIdempotency(ctx context.Context, r ClaimRequest) (claimed b
 			return false, nil, fmt.Errorf("models: load idempotency key: %w", err)
 		}
 		switch {
-		case rec.ExpiresAt.Before(now) || (rec.Fingerprint == r.Fingerprint && rec.State == StateReleased):
-			// A key that expired, or whose last attempt was released, is free.
-			taken, err := s.takeOver(ctx, r, now, "(expires_at < ? OR (fingerprint = ? AND state = ?))", now, r.Fingerprint, StateReleased)
+		case row.Free:
+			taken, err := s.takeOver(ctx, r, free)
 			if err != nil || taken {
 				return taken, nil, err
 			}
-		case rec.Fingerprint == r.Fingerprint && rec.State == StateInProgress && rec.LockedUntil.Before(now):
-			// In progress under a lapsed lease: its holder died.
-			taken, err := s.takeOver(ctx, r, now, "fingerprint = ? AND state = ? AND locked_until < ?", r.Fingerprint, StateInProgress, now)
+		case row.Lapsed:
+			taken, err := s.takeOver(ctx, r, lapsed)
 			if err != nil || taken {
 				return taken, &IdempotencyRecord{ID: r.ID, State: StateInProgress}, err
 			}
 		default:
+			rec := row.IdempotencyRecord
 			return false, &rec, nil
 		}
 		// Another attempt won the takeover: read the row again.
@@ -115,17 +124,30 @@ func (s *Store) ClaimIdempotency(ctx context.Context, r ClaimRequest) (claimed b
 	return false, nil, errors.New("models: claim idempotency key: row keeps changing")
 }
 
+// claimConditions are the two ways a claim may take over an existing row,
+// as SQL on the lease clock: free (expired and not held by a live lease, or
+// released after a failed attempt of the same request), and lapsed (in
+// progress for the same request, but its holder stopped renewing).
+func (s *Store) claimConditions(fingerprint string) (free, lapsed clause.Expr) {
+	now := s.sqlNow(0)
+	free = gorm.Expr("(expires_at < ? AND NOT (state = ? AND locked_until >= ?)) OR (fingerprint = ? AND state = ?)",
+		now, StateInProgress, now, fingerprint, StateReleased)
+	lapsed = gorm.Expr("fingerprint = ? AND state = ? AND locked_until < ?", fingerprint, StateInProgress, now)
+	return free, lapsed
+}
+
 // takeOver moves an existing row to this attempt when cond holds.
-func (s *Store) takeOver(ctx context.Context, r ClaimRequest, now time.Time, cond string, args ...any) (bool, error) {
+func (s *Store) takeOver(ctx context.Context, r ClaimRequest, cond clause.Expr) (bool, error) {
+	now := s.sqlNow(0)
 	res := s.db.WithContext(ctx).Model(&IdempotencyRecord{}).
-		Where("id = ?", r.ID).Where(cond, args...).
+		Where("id = ?", r.ID).Where(cond).
 		Updates(map[string]any{
 			"fingerprint": r.Fingerprint, "state": StateInProgress, "owner": r.Owner,
-			"locked_until": now.Add(r.Lease), "status": 0, "headers": "{}", "body": nil,
+			"locked_until": s.sqlNow(r.Lease), "status": 0, "headers": "{}", "body": nil,
 			"body_size": 0, "stream": r.Stream, "replayable": true,
 			"attempts": gorm.Expr("attempts + 1"), "updated_at": now,
 			// An expired key is new again; a retried one keeps its window.
-			"expires_at": gorm.Expr("CASE WHEN expires_at < ? THEN ? ELSE expires_at END", now, now.Add(r.TTL)),
+			"expires_at": gorm.Expr("CASE WHEN expires_at < ? THEN ? ELSE expires_at END", now, s.sqlNow(r.TTL)),
 			"created_at": gorm.Expr("CASE WHEN expires_at < ? THEN ? ELSE created_at END", now, now),
 		})
 	if res.Error != nil {
@@ -134,12 +156,26 @@ func (s *Store) takeOver(ctx context.Context, r ClaimRequest, now time.Time, con
 	return res.RowsAffected == 1, nil
 }
 
+// sqlNow is the lease clock plus d, as SQL. On PostgreSQL it is the
+// database's clock: replicas compare leases and expiries written by each
+// other, and their own clocks may disagree by more than a lease, which
+// would let a live lease be taken over. SQLite serves one host, whose
+// clock (the store's, injectable in tests) is bound as a value.
+func (s *Store) sqlNow(d time.Duration) clause.Expr {
+	if s.isPostgres() {
+		if d == 0 {
+			return gorm.Expr("now()")
+		}
+		return gorm.Expr("now() + ?::bigint * interval '1 microsecond'", d.Microseconds())
+	}
+	return gorm.Expr("?", s.now().Add(d))
+}
+
 // RenewIdempotencyLease extends the lease of a running attempt.
 func (s *Store) RenewIdempotencyLease(ctx context.Context, id, owner string, lease time.Duration) error {
-	now := s.now()
 	res := s.db.WithContext(ctx).Model(&IdempotencyRecord{}).
 		Where("id = ? AND owner = ? AND state = ?", id, owner, StateInProgress).
-		Updates(map[string]any{"locked_until": now.Add(lease), "updated_at": now})
+		Updates(map[string]any{"locked_until": s.sqlNow(lease), "updated_at": s.sqlNow(0)})
 	return leaseResult(res, "renew idempotency lease")
 }
 
@@ -155,23 +191,25 @@ type Completion struct {
 
 // CompleteIdempotency stores the attempt's response. The TTL runs from now.
 func (s *Store) CompleteIdempotency(ctx context.Context, id, owner string, c Completion, ttl time.Duration) error {
-	now := s.now()
 	res := s.db.WithContext(ctx).Model(&IdempotencyRecord{}).
 		Where("id = ? AND owner = ? AND state = ?", id, owner, StateInProgress).
 		Updates(map[string]any{
 			"state": StateCompleted, "owner": "", "status": c.Status, "headers": c.Headers,
 			"body": c.Body, "body_size": c.BodySize, "stream": c.Stream, "replayable": c.Replayable,
-			"release_reason": "", "updated_at": now, "expires_at": now.Add(ttl),
+			"release_reason": "", "updated_at": s.sqlNow(0), "expires_at": s.sqlNow(ttl),
 		})
 	return leaseResult(res, "complete idempotency key")
 }
 
 // ReleaseIdempotency gives the key back after a retryable failure, so the
-// next request with it executes; the reason is kept for the dashboard.
-func (s *Store) ReleaseIdempotency(ctx context.Context, id, owner, reason string) error {
+// next request with it executes; the reason is kept for the dashboard. The
+// TTL runs from now, as after a completion: until it ends, another request
+// with the key is a reuse (422).
+func (s *Store) ReleaseIdempotency(ctx context.Context, id, owner, reason string, ttl time.Duration) error {
 	res := s.db.WithContext(ctx).Model(&IdempotencyRecord{}).
 		Where("id = ? AND owner = ? AND state = ?", id, owner, StateInProgress).
-		Updates(map[string]any{"state": StateReleased, "owner": "", "release_reason": reason, "body": nil, "updated_at": s.now()})
+		Updates(map[string]any{"state": StateReleased, "owner": "", "release_reason": reason, "body": nil,
+			"updated_at": s.sqlNow(0), "expires_at": s.sqlNow(ttl)})
 	return leaseResult(res, "release idempotency key")
 }
 
@@ -188,7 +226,7 @@ func leaseResult(res *gorm.DB, what string) error {
 // MarkIdempotencyReplayed counts one replay of a stored response.
 func (s *Store) MarkIdempotencyReplayed(ctx context.Context, id string) error {
 	err := s.db.WithContext(ctx).Model(&IdempotencyRecord{}).Where("id = ?", id).
-		Updates(map[string]any{"replay_count": gorm.Expr("replay_count + 1"), "last_replay_at": s.now()}).Error
+		Updates(map[string]any{"replay_count": gorm.Expr("replay_count + 1"), "last_replay_at": s.sqlNow(0)}).Error
 	if err != nil {
 		return fmt.Errorf("models: count idempotency replay: %w", err)
 	}
@@ -200,7 +238,7 @@ func (s *Store) MarkIdempotencyReplayed(ctx context.Context, id string) error {
 func (s *Store) SweepIdempotency(ctx context.Context, batch int) (int64, error) {
 	var total int64
 	for {
-		now := s.now()
+		now := s.sqlNow(0)
 		sub := s.db.Model(&IdempotencyRecord{}).Select("id").
 			Where("expires_at < ? AND NOT (state = ? AND locked_until > ?)", now, StateInProgress, now).Limit(batch)
 		res := s.db.WithContext(ctx).Where("id IN (?)", sub).Delete(&IdempotencyRecord{})

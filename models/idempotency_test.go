@@ -52,9 +52,28 @@ func TestClaimHasExactlyOneWinner(t *testing.T) {
 	})
 }
 
+// elapse lets d pass for the records: their times move d into the past.
+// Lease arithmetic runs on the database's clock on PostgreSQL, which a
+// fake Go clock cannot move.
+func elapse(t *testing.T, s *models.Store, d time.Duration, ids ...string) {
+	t.Helper()
+	for _, id := range ids {
+		rec, err := s.IdempotencyByID(context.Background(), id)
+		if err != nil {
+			t.Fatalf("elapse %s: %v", id, err)
+		}
+		err = s.DB().Model(&models.IdempotencyRecord{}).Where("id = ?", id).Updates(map[string]any{
+			"locked_until": rec.LockedUntil.Add(-d), "created_at": rec.CreatedAt.Add(-d),
+			"updated_at": rec.UpdatedAt.Add(-d), "expires_at": rec.ExpiresAt.Add(-d),
+		}).Error
+		if err != nil {
+			t.Fatalf("elapse %s: %v", id, err)
+		}
+	}
+}
+
 func TestClaimLifecycle(t *testing.T) {
-	clock := testdb.NewClock(time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC))
-	testdb.Each(t, clock.Now, func(t *testing.T, s *models.Store) {
+	testdb.Each(t, nil, func(t *testing.T, s *models.Store) {
 		ctx := context.Background()
 		r := claimReq("k", "owner-1", "fp")
 		r.Lease = 10 * time.Second
@@ -63,18 +82,18 @@ func TestClaimLifecycle(t *testing.T) {
 			t.Fatalf("first claim: %v %v", ok, err)
 		}
 		// A live lease is not taken over, with or without renewal.
-		clock.Advance(8 * time.Second)
+		elapse(t, s, 8*time.Second, r.ID)
 		if err := s.RenewIdempotencyLease(ctx, r.ID, "owner-1", r.Lease); err != nil {
 			t.Fatalf("renew: %v", err)
 		}
-		clock.Advance(8 * time.Second) // 16 s after the claim, 8 s after the renewal
+		elapse(t, s, 8*time.Second, r.ID) // 16 s after the claim, 8 s after the renewal
 		r2 := r
 		r2.Owner = "owner-2"
 		if ok, rec, _ := s.ClaimIdempotency(ctx, r2); ok || rec.State != models.StateInProgress {
 			t.Fatal("taken over under a renewed lease")
 		}
 		// Once the lease lapses, another attempt takes over; the old owner lost it.
-		clock.Advance(3 * time.Second)
+		elapse(t, s, 3*time.Second, r.ID)
 		if ok, displaced, err := s.ClaimIdempotency(ctx, r2); !ok || err != nil || displaced == nil {
 			t.Fatalf("takeover after the lease lapsed: %v %v %v", ok, displaced, err)
 		}
@@ -101,7 +120,7 @@ func TestClaimLifecycle(t *testing.T) {
 		}
 		// TTL: an expired record is never replayed; the key is new again,
 		// even with another body.
-		clock.Advance(time.Hour + time.Second)
+		elapse(t, s, time.Hour+time.Second, r.ID)
 		r3 := claimReq("k", "owner-3", "another-fp")
 		if ok, _, err := s.ClaimIdempotency(ctx, r3); !ok || err != nil {
 			t.Fatalf("claim after expiry: %v %v", ok, err)
@@ -116,7 +135,7 @@ func TestReleaseLetsTheRetryExecute(t *testing.T) {
 		if ok, _, _ := s.ClaimIdempotency(ctx, r); !ok {
 			t.Fatal("claim")
 		}
-		if err := s.ReleaseIdempotency(ctx, r.ID, "owner-1", "upstream_status_503"); err != nil {
+		if err := s.ReleaseIdempotency(ctx, r.ID, "owner-1", "upstream_status_503", time.Hour); err != nil {
 			t.Fatal(err)
 		}
 		other := r
@@ -132,14 +151,15 @@ func TestReleaseLetsTheRetryExecute(t *testing.T) {
 }
 
 func TestSweepDeletesOnlyExpired(t *testing.T) {
-	clock := testdb.NewClock(time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC))
-	testdb.Each(t, clock.Now, func(t *testing.T, s *models.Store) {
+	testdb.Each(t, nil, func(t *testing.T, s *models.Store) {
 		ctx := context.Background()
+		var ids []string
 		for i := 0; i < 25; i++ {
 			r := claimReq(fmt.Sprint("old-", i), "o", "fp")
 			r.TTL = time.Minute
 			_, _, _ = s.ClaimIdempotency(ctx, r)
 			_ = s.CompleteIdempotency(ctx, r.ID, "o", models.Completion{Status: 200, Replayable: true}, time.Minute)
+			ids = append(ids, r.ID)
 		}
 		running := claimReq("running", "o", "fp")
 		running.TTL, running.Lease = time.Minute, time.Hour
@@ -147,7 +167,7 @@ func TestSweepDeletesOnlyExpired(t *testing.T) {
 		fresh := claimReq("fresh", "o", "fp")
 		_, _, _ = s.ClaimIdempotency(ctx, fresh)
 
-		clock.Advance(2 * time.Minute)
+		elapse(t, s, 2*time.Minute, append(ids, running.ID, fresh.ID)...)
 		n, err := s.SweepIdempotency(ctx, 10) // several batches
 		if err != nil || n != 25 {
 			t.Fatalf("swept %d (%v), want 25", n, err)
@@ -162,6 +182,84 @@ func TestSweepDeletesOnlyExpired(t *testing.T) {
 		}
 		if err := s.DeleteIdempotency(ctx, fresh.ID); !errors.Is(err, models.ErrNotFound) {
 			t.Fatalf("second delete: %v", err)
+		}
+	})
+}
+
+// TestLiveLeaseSurvivesClockSkew: replicas whose clocks disagree by far
+// more than the lease share one PostgreSQL. Lease and expiry arithmetic
+// runs on the database's clock, so no replica takes over a live lease or
+// sweeps a record early, whichever way its own clock is off.
+func TestLiveLeaseSurvivesClockSkew(t *testing.T) {
+	url := testdb.PostgresURL(t)
+	open := func(skew time.Duration) *models.Store {
+		s, err := models.Open(context.Background(), models.Options{DatabaseURL: url, Now: func() time.Time { return time.Now().Add(skew) }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = s.Close() })
+		return s
+	}
+	exact, ahead, behind := open(0), open(time.Hour), open(-time.Hour)
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name              string
+		holder, challenge *models.Store
+	}{
+		{"challenger ahead", exact, ahead},
+		{"holder behind", behind, exact},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := claimReq("skew-"+tc.name, "holder", "fp")
+			r.TTL = 30 * time.Minute
+			if ok, _, err := tc.holder.ClaimIdempotency(ctx, r); !ok || err != nil {
+				t.Fatalf("holder claim: %v %v", ok, err)
+			}
+			r2 := r
+			r2.Owner = "challenger"
+			if ok, rec, err := tc.challenge.ClaimIdempotency(ctx, r2); ok || err != nil || rec.State != models.StateInProgress {
+				t.Errorf("a live lease was taken over by a skewed replica: claimed=%v err=%v", ok, err)
+			}
+			if ok, _, err := tc.challenge.ClaimIdempotency(ctx, claimReq("skew-"+tc.name, "other", "other-fp")); ok || err != nil {
+				t.Errorf("a live key was claimed for another body by a skewed replica: claimed=%v err=%v", ok, err)
+			}
+			if _, err := tc.challenge.SweepIdempotency(ctx, 100); err != nil {
+				t.Fatal(err)
+			}
+			if err := tc.holder.CompleteIdempotency(ctx, r.ID, "holder", models.Completion{Status: 200, Replayable: true}, r.TTL); err != nil {
+				t.Fatalf("holder complete: %v", err)
+			}
+			if _, err := tc.challenge.SweepIdempotency(ctx, 100); err != nil {
+				t.Fatal(err)
+			}
+			if _, rec, err := tc.challenge.ClaimIdempotency(ctx, r2); err != nil || rec == nil || rec.State != models.StateCompleted {
+				t.Errorf("the completed record is not replayed by a skewed replica: %+v %v", rec, err)
+			}
+		})
+	}
+}
+
+// TestLiveLeaseOutlivesTheTTL: a call that runs longer than the TTL keeps
+// its key; the TTL counts from the end of the attempt.
+func TestLiveLeaseOutlivesTheTTL(t *testing.T) {
+	testdb.Each(t, nil, func(t *testing.T, s *models.Store) {
+		ctx := context.Background()
+		r := claimReq("long", "holder", "fp")
+		r.TTL = time.Second
+		if ok, _, err := s.ClaimIdempotency(ctx, r); !ok || err != nil {
+			t.Fatalf("claim: %v %v", ok, err)
+		}
+		elapse(t, s, 5*time.Second, r.ID) // past the TTL, well within the 30 s lease
+		for _, fp := range []string{"fp", "other-fp"} {
+			if ok, rec, err := s.ClaimIdempotency(ctx, claimReq("long", "challenger", fp)); ok || err != nil || rec.State != models.StateInProgress {
+				t.Fatalf("fingerprint %s: a live lease lost to an expired TTL: claimed=%v err=%v", fp, ok, err)
+			}
+		}
+		if err := s.CompleteIdempotency(ctx, r.ID, "holder", models.Completion{Status: 200, Replayable: true}, r.TTL); err != nil {
+			t.Fatalf("complete: %v", err)
+		}
+		if _, rec, err := s.ClaimIdempotency(ctx, claimReq("long", "challenger", "fp")); err != nil || rec == nil || rec.State != models.StateCompleted {
+			t.Fatalf("completed record not replayed within its TTL: %+v %v", rec, err)
 		}
 	})
 }
