@@ -2,12 +2,15 @@ package models
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"time"
 
 	"gorm.io/gorm"
 	"gorm.io/gorm/clause"
+
+	"github.com/openai-idempotent-proxy/proxy/migrations"
 )
 
 // States of an idempotency record.
@@ -96,7 +99,7 @@ func (s *Store) ClaimIdempotency(ctx context.Context, r ClaimRequest) (claimed b
 			Free, Lapsed      bool
 		}
 		err := s.db.WithContext(ctx).Model(&IdempotencyRecord{}).
-			Select("*, ("+free.SQL+") AS free, ("+lapsed.SQL+") AS lapsed", append(append([]any{}, free.Vars...), lapsed.Vars...)...).
+			Select(recordColumnsSQL+", ("+free.SQL+") AS free, ("+lapsed.SQL+") AS lapsed", append(append([]any{}, free.Vars...), lapsed.Vars...)...).
 			Where("id = ?", r.ID).Take(&row).Error
 		if errors.Is(err, gorm.ErrRecordNotFound) {
 			continue // swept or deleted between the statements: claim again
@@ -262,6 +265,34 @@ func (s *Store) DeleteIdempotency(ctx context.Context, id string) error {
 		return ErrNotFound
 	}
 	return nil
+}
+
+// recordColumnsSQL selects every column of a record but its body: a
+// claim that finds a record reads the body only to replay it, and then in
+// chunks (IdempotencyBodyChunk), so a retry storm on a large record does
+// not load it once per retry.
+const recordColumnsSQL = "id, client, method, path, idem_key, fingerprint, state, owner, locked_until, status, headers, " +
+	"body_size, stream, replayable, replay_count, last_replay_at, attempts, release_reason, created_at, updated_at, expires_at"
+
+// IdempotencyBodyChunk reads n bytes of a completed record's body from
+// offset off. owner names the attempt that completed it, so a record that
+// expired and was taken over meanwhile is never mixed into a replay: then,
+// or if the record is gone, it returns ErrNotFound.
+func (s *Store) IdempotencyBodyChunk(ctx context.Context, id, owner string, off, n int64) ([]byte, error) {
+	expr := "substr(body, ?, ?)" // SQLite: blobs, 1-based
+	if s.dialect == migrations.Postgres {
+		expr = "substring(body from ?::int for ?::int)"
+	}
+	var chunk []byte
+	err := s.db.WithContext(ctx).Model(&IdempotencyRecord{}).Select(expr, off+1, n).
+		Where("id = ? AND owner = ? AND state = ?", id, owner, StateCompleted).Row().Scan(&chunk)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("models: read idempotency body: %w", err)
+	}
+	return chunk, nil
 }
 
 // IdempotencyByID loads one record, body included.

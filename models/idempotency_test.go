@@ -1,6 +1,7 @@
 package models_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -260,6 +261,41 @@ func TestLiveLeaseOutlivesTheTTL(t *testing.T) {
 		}
 		if _, rec, err := s.ClaimIdempotency(ctx, claimReq("long", "challenger", "fp")); err != nil || rec == nil || rec.State != models.StateCompleted {
 			t.Fatalf("completed record not replayed within its TTL: %+v %v", rec, err)
+		}
+	})
+}
+
+func TestIdempotencyBodyChunks(t *testing.T) {
+	testdb.Each(t, nil, func(t *testing.T, s *models.Store) {
+		ctx := context.Background()
+		body := make([]byte, 300_001)
+		for i := range body {
+			body[i] = byte(i * 7)
+		}
+		req := models.ClaimRequest{ID: "chunks", Client: "c", Method: "POST", Path: "/v1/x", Key: "k", Fingerprint: "f", Owner: "o1", Lease: time.Minute, TTL: time.Hour}
+		if ok, _, err := s.ClaimIdempotency(ctx, req); !ok || err != nil {
+			t.Fatalf("claim: %v %v", ok, err)
+		}
+		if err := s.CompleteIdempotency(ctx, "chunks", "o1", models.Completion{Status: 200, Headers: "{}", Body: body, BodySize: int64(len(body)), Replayable: true}, time.Hour); err != nil {
+			t.Fatal(err)
+		}
+		_, rec, err := s.ClaimIdempotency(ctx, req)
+		if err != nil || rec == nil || len(rec.Body) != 0 || rec.BodySize != int64(len(body)) {
+			t.Fatalf("a claim that finds the record must not load its body: %v, %+v", err, rec)
+		}
+		var got []byte
+		for off := int64(0); off < int64(len(body)); off += 65536 {
+			chunk, err := s.IdempotencyBodyChunk(ctx, "chunks", rec.Owner, off, 65536)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got = append(got, chunk...)
+		}
+		if !bytes.Equal(got, body) {
+			t.Fatalf("chunks reassemble to %d bytes, not the body", len(got))
+		}
+		if _, err := s.IdempotencyBodyChunk(ctx, "chunks", "another-attempt", 0, 10); !errors.Is(err, models.ErrNotFound) {
+			t.Errorf("chunk of another attempt: %v, want ErrNotFound", err)
 		}
 	})
 }
