@@ -68,16 +68,18 @@ func (r *reader) fill(want int) {
 		// Nothing can follow: release everything.
 		r.err = err
 	}
+	// An occurrence that began in bytes already released still covers the
+	// head of held; occurrences that start in held are found again next time.
+	// Masks are written once every occurrence is found.
 	spans := r.m.find(b, r.spans[:0])
-	if r.heldMask > 0 {
-		spans = append(spans, span{0, r.heldMask})
-	}
-	r.heldMask = 0
+	carry := r.heldMask
+	fill(b[:min(carry, rel)])
+	r.heldMask = max(0, carry-rel)
 	for _, sp := range spans {
 		if sp.s < rel {
 			fill(b[sp.s:min(sp.e, rel)])
+			r.heldMask = max(r.heldMask, sp.e-rel)
 		}
-		r.heldMask = max(r.heldMask, sp.e-rel)
 	}
 	r.spans = spans[:0]
 	r.out, r.held = b[:rel], b[rel:]
