@@ -166,10 +166,11 @@ func (m *Masker) find(b []byte, spans []span) []span {
 		return spans
 	}
 	last := len(b) - m.q // last position a secret can start at
+	qmask, filter := m.qmask, &m.filter
 	i := 0
 	for ; i <= last && i+8 <= len(b); i++ {
-		k := binary.LittleEndian.Uint64(b[i:]) & m.qmask
-		if h := hash(k); m.filter[h/64]&(1<<(h%64)) != 0 {
+		k := binary.LittleEndian.Uint64(b[i:i+8:i+8]) & qmask
+		if h := hash(k); filter[h/64]&(1<<(h%64)) != 0 {
 			spans = m.verify(b, i, k, spans)
 		}
 	}
