@@ -240,3 +240,22 @@ func TestReaderSizes(t *testing.T) {
 		}
 	}
 }
+
+// TestReplacePerReadLeaks shows why the Reader holds tails: replacing the
+// key in each read on its own, as the proxy did for error bodies, lets a key
+// split over two reads through.
+func TestReplacePerReadLeaks(t *testing.T) {
+	in := "data: {\"echo\":\"" + key + "\"}\n\n"
+	cut := strings.Index(in, key) + 10
+	var naivePerRead []byte
+	for _, part := range []string{in[:cut], in[cut:]} {
+		naivePerRead = append(naivePerRead, bytes.ReplaceAll([]byte(part), []byte(key), []byte("***"))...)
+	}
+	if !bytes.Contains(naivePerRead, []byte(key)) {
+		t.Fatal("per-read replacement caught the split key; the test shows nothing")
+	}
+	got, err := readAll(New(key).Reader(split(in, cut)), 4096)
+	if err != nil || bytes.Contains(got, []byte(key)) || len(got) != len(in) {
+		t.Fatalf("Reader gave %q, %v", got, err)
+	}
+}
