@@ -2,7 +2,6 @@ package scrub
 
 import (
 	"errors"
-	"fmt"
 	"io"
 	"strings"
 
@@ -16,8 +15,9 @@ import (
 // ErrTooLarge is returned by a decoded stream that grows past its bound.
 var ErrTooLarge = errors.New("scrub: decoded body exceeds the limit")
 
-// ErrUnsupportedEncoding is returned (wrapped, with the coding's name) by
-// Decode for a Content-Encoding it does not know.
+// ErrUnsupportedEncoding is returned by Decode for a Content-Encoding it
+// does not know. The error does not quote the header: an upstream controls
+// it, and it could carry a secret into a log.
 var ErrUnsupportedEncoding = errors.New("scrub: unsupported content encoding")
 
 // zstdMaxWindow is the largest zstd window accepted: the 8 MiB RFC 8878
@@ -45,7 +45,7 @@ func Decode(contentEncoding string, body io.Reader, maxBytes int64) (io.ReadClos
 		case "gzip", "x-gzip", "deflate", "br", "zstd":
 			codings = append(codings, c)
 		default:
-			return nil, fmt.Errorf("%w: %q", ErrUnsupportedEncoding, c)
+			return nil, ErrUnsupportedEncoding
 		}
 	}
 	if len(codings) == 0 {
