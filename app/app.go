@@ -114,6 +114,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 		IdempotencyTTL:     cfg.IdempotencyTTL,
 		IdempotencyLease:   cfg.IdempotencyLease,
 		IdempotencyMaxBody: cfg.IdempotencyMaxBody,
+		BufferMemoryLimit:  cfg.BufferMemoryLimit,
 	}, store, a.Logs, a.Metrics, logger)
 	a.Fiber = fiber.New(fiber.Config{
 		AppName:               "openai-proxy",

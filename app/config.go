@@ -46,6 +46,7 @@ type Config struct {
 	IdempotencyTTL     time.Duration // IDEMPOTENCY_TTL, default 24h
 	IdempotencyLease   time.Duration // IDEMPOTENCY_LEASE, default 30s
 	IdempotencyMaxBody int64         // IDEMPOTENCY_MAX_BODY, default 8 MiB: largest response stored for replay
+	BufferMemoryLimit  int64         // BUFFER_MEMORY_LIMIT, default 256 MiB: bytes held for captures, replays and inspected bodies
 
 	LogRetention time.Duration // LOG_RETENTION, default 30d
 	LogQueueSize int           // LOG_QUEUE_SIZE, default 10000
@@ -180,6 +181,7 @@ var settings = []Setting{
 	{"IDEMPOTENCY_TTL", "24h", "how long a completed Idempotency-Key is replayed", durationSetting(func(c *Config) *time.Duration { return &c.IdempotencyTTL })},
 	{"IDEMPOTENCY_LEASE", "30s", "how long a crashed holder keeps a key in progress before another replica takes it over", durationSetting(func(c *Config) *time.Duration { return &c.IdempotencyLease })},
 	{"IDEMPOTENCY_MAX_BODY", "8MiB", "largest response stored for replay (larger ones answer retries with 410)", sizeSetting(func(c *Config) *int64 { return &c.IdempotencyMaxBody })},
+	{"BUFFER_MEMORY_LIMIT", "256MiB", "total memory held for idempotency captures, replays and inspected request bodies; past it new keyed requests wait, then get 503", sizeSetting(func(c *Config) *int64 { return &c.BufferMemoryLimit })},
 	{"LOG_RETENTION", "30d", "how long request log rows are kept", durationSetting(func(c *Config) *time.Duration { return &c.LogRetention })},
 	{"LOG_QUEUE_SIZE", "10000", "request log records buffered in memory before new ones are dropped", func(c *Config, v string) error {
 		n, err := strconv.Atoi(v)
@@ -265,6 +267,9 @@ func (c *Config) validate(set map[string]bool) []error {
 	}
 	if c.IdempotencyLease < time.Second {
 		errs = append(errs, errors.New("IDEMPOTENCY_LEASE must be at least 1s"))
+	}
+	if c.BufferMemoryLimit < c.IdempotencyMaxBody {
+		errs = append(errs, fmt.Errorf("BUFFER_MEMORY_LIMIT (%d bytes) must be at least IDEMPOTENCY_MAX_BODY (%d bytes): no response could be stored whole", c.BufferMemoryLimit, c.IdempotencyMaxBody))
 	}
 	if c.FirstByteTimeout > c.UpstreamTimeout && !set["UPSTREAM_FIRST_BYTE_TIMEOUT"] {
 		c.FirstByteTimeout = c.UpstreamTimeout // the default gives way to a shorter whole-call bound

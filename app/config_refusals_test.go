@@ -47,6 +47,7 @@ func TestConfigRefusals(t *testing.T) {
 		{"bad host", "LISTEN_ADDR", "no_such host:8080", "neither an IP address nor a host name"},
 		// Pairs.
 		{"first byte beyond the whole call", "UPSTREAM_FIRST_BYTE_TIMEOUT", "31m", "must not exceed UPSTREAM_TIMEOUT"},
+		{"buffers smaller than one stored response", "BUFFER_MEMORY_LIMIT", "4MiB", "at least IDEMPOTENCY_MAX_BODY"},
 	}
 	for _, s := range app.Settings() {
 		if strings.HasSuffix(s.Name, "_TIMEOUT") || strings.HasSuffix(s.Name, "_GRACE") || strings.HasSuffix(s.Name, "_TTL") ||

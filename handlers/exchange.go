@@ -109,8 +109,11 @@ func (ex *exchange) onHeaders(h *fasthttp.ResponseHeader) {
 				cl.headers[name] = string(v)
 			}
 		}
-		if size := h.ContentLength(); size > 0 && int64(size) > ex.p.cfg.IdempotencyMaxBody {
-			cl.overflow = true
+		switch size := int64(h.ContentLength()); {
+		case size > ex.p.cfg.IdempotencyMaxBody:
+			ex.dropCapture()
+		case size > 0 && !ex.growCapture(size): // known: one exact buffer
+			ex.dropCapture()
 		}
 	}
 }
@@ -188,12 +191,40 @@ func (ex *exchange) observe(p []byte) {
 		}
 	}
 	if cl := ex.claim; cl != nil && !cl.overflow {
-		if int64(len(cl.capture)+len(p)) > ex.p.cfg.IdempotencyMaxBody {
-			cl.overflow, cl.capture = true, nil
+		need := int64(len(cl.capture) + len(p))
+		if need > ex.p.cfg.IdempotencyMaxBody || (need > int64(cap(cl.capture)) && !ex.growCapture(need)) {
+			ex.dropCapture()
 		} else {
 			cl.capture = append(cl.capture, p...)
 		}
 	}
+}
+
+// growCapture makes room for need bytes of a keyed response, within
+// BUFFER_MEMORY_LIMIT: it reserves what the larger buffer adds (waiting a
+// little, which pauses this stream) and moves the capture into it.
+func (ex *exchange) growCapture(need int64) bool {
+	cl := ex.claim
+	size := min(max(need, 2*int64(cap(cl.capture)), captureStep), ex.p.cfg.IdempotencyMaxBody)
+	if more := size - cl.reserved; more > 0 {
+		if !ex.p.buffers.acquire(more, growWait) {
+			ex.p.logger.Warn("BUFFER_MEMORY_LIMIT reached: a keyed response is delivered but not stored; retries get 410", "key_id", cl.id)
+			return false
+		}
+		cl.reserved = size
+	}
+	grown := make([]byte, len(cl.capture), size)
+	copy(grown, cl.capture)
+	cl.capture = grown
+	return true
+}
+
+// dropCapture gives up storing the response (too large, or no memory):
+// the attempt still counts as executed, so retries get 410.
+func (ex *exchange) dropCapture() {
+	cl := ex.claim
+	cl.overflow, cl.capture = true, nil
+	cl.freeCapture(ex.p)
 }
 
 // bodyComplete runs once the whole upstream body has been read, before the

@@ -34,6 +34,7 @@ type IdempotencyStore interface {
 	CompleteIdempotency(ctx context.Context, id, owner string, c models.Completion, ttl time.Duration) error
 	ReleaseIdempotency(ctx context.Context, id, owner, reason string, ttl time.Duration) error
 	MarkIdempotencyReplayed(ctx context.Context, id string) error
+	IdempotencyBodyChunk(ctx context.Context, id, owner string, off, n int64) ([]byte, error)
 }
 
 // ReplayedHeader marks a response answered from a stored record.
@@ -42,6 +43,8 @@ const ReplayedHeader = "Idempotent-Replayed"
 var (
 	errKeyInvalid = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_idempotency_key", Outcome: models.OutcomeIdempotencyInvalid,
 		Message: "The Idempotency-Key header must be 1 to 255 printable ASCII characters, bare or as a quoted string, and sent once."}
+	errBuffersFull = &APIError{Status: http.StatusServiceUnavailable, Type: "server_error", Code: "proxy_overloaded", Outcome: models.OutcomeRejected,
+		Message: "The proxy is at its memory limit (BUFFER_MEMORY_LIMIT) for keyed requests; retry shortly."}
 	errKeyMismatch = &APIError{Status: http.StatusUnprocessableEntity, Type: "invalid_request_error", Code: "idempotency_key_reused", Outcome: models.OutcomeIdempotencyMismatch,
 		Message: "This Idempotency-Key was already used for a different request (method, path, query or body). Use a new key for a new request."}
 	errKeyInProgress = &APIError{Status: http.StatusConflict, Type: "invalid_request_error", Code: "idempotency_key_in_progress", Outcome: models.OutcomeIdempotencyConflict,
@@ -57,7 +60,8 @@ type claim struct {
 	id, owner string
 	headers   map[string]string
 	capture   []byte
-	overflow  bool // the response outgrew IDEMPOTENCY_MAX_BODY
+	reserved  int64 // bytes of BUFFER_MEMORY_LIMIT held for capture, until stored
+	overflow  bool  // the response outgrew IDEMPOTENCY_MAX_BODY
 	stop      chan struct{}
 	stopOnce  sync.Once
 
@@ -136,7 +140,7 @@ func (p *Proxy) releaseInFlight() {
 		p.metrics.releasedClaim("shutdown")
 		p.persist("release idempotency key at shutdown", func(ctx context.Context) error {
 			return p.idem.ReleaseIdempotency(ctx, cl.id, cl.owner, "shutdown", p.cfg.IdempotencyTTL)
-		})
+		}, nil) // the request still runs and owns its capture
 		p.logger.Warn("idempotency key released at shutdown: the request was still running", "key_id", cl.id)
 		if p.sink != nil {
 			row := cl.row
@@ -179,6 +183,14 @@ func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
 		return ex.reject(c, &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_body", Outcome: models.OutcomeRejected,
 			Message: "The request body could not be read."})
 	}
+	// The first share of memory for the capture (or a replay), before any
+	// claim, so that a proxy at its memory bound refuses new work cleanly.
+	if !p.buffers.acquire(captureStep, admitWait) {
+		c.Set(fiber.HeaderRetryAfter, "1")
+		return ex.reject(c, errBuffersFull)
+	}
+	reserved := int64(captureStep)
+	defer func() { p.buffers.release(reserved) }() // what no claim or replay took over
 	id := scopeID(ex.rec.Client, key)
 	owner := randomToken()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -199,7 +211,8 @@ func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
 			p.logger.Info("idempotency key taken over after its lease lapsed", "key_id", id)
 		}
 		p.metrics.idempotencyResult("executed")
-		ex.claim = &claim{id: id, owner: owner, stop: make(chan struct{}), row: ex.rec, start: ex.start}
+		ex.claim = &claim{id: id, owner: owner, stop: make(chan struct{}), row: ex.rec, start: ex.start, reserved: reserved}
+		reserved = 0
 		p.claims.add(ex.claim)
 		go p.renewLease(ex.claim)
 		return p.forward(c, ex)
@@ -214,7 +227,8 @@ func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
 		return ex.reject(c, errKeyNotStored)
 	case rec.State == models.StateCompleted:
 		p.metrics.idempotencyResult("replayed")
-		return p.replay(c, ex, rec)
+		reserved = 0
+		return p.replay(c, ex, rec, captureStep)
 	default:
 		p.metrics.idempotencyResult("conflict")
 		c.Set(fiber.HeaderRetryAfter, "1")
@@ -223,8 +237,11 @@ func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
 }
 
 // replay answers from a stored record: same status, stored headers and the
-// identical body bytes, SSE streams included.
-func (p *Proxy) replay(c *fiber.Ctx, ex *exchange, rec *models.IdempotencyRecord) error {
+// identical body bytes, SSE streams included. The body is read from the
+// store a piece at a time as the client takes it, so a client that reads
+// slowly holds one piece (reserved bytes of BUFFER_MEMORY_LIMIT), not the
+// record.
+func (p *Proxy) replay(c *fiber.Ctx, ex *exchange, rec *models.IdempotencyRecord, reserved int64) error {
 	var headers map[string]string
 	_ = json.Unmarshal([]byte(rec.Headers), &headers)
 	for k, v := range headers {
@@ -232,8 +249,9 @@ func (p *Proxy) replay(c *fiber.Ctx, ex *exchange, rec *models.IdempotencyRecord
 	}
 	c.Set(ReplayedHeader, "true")
 	c.Status(rec.Status)
-	c.Response().SetBodyRaw(rec.Body)
-	ex.status, ex.outcome, ex.respBytes = rec.Status, models.OutcomeReplayed, int64(len(rec.Body))
+	body := &replayBody{p: p, id: rec.ID, owner: rec.Owner, size: rec.BodySize, reserved: reserved}
+	c.Response().SetBodyStream(body, int(rec.BodySize))
+	ex.status, ex.outcome, ex.respBytes = rec.Status, models.OutcomeReplayed, rec.BodySize
 	ex.rec.Stream = rec.Stream
 	ex.finish(nil)
 	p.background.Add(1)
@@ -247,6 +265,44 @@ func (p *Proxy) replay(c *fiber.Ctx, ex *exchange, rec *models.IdempotencyRecord
 	}()
 	return nil
 }
+
+// replayBody streams a stored body from the database in pieces.
+type replayBody struct {
+	p           *Proxy
+	id, owner   string
+	size, off   int64
+	pending     []byte
+	reserved    int64
+	releaseOnce sync.Once
+}
+
+func (r *replayBody) Read(b []byte) (int, error) {
+	if len(r.pending) == 0 {
+		if r.off >= r.size {
+			return 0, io.EOF
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		chunk, err := r.p.idem.IdempotencyBodyChunk(ctx, r.id, r.owner, r.off, min(replayChunk, r.size-r.off))
+		cancel()
+		if err != nil || len(chunk) == 0 {
+			// Expired, deleted or unreadable mid-replay: cut the response
+			// (its Content-Length tells the client) rather than end it early.
+			return 0, errReplayCut
+		}
+		r.pending, r.off = chunk, r.off+int64(len(chunk))
+	}
+	n := copy(b, r.pending)
+	r.pending = r.pending[n:]
+	return n, nil
+}
+
+// Close is called by fasthttp once the body is written, or failed to be.
+func (r *replayBody) Close() error {
+	r.releaseOnce.Do(func() { r.p.buffers.release(r.reserved) })
+	return nil
+}
+
+var errReplayCut = errors.New("idempotency record went away during its replay")
 
 // renewLease keeps the claim alive while the attempt runs, so a long stream
 // is never taken over by another replica.
@@ -354,14 +410,23 @@ func (ex *exchange) releaseNow(reason string) {
 	p.metrics.releasedClaim(reason)
 	p.persist("release idempotency key", func(ctx context.Context) error {
 		return p.idem.ReleaseIdempotency(ctx, cl.id, cl.owner, reason, p.cfg.IdempotencyTTL)
-	})
+	}, cl.freeCapture)
 }
 
 func (ex *exchange) store(c models.Completion) {
 	p, cl := ex.p, ex.claim
 	p.persist("store idempotency response", func(ctx context.Context) error {
 		return p.idem.CompleteIdempotency(ctx, cl.id, cl.owner, c, p.cfg.IdempotencyTTL)
-	})
+	}, cl.freeCapture)
+}
+
+// freeCapture gives the capture's memory back once it is stored (or not).
+func (cl *claim) freeCapture(p *Proxy) {
+	cl.mu.Lock()
+	n := cl.reserved
+	cl.reserved = 0
+	cl.mu.Unlock()
+	p.buffers.release(n)
 }
 
 // persist writes an attempt's outcome. The first try is synchronous (the
@@ -371,7 +436,14 @@ func (ex *exchange) store(c models.Completion) {
 // outage or restart does not let the key execute again. Retries meanwhile
 // get 409 and then the replay. Only if the database stays away longer does
 // the lease lapse and the next retry execute.
-func (p *Proxy) persist(what string, write func(ctx context.Context) error) {
+func (p *Proxy) persist(what string, write func(ctx context.Context) error, done func(*Proxy)) {
+	if done != nil {
+		defer func() {
+			if done != nil {
+				done(p)
+			}
+		}()
+	}
 	try := func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
@@ -383,8 +455,13 @@ func (p *Proxy) persist(what string, write func(ctx context.Context) error) {
 	}
 	p.warnSometimes.Do(func() { p.logger.Warn(what+": retrying in the background", "error", err.Error()) })
 	p.background.Add(1)
+	finish := done
+	done = nil // the background retry holds what it writes until it is done
 	go func() {
 		defer p.background.Done()
+		if finish != nil {
+			defer finish(p)
+		}
 		deadline := time.Now().Add(p.cfg.IdempotencyLease / 2)
 		for wait := 100 * time.Millisecond; time.Now().Add(wait).Before(deadline); wait = min(2*wait, 2*time.Second) {
 			time.Sleep(wait)

@@ -379,3 +379,15 @@ func (m *Metrics) upstreamConn(event string) {
 		m.upstreamConns.WithLabelValues(event).Inc()
 	}
 }
+
+// bufferBytes exports what the proxy holds of BUFFER_MEMORY_LIMIT.
+func (m *Metrics) bufferBytes(b *bufferBudget) {
+	if m == nil {
+		return
+	}
+	m.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "proxy_buffer_bytes",
+		Help: "Bytes held now for idempotency captures, replays and inspected request bodies (bounded by BUFFER_MEMORY_LIMIT)."},
+		func() float64 { return float64(b.held.Load()) }))
+	m.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "proxy_buffer_limit_bytes",
+		Help: "BUFFER_MEMORY_LIMIT."}, func() float64 { return float64(b.limit) }))
+}

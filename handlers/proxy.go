@@ -3,6 +3,7 @@ package handlers
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -41,6 +42,7 @@ type ProxyConfig struct {
 	IdempotencyTTL     time.Duration
 	IdempotencyLease   time.Duration
 	IdempotencyMaxBody int64
+	BufferMemoryLimit  int64 // 0: no bound (tests that build a Proxy by hand)
 }
 
 // LogSink receives one record per request; Record must never block.
@@ -54,6 +56,7 @@ type Proxy struct {
 	auth       *Authenticator
 	bearer     string // "Bearer <upstream key>", built once
 	client     *fasthttp.Client
+	buffers    *bufferBudget
 	idem       IdempotencyStore // nil disables Idempotency-Key handling
 	sink       LogSink
 	metrics    *Metrics // nil records nothing
@@ -81,7 +84,9 @@ func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, 
 		metrics:       m,
 		logger:        logger,
 		warnSometimes: rate.Sometimes{Interval: time.Second},
+		buffers:       newBufferBudget(cmp.Or(cfg.BufferMemoryLimit, 1<<62)),
 	}
+	m.bufferBytes(p.buffers)
 	p.client = &fasthttp.Client{
 		Transport:                teeTransport{},
 		StreamResponseBody:       true,
