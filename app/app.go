@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"runtime/debug"
 	"sync"
 	"time"
 
@@ -40,6 +41,7 @@ func Run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return 2
 	}
 	logger := NewLogger(cfg, stderr)
+	setMemoryLimit(cfg, getenv)
 	// Listen first: a port in use is then the one line printed, before
 	// the database is opened or any background job has started.
 	ln, err := net.Listen("tcp", cfg.ListenAddr)
@@ -148,6 +150,17 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 	a.startJobs()
 	a.announce()
 	return a, nil
+}
+
+// setMemoryLimit gives the Go runtime a soft memory limit, unless
+// GOMEMLIMIT sets one: twice BUFFER_MEMORY_LIMIT plus room for the rest of
+// the process. Live memory is bounded by BUFFER_MEMORY_LIMIT; without a
+// limit the collector lets garbage grow to as much again before it runs
+// (GOGC), so a burst of large captures doubled the process's size.
+func setMemoryLimit(cfg Config, getenv func(string) string) {
+	if getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(2*cfg.BufferMemoryLimit + 128<<20)
+	}
 }
 
 // requestTimeouts runs once a request's headers are in. It moves the

@@ -32,6 +32,9 @@ type exchange struct {
 	deadline  time.Time
 	rec       models.RequestLog
 	bodyLimit *limitedReader
+	// bodyReserved is what a streamed JSON body read whole holds of
+	// BUFFER_MEMORY_LIMIT, until the exchange ends.
+	bodyReserved int64
 
 	// Set when upstream answers.
 	status    int
@@ -291,6 +294,7 @@ func (ex *exchange) finish(err error) {
 			}
 			ex.claim.stopRenewal()
 		}
+		ex.p.buffers.release(ex.bodyReserved)
 		if ex.sse {
 			ex.p.metrics.streamEnded()
 		}

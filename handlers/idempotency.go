@@ -44,7 +44,7 @@ var (
 	errKeyInvalid = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_idempotency_key", Outcome: models.OutcomeIdempotencyInvalid,
 		Message: "The Idempotency-Key header must be 1 to 255 printable ASCII characters, bare or as a quoted string, and sent once."}
 	errBuffersFull = &APIError{Status: http.StatusServiceUnavailable, Type: "server_error", Code: "proxy_overloaded", Outcome: models.OutcomeRejected,
-		Message: "The proxy is at its memory limit (BUFFER_MEMORY_LIMIT) for keyed requests; retry shortly."}
+		Message: "The proxy is at its memory limit (BUFFER_MEMORY_LIMIT); retry shortly."}
 	errKeyMismatch = &APIError{Status: http.StatusUnprocessableEntity, Type: "invalid_request_error", Code: "idempotency_key_reused", Outcome: models.OutcomeIdempotencyMismatch,
 		Message: "This Idempotency-Key was already used for a different request (method, path, query or body). Use a new key for a new request."}
 	errKeyInProgress = &APIError{Status: http.StatusConflict, Type: "invalid_request_error", Code: "idempotency_key_in_progress", Outcome: models.OutcomeIdempotencyConflict,

@@ -182,6 +182,15 @@ func (p *Proxy) admit(c *fiber.Ctx, ex *exchange) error {
 		ex.rec.RequestBytes = int64(size)
 	}
 	if size >= 0 && size <= inspectLimit && isJSON(req.Header.ContentType()) {
+		if req.IsBodyStream() {
+			// Read whole, so limits and the log know the model before
+			// anything is forwarded; held within BUFFER_MEMORY_LIMIT.
+			if !p.buffers.acquire(int64(size), admitWait) {
+				c.Set(fiber.HeaderRetryAfter, "1")
+				return errBuffersFull
+			}
+			ex.bodyReserved = int64(size)
+		}
 		body, err := bufferedBody(req, size) // bounded above
 		if err != nil {
 			c.Context().SetConnectionClose()

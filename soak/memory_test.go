@@ -75,7 +75,8 @@ func TestMemoryBound(t *testing.T) {
 		f()
 		close(stop)
 		<-sampled
-		t.Logf("%s: RSS %s at start, peak %s (%s)", name, mib(base.RSS), mib(peak.Load()), time.Since(start).Round(time.Millisecond))
+		after := px.afterGCs(t, px.sample(t), 2)
+		t.Logf("%s: RSS %s at start, peak %s (%s); after 2 GCs: %s", name, mib(base.RSS), mib(peak.Load()), time.Since(start).Round(time.Millisecond), after)
 		px.stop(t)
 	}
 	hc := &http.Client{Timeout: 2 * time.Minute}
