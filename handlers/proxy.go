@@ -67,6 +67,11 @@ type Proxy struct {
 	warnSometimes rate.Sometimes
 }
 
+// uncountedBody is the size below which a body read whole is not counted
+// against BUFFER_MEMORY_LIMIT: small next to the per-connection buffers, and
+// most requests.
+const uncountedBody = 64 << 10
+
 // inspectLimit bounds the JSON request bodies read to learn the model and
 // whether the client asked for a stream. Larger bodies stream through
 // unread (the log shows no model for them).
@@ -182,7 +187,7 @@ func (p *Proxy) admit(c *fiber.Ctx, ex *exchange) error {
 		ex.rec.RequestBytes = int64(size)
 	}
 	if size >= 0 && size <= inspectLimit && isJSON(req.Header.ContentType()) {
-		if req.IsBodyStream() {
+		if req.IsBodyStream() && size > uncountedBody {
 			// Read whole, so limits and the log know the model before
 			// anything is forwarded; held within BUFFER_MEMORY_LIMIT.
 			if !p.buffers.acquire(int64(size), admitWait) {
