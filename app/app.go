@@ -106,6 +106,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 	a.Proxy = handlers.NewProxy(handlers.ProxyConfig{
 		UpstreamBaseURL:    cfg.UpstreamBaseURL,
 		UpstreamAPIKey:     cfg.UpstreamAPIKey,
+		Secrets:            cfg.Secrets(),
 		UpstreamCAs:        cfg.UpstreamCAs,
 		ClientKeys:         cfg.ClientKeys,
 		AllowOpenProxy:     cfg.AllowOpenProxy,

@@ -62,7 +62,11 @@ func (r *recorder) do(t *testing.T, method, target, auth string, body io.Reader,
 	b, _ := io.ReadAll(resp.Body)
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	fmt.Fprintf(&r.out, "%s %s -> %d\n", method, req.URL.Path, resp.StatusCode) // what the proxy sent, not what we asked
+	path := req.URL.Path // what we asked, which may carry a secret on purpose: not the proxy's output
+	for _, s := range auditSecrets {
+		path = strings.ReplaceAll(path, s, "<secret>")
+	}
+	fmt.Fprintf(&r.out, "%s %s -> %d\n", method, path, resp.StatusCode)
 	_ = resp.Header.Write(&r.out)
 	r.out.Write(b)
 	return resp.StatusCode, string(b)
@@ -137,6 +141,29 @@ func runAuditSession(t *testing.T, rec *recorder, px *apptest.Instance, up *appt
 	rec.do(t, "POST", base+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(stream), with("Idempotency-Key", "audit-2", "X-Test-Status", "500"))
 	rec.do(t, "POST", base+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chat), with("X-Test-Echo-Auth", "1"))
 	rec.do(t, "POST", base+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chat), with("X-Test-Echo-Auth", "1", "Idempotency-Key", "audit-echo"))
+	// An upstream that echoes our key in headers, the request id and 200
+	// bodies: JSON and SSE (the key split across reads), plain and gzip,
+	// first answers and their replays.
+	for _, body := range []string{chat, stream} {
+		for _, gz := range []string{"", "1"} {
+			hdr := with("X-Test-Echo-All", "1", "X-Test-Gzip", gz)
+			if status, got := rec.do(t, "POST", base+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(body), hdr); status != 200 || !strings.Contains(got, "you sent Bearer ****") && !strings.Contains(got, `"0 Bearer ****`) {
+				t.Fatalf("echo-all (gzip %q): %d %s", gz, status, got)
+			}
+			key := fmt.Sprintf("audit-echo-all-%d%s", len(body), gz)
+			hdr = with("X-Test-Echo-All", "1", "X-Test-Gzip", gz, "Idempotency-Key", key)
+			first, _ := rec.do(t, "POST", base+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(body), hdr)
+			again, _ := rec.do(t, "POST", base+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(body), hdr)
+			if first != 200 || again != 200 {
+				t.Fatalf("echo-all keyed (gzip %q): %d then %d", gz, first, again)
+			}
+		}
+	}
+	// Secrets a client sends where the proxy stores what it is given: as
+	// the model, the Idempotency-Key, the User-Agent and in the path.
+	rec.do(t, "POST", base+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(`{"model":"`+apptest.ClientKey2+`"}`),
+		with("Idempotency-Key", apptest.ClientKey2, "User-Agent", "agent "+auditMetricsToken))
+	rec.do(t, "GET", base+"/v1/files/"+apptest.ClientKey2, apptest.ClientKey, nil, nil)
 	rec.do(t, "GET", base+"/v1/models", apptest.UpstreamKey, nil, nil) // the upstream key is no client key
 	rec.do(t, "GET", base+"/v1/models", "pk-guess-00000000", nil, nil)
 	rec.do(t, "GET", base+"/v1/models?api_key="+apptest.ClientKey, "", nil, nil)
@@ -145,7 +172,7 @@ func runAuditSession(t *testing.T, rec *recorder, px *apptest.Instance, up *appt
 	if status, _ := rec.do(t, "GET", base+"/v1/models", apptest.ClientKey, nil, with("Idempotency-Key", "x")); status != 200 {
 		t.Fatalf("models: %d", status)
 	}
-	if status, body := rec.do(t, "POST", base+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chat), with("X-Test-Echo-Auth", "1")); status != 401 || !strings.Contains(body, "redacted") {
+	if status, body := rec.do(t, "POST", base+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chat), with("X-Test-Echo-Auth", "1")); status != 401 || !strings.Contains(body, "Bearer ****") {
 		t.Fatalf("echoing upstream: %d %s", status, body)
 	}
 

@@ -3,7 +3,8 @@ package app
 import (
 	"io"
 	"log/slog"
-	"strings"
+
+	"github.com/openai-idempotent-proxy/proxy/handlers/scrub"
 )
 
 // NewLogger builds the process logger. As a last line of defence it
@@ -11,20 +12,14 @@ import (
 func NewLogger(cfg Config, w io.Writer) *slog.Logger {
 	var level slog.Level
 	_ = level.UnmarshalText([]byte(cfg.LogLevel))
-	secrets := cfg.Secrets()
+	mask := scrub.New(cfg.Secrets()...)
 	opts := &slog.HandlerOptions{
 		Level: level,
 		ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {
 			if a.Value.Kind() != slog.KindString {
 				return a
 			}
-			v := a.Value.String()
-			for _, s := range secrets {
-				if s != "" && strings.Contains(v, s) {
-					v = strings.ReplaceAll(v, s, "[redacted]")
-				}
-			}
-			return slog.String(a.Key, v)
+			return slog.String(a.Key, mask.String(a.Value.String()))
 		},
 	}
 	if cfg.LogFormat == "json" {

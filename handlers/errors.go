@@ -130,6 +130,8 @@ var (
 	// left before the upstream answered; the client never reads it.
 	errClientClosedRequest = &APIError{Status: 499, Type: "invalid_request_error", Code: "client_closed_request", Outcome: "client_cancelled",
 		Message: "The client closed the connection before the upstream answered."}
+	errUpstreamEncoding = &APIError{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_bad_encoding", Outcome: "upstream_error",
+		Message: "The upstream API answered in a content coding the proxy cannot decode."}
 	errUpstreamTimeout = &APIError{Status: http.StatusGatewayTimeout, Type: "server_error", Code: "upstream_timeout", Outcome: "upstream_error",
 		Message: "The upstream API did not answer in time."}
 )

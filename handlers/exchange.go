@@ -175,6 +175,15 @@ func (ex *exchange) endWatch() {
 	}
 }
 
+// maskRecord masks secrets in what a client or the upstream chose and the
+// log stores: a key sent as the model, the path, the Idempotency-Key or the
+// User-Agent, or echoed as the upstream's request id.
+func (p *Proxy) maskRecord(rec *models.RequestLog) {
+	for _, f := range []*string{&rec.Model, &rec.Path, &rec.UserAgent, &rec.IdempotencyKey, &rec.UpstreamRequestID, &rec.Error, &rec.Client} {
+		*f = p.mask.String(*f)
+	}
+}
+
 // observe sees every body byte on its way to the client.
 func (ex *exchange) observe(p []byte) {
 	if len(p) == 0 {
@@ -269,6 +278,7 @@ func (ex *exchange) finish(err error) {
 		if ex.bodyLimit != nil {
 			rec.RequestBytes = ex.bodyLimit.bytesRead()
 		}
+		ex.p.maskRecord(rec)
 		var gone *clientGoneError
 		switch {
 		case ex.outcome != "":
@@ -284,7 +294,7 @@ func (ex *exchange) finish(err error) {
 		case ex.errText != "":
 			rec.Error = ex.errText
 		case err != nil:
-			rec.Error = truncate(err.Error(), 300)
+			rec.Error = truncate(ex.p.mask.String(err.Error()), 300)
 		}
 		if ex.claim != nil {
 			if ex.claim.overflow {

@@ -195,7 +195,7 @@ func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
 	owner := randomToken()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	claimed, rec, err := p.idem.ClaimIdempotency(ctx, models.ClaimRequest{
-		ID: id, Client: ex.rec.Client, Method: ex.rec.Method, Path: ex.rec.Path, Key: key,
+		ID: id, Client: ex.rec.Client, Method: ex.rec.Method, Path: p.mask.String(ex.rec.Path), Key: p.mask.String(key),
 		Fingerprint: fingerprint, Owner: owner, Stream: ex.rec.Stream,
 		Lease: p.cfg.IdempotencyLease, TTL: p.cfg.IdempotencyTTL,
 	})
@@ -212,6 +212,7 @@ func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
 		}
 		p.metrics.idempotencyResult("executed")
 		ex.claim = &claim{id: id, owner: owner, stop: make(chan struct{}), row: ex.rec, start: ex.start, reserved: reserved}
+		p.maskRecord(&ex.claim.row) // logged as it is if a shutdown cuts the request
 		reserved = 0
 		p.claims.add(ex.claim)
 		go p.renewLease(ex.claim)

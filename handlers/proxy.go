@@ -24,6 +24,7 @@ import (
 	"github.com/valyala/fasthttp"
 	"golang.org/x/time/rate"
 
+	"github.com/openai-idempotent-proxy/proxy/handlers/scrub"
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
@@ -31,6 +32,7 @@ import (
 type ProxyConfig struct {
 	UpstreamBaseURL  *url.URL
 	UpstreamAPIKey   string
+	Secrets          []string // every secret to mask in what the proxy sends, stores and logs
 	UpstreamCAs      *x509.CertPool // nil: the system roots
 	ClientKeys       []ClientKey
 	AllowOpenProxy   bool
@@ -60,6 +62,7 @@ type Proxy struct {
 	idem       IdempotencyStore // nil disables Idempotency-Key handling
 	sink       LogSink
 	metrics    *Metrics // nil records nothing
+	mask       *scrub.Masker // every configured secret
 	logger     *slog.Logger
 	background sync.WaitGroup // keyed requests finishing without their client, deferred writes
 	claims     claimSet       // keyed attempts in flight, settled at shutdown
@@ -90,6 +93,7 @@ func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, 
 		logger:        logger,
 		warnSometimes: rate.Sometimes{Interval: time.Second},
 		buffers:       newBufferBudget(cmp.Or(cfg.BufferMemoryLimit, 1<<62)),
+		mask:          scrub.New(append([]string{cfg.UpstreamAPIKey}, cfg.Secrets...)...),
 	}
 	m.bufferBytes(p.buffers)
 	p.client = &fasthttp.Client{
@@ -241,14 +245,12 @@ func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
 	return nil
 }
 
-// maxErrorBody bounds how much of an upstream error body is read to redact.
+// maxErrorBody bounds how much of an upstream error body is read.
 const maxErrorBody = 1 << 20
 
-// scrubbedErrorBody reads an upstream error body (bounded) through the tee,
-// ends the exchange, and replaces the upstream key wherever it appears, so a
-// misbehaving upstream that echoes our request back cannot leak the key
-// through the proxy.
-func (p *Proxy) scrubbedErrorBody(t *tee) []byte {
+// errorBody reads an upstream error body (bounded) through the tee and
+// ends the exchange.
+func (p *Proxy) errorBody(t *tee) []byte {
 	body, err := io.ReadAll(io.LimitReader(t, maxErrorBody))
 	if err == nil && !t.eof {
 		err = errErrorBodyTooLarge
@@ -257,26 +259,63 @@ func (p *Proxy) scrubbedErrorBody(t *tee) []byte {
 		t.readErr = err
 	}
 	_ = t.CloseWithError(nil)
-	if bytes.Contains(body, []byte(p.cfg.UpstreamAPIKey)) {
-		p.logger.Warn("upstream echoed the upstream key in an error body; redacted")
-		body = bytes.ReplaceAll(body, []byte(p.cfg.UpstreamAPIKey), []byte("sk-***redacted***"))
-	}
 	return body
 }
 
-// scrubHeaders redacts the upstream key from response header values.
-func (p *Proxy) scrubHeaders(h *fasthttp.ResponseHeader) bool {
-	key := []byte(p.cfg.UpstreamAPIKey)
-	var leaked [][2][]byte
+// maxDecoded bounds a decoded upstream body per coding stage; decoding
+// holds no more memory than a read, so it only stops endless bombs.
+const maxDecoded = 1 << 36
+
+// identityBody returns the upstream body to read: decoded if the upstream
+// compressed it (it was not asked to: Accept-Encoding is not forwarded),
+// so that what passes can be masked, parsed for usage and stored, and the
+// client gets it in identity encoding (h loses Content-Encoding and its
+// length). A coding the proxy cannot undo is refused: it could hide a key.
+func (p *Proxy) identityBody(up *fasthttp.Response, h *fasthttp.ResponseHeader) (io.Reader, io.Closer, error) {
+	src := up.BodyStream()
+	enc := strings.TrimSpace(string(up.Header.ContentEncoding()))
+	if src == nil || enc == "" || strings.EqualFold(enc, "identity") {
+		return src, nil, nil
+	}
+	decoded, err := scrub.Decode(enc, src, maxDecoded)
+	if err != nil {
+		return nil, nil, errUnsupportedEncoding
+	}
+	h.Del(fiber.HeaderContentEncoding)
+	h.SetContentLength(-1)
+	return decoded, decoded, nil
+}
+
+var errUnsupportedEncoding = errors.New("upstream answered in a content coding the proxy cannot decode")
+
+// maskHeaders masks every secret in response header names and values.
+// It reports whether it found one.
+func (p *Proxy) maskHeaders(h *fasthttp.ResponseHeader) bool {
+	var leaked []string
 	for k, v := range h.All() {
-		if bytes.Contains(v, key) {
-			leaked = append(leaked, [2][]byte{append([]byte(nil), k...), bytes.ReplaceAll(v, key, []byte("sk-***redacted***"))})
+		if p.mask.Contains(k) || p.mask.Contains(v) {
+			leaked = append(leaked, string(k))
 		}
 	}
-	for _, kv := range leaked {
-		h.SetBytesKV(kv[0], kv[1])
+	if len(leaked) == 0 {
+		return false
 	}
-	return len(leaked) > 0
+	type field struct{ k, v string }
+	var keep []field
+	for k, v := range h.All() {
+		for _, name := range leaked {
+			if string(k) == name {
+				keep = append(keep, field{p.mask.String(string(k)), p.mask.String(string(v))})
+			}
+		}
+	}
+	for _, name := range leaked {
+		h.Del(name)
+	}
+	for _, f := range keep {
+		h.Add(f.k, f.v)
+	}
+	return true
 }
 
 // upstreamError maps a failure before the response started.
@@ -292,6 +331,10 @@ func (p *Proxy) upstreamError(c *fiber.Ctx, err error, ex *exchange) *APIError {
 		c.Context().SetConnectionClose()
 		ex.status, ex.outcome = errBadBody.Status, errBadBody.Outcome
 		return errBadBody
+	case errors.Is(err, errUnsupportedEncoding):
+		p.metrics.upstreamError("unreachable")
+		ex.status, ex.outcome = errUpstreamEncoding.Status, errUpstreamEncoding.Outcome
+		return errUpstreamEncoding
 	case errors.Is(err, errClientCancelled):
 		ex.status, ex.outcome = errClientClosedRequest.Status, errClientClosedRequest.Outcome
 		return errClientClosedRequest

@@ -74,7 +74,7 @@ func TestRequestLogRecordsUsageAndOutcomes(t *testing.T) {
 			{"sse", 200, "proxied", "alpha", "gpt-4o-mini", "/v1/chat/completions", 5, 4, 9, 0, 0, true},
 			{"responses", 200, "proxied", "beta", "gpt-4.1", "/v1/responses", 9, 6, 15, 4, 1, true},
 			{"embeddings", 200, "proxied", "alpha", "text-embedding-3-small", "/v1/embeddings", 8, 0, 8, 0, 0, false},
-			{"gzip", 200, "proxied", "alpha", "gpt-4o-mini", "/v1/chat/completions", 0, 0, 0, 0, 0, false},
+			{"gzip", 200, "proxied", "alpha", "gpt-4o-mini", "/v1/chat/completions", 11, 7, 18, 3, 2, false}, // decoded by the proxy
 			{"unauthorized", 401, "unauthorized", "", "", "/v1/chat/completions", 0, 0, 0, 0, 0, false},
 			{"upstream500", 500, "proxied", "alpha", "gpt-4o-mini", "/v1/chat/completions", 0, 0, 0, 0, 0, false},
 			{"keyed", 200, "proxied", "alpha", "gpt-4o-mini", "/v1/chat/completions", 11, 7, 18, 3, 2, false},

@@ -37,30 +37,37 @@ func (teeTransport) RoundTrip(hc *fasthttp.HostClient, req *fasthttp.Request, re
 	}
 	tmp.Header.CopyTo(&resp.Header)
 	cleanResponseHeaders(&resp.Header)
-	if ex.p.scrubHeaders(&resp.Header) {
-		ex.p.logger.Warn("upstream echoed the upstream key in a response header; redacted")
+	src, decoder, err := ex.p.identityBody(tmp, &resp.Header)
+	if err != nil {
+		fasthttp.ReleaseResponse(tmp)
+		release(false)
+		return false, err
 	}
-	ex.onHeaders(&tmp.Header)
-	src := tmp.BodyStream()
+	if ex.p.maskHeaders(&resp.Header) {
+		ex.p.logger.Warn("upstream echoed a secret in a response header; masked")
+	}
+	ex.onHeaders(&resp.Header)
 	if src == nil {
 		// HEAD, 204 and 304 carry no body stream.
-		resp.SetBody(tmp.Body())
-		ex.observe(tmp.Body())
+		body := ex.p.mask.Bytes(tmp.Body())
+		resp.SetBody(body)
+		ex.observe(body)
 		ex.bodyComplete()
 		fasthttp.ReleaseResponse(tmp)
 		ex.finish(nil)
 		return false, nil
 	}
-	size := tmp.Header.ContentLength()
+	size := resp.Header.ContentLength()
 	if size < 0 {
 		size = -1
 	}
-	t := &tee{src: src, release: release, tmp: tmp, ex: ex, size: int64(size)}
+	// Every byte the client, the capture, the log or a page will see has
+	// passed the mask: an upstream that echoes a key sends it nowhere.
+	t := &tee{src: ex.p.mask.Reader(src), decoder: decoder, release: release, tmp: tmp, ex: ex, size: int64(size)}
 	if tmp.StatusCode() >= 400 {
-		// Error bodies are small and may echo what upstream received,
-		// the server key included: read them whole and redact.
-		body := ex.p.scrubbedErrorBody(t)
-		resp.SetBody(body)
+		// Error bodies are small: read them whole, so a key echoed
+		// in one is masked before anything is sent.
+		resp.SetBody(ex.p.errorBody(t))
 		return false, nil
 	}
 	resp.SetBodyStream(t, size)
@@ -70,7 +77,8 @@ func (teeTransport) RoundTrip(hc *fasthttp.HostClient, req *fasthttp.Request, re
 // tee is the body stream Fiber writes to the client. It implements only
 // CloseWithError (not Close): fasthttp calls both when both exist.
 type tee struct {
-	src     io.Reader // the upstream body, on the connection
+	src     io.Reader // the upstream body (decoded, masked), on the connection
+	decoder io.Closer // nil unless the upstream body was encoded
 	release func(reuse bool)
 	tmp     *fasthttp.Response
 	ex      *exchange
@@ -159,6 +167,9 @@ func (t *tee) close(err error) {
 	// The connection is pooled again only after a clean, complete body;
 	// otherwise it is closed, which is how an abandoned unkeyed request
 	// cancels the upstream call.
+	if t.decoder != nil {
+		_ = t.decoder.Close()
+	}
 	fasthttp.ReleaseResponse(t.tmp)
 	t.release(err == nil && t.eof)
 	switch {

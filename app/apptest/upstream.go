@@ -31,6 +31,9 @@ import (
 //	X-Test-Echo-Auth: 1         answer 401 echoing the Authorization it received
 //	X-Test-Header-Kib: 40       add a response header of this many KiB
 //	X-Test-Pad-Kib: 64          pad each SSE content event by this many KiB
+//	X-Test-Echo-All: 1          a 200 that echoes the Authorization it received in a
+//	                            header, the request id and the body (JSON, or each
+//	                            SSE event, written in two halves that split the key)
 type Upstream struct {
 	*httptest.Server
 	calls     atomic.Int64 // requests that reached a handler
@@ -129,6 +132,47 @@ func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Openai-Processing-Ms", "12")
 	w.Header().Set("X-Ratelimit-Remaining-Requests", "99")
 	w.Header().Set("Set-Cookie", "__cf_bm=upstream-cookie; Path=/")
+	if echo := r.Header.Get("Authorization"); r.Header.Get("X-Test-Echo-All") != "" {
+		// A misbehaving upstream that puts what it received everywhere.
+		w.Header().Set("X-Echo-Authorization", echo)
+		w.Header().Set("X-Request-Id", "req_"+echo)
+		w.Header().Set("Openai-Echo", echo)
+		var req struct{ Stream bool }
+		_ = json.Unmarshal(body, &req)
+		if !req.Stream {
+			writeJSON(w, r, 200, map[string]any{"id": "chatcmpl-echo", "object": "chat.completion", "model": "gpt-4o-mini", "echo": echo,
+				"choices": []any{map[string]any{"index": 0, "message": map[string]any{"role": "assistant", "content": "you sent " + echo}}}})
+		} else {
+			w.Header().Set("Content-Type", "text/event-stream")
+			var out io.Writer = w
+			var zw *gzip.Writer
+			if r.Header.Get("X-Test-Gzip") != "" {
+				w.Header().Set("Content-Encoding", "gzip")
+				zw = gzip.NewWriter(w)
+				out = zw
+			}
+			flush := func() {
+				if zw != nil {
+					_ = zw.Flush()
+				}
+				w.(http.Flusher).Flush()
+			}
+			for i := range 3 {
+				event := fmt.Sprintf(`data: {"id":"chatcmpl-echo","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"%d %s"}}]}`+"\n\n", i, echo)
+				half := strings.Index(event, echo) + len(echo)/2
+				_, _ = io.WriteString(out, event[:half]) // the key split across two reads
+				flush()
+				_, _ = io.WriteString(out, event[half:])
+				flush()
+			}
+			_, _ = io.WriteString(out, "data: [DONE]\n\n")
+			if zw != nil {
+				_ = zw.Close()
+			}
+		}
+		u.completed.Add(1)
+		return
+	}
 	if r.Header.Get("X-Test-Echo-Auth") != "" {
 		// A misbehaving upstream that echoes the credentials it received.
 		w.Header().Set("X-Echo-Authorization", r.Header.Get("Authorization"))
