@@ -32,7 +32,7 @@ import (
 type ProxyConfig struct {
 	UpstreamBaseURL  *url.URL
 	UpstreamAPIKey   string
-	Secrets          []string // every secret to mask in what the proxy sends, stores and logs
+	Secrets          []string       // every secret to mask in what the proxy sends, stores and logs
 	UpstreamCAs      *x509.CertPool // nil: the system roots
 	ClientKeys       []ClientKey
 	AllowOpenProxy   bool
@@ -61,7 +61,7 @@ type Proxy struct {
 	buffers    *bufferBudget
 	idem       IdempotencyStore // nil disables Idempotency-Key handling
 	sink       LogSink
-	metrics    *Metrics // nil records nothing
+	metrics    *Metrics      // nil records nothing
 	mask       *scrub.Masker // every configured secret
 	logger     *slog.Logger
 	background sync.WaitGroup // keyed requests finishing without their client, deferred writes
