@@ -23,6 +23,7 @@ func (a *App) mountDashboard() {
 		DB:                  a.Store,
 		Auth:                a.Store,
 		Dropped:             a.Logs.Dropped,
+		KeyRejectedAt:       a.Metrics.UpstreamKeyRejectedAt,
 		Now:                 a.Store.Now,
 		Logger:              a.logger,
 	})

@@ -792,3 +792,29 @@ func TestDashboardReleasedKeyAndStatusFilter(t *testing.T) {
 		t.Error("dropdown says any")
 	}
 }
+
+// When the upstream refuses OPENAI_API_KEY, every page says so.
+func TestDashboardBannerWhenUpstreamRefusesTheKey(t *testing.T) {
+	up := apptest.NewUpstream(t)
+	px := apptest.Start(t, up.URL, map[string]string{"ADMIN_PASSWORD": adminPassword})
+	b := newBrowser(t, px)
+	b.login()
+	const banner = "The upstream refuses <code>OPENAI_API_KEY</code>"
+	if page := b.page("/dashboard"); strings.Contains(page, banner) {
+		t.Fatal("banner shown before any refusal")
+	}
+	req, _ := http.NewRequest("POST", px.URL+"/v1/chat/completions", strings.NewReader(`{"model":"m"}`))
+	req.Header.Set("Authorization", "Bearer "+apptest.ClientKey)
+	req.Header.Set("X-Test-Echo-Auth", "1") // the upstream answers 401 invalid_api_key
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 401 {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	for _, path := range []string{"/dashboard", "/dashboard/requests", "/dashboard/keys"} {
+		contains(t, path, b.page(path), banner)
+	}
+}

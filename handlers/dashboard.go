@@ -63,6 +63,9 @@ type DashboardConfig struct {
 	DB    Pinger
 	// Dropped counts request log records lost (LogWriter.Dropped); nil: none.
 	Dropped func() uint64
+	// KeyRejectedAt is when the upstream last refused OPENAI_API_KEY
+	// (Metrics.UpstreamKeyRejectedAt); nil or zero: not since start.
+	KeyRejectedAt func() time.Time
 	// Auth is the sign-in state shared by replicas (the signing secret,
 	// signed-out sessions, failed sign-ins); nil keeps it in this process.
 	Auth DashboardAuth
@@ -98,6 +101,9 @@ const (
 func NewDashboard(cfg DashboardConfig) *Dashboard {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
+	}
+	if cfg.KeyRejectedAt == nil {
+		cfg.KeyRejectedAt = func() time.Time { return time.Time{} }
 	}
 	if cfg.Dropped == nil {
 		cfg.Dropped = func() uint64 { return 0 }
@@ -169,7 +175,10 @@ type layout struct {
 	Open     bool  // the proxy runs without client keys
 	DBDown   bool  // the database did not answer
 	Dropped  int64 // request log records lost
-	Refresh  int   // seconds; 0: no auto-refresh
+	// KeyRejected is when the upstream last refused OPENAI_API_KEY, if
+	// within the last hour: every call fails while it does.
+	KeyRejected time.Time
+	Refresh     int // seconds; 0: no auto-refresh
 }
 
 // page fills the layout of a signed-in page; nav names its section.
@@ -177,8 +186,18 @@ func (h *Dashboard) page(c *fiber.Ctx, title, nav string) layout {
 	dbDown, _ := c.Locals(dbDownLocal).(bool)
 	return layout{
 		Title: title, Nav: nav, CSRF: h.csrfOf(c), SignedIn: c.Locals(sessionLocal) != nil, DBDown: dbDown,
-		Open: h.cfg.Open, Dropped: int64(min(h.cfg.Dropped(), math.MaxInt64)),
+		Open: h.cfg.Open, Dropped: int64(min(h.cfg.Dropped(), math.MaxInt64)), KeyRejected: h.recentKeyRejection(),
 	}
+}
+
+// recentKeyRejection is the time of the upstream's last refusal of
+// OPENAI_API_KEY if it is under an hour old.
+func (h *Dashboard) recentKeyRejection() time.Time {
+	at := h.cfg.KeyRejectedAt()
+	if at.IsZero() || h.cfg.Now().Sub(at) > time.Hour {
+		return time.Time{}
+	}
+	return at
 }
 
 // DegradeWhenDatabaseDown turns a page's internal error into a 503 page
