@@ -9,32 +9,32 @@ import (
 	"io"
 	"log/slog"
 	"mime"
-	"net"
+	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
 	"github.com/valyala/fasthttp"
 
+	"github.com/openai-idempotent-proxy/proxy/handlers/scrub"
 	"github.com/openai-idempotent-proxy/proxy/handlers/usage"
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
 // exchange is the state of one proxied request, from arrival to the last
 // byte. It outlives the handler (the body is written after it returns), so
-// it holds only copied values, never anything from fiber.Ctx.
+// it holds only copied values, never anything from fiber.Ctx. It ends in
+// finish, once: build the record, settle the claim, emit.
 type exchange struct {
-	p         *Proxy
+	out       *recorder
 	start     time.Time
-	deadline  time.Time
 	rec       models.RequestLog
 	bodyLimit *limitedReader
 	// bodyReserved is what a streamed JSON body read whole holds of
-	// BUFFER_MEMORY_LIMIT, until the exchange ends.
+	// buffers (BUFFER_MEMORY_LIMIT), until the exchange ends.
 	bodyReserved int64
+	buffers      *bufferBudget
 
 	// Set when upstream answers.
 	status    int
@@ -51,16 +51,18 @@ type exchange struct {
 	claim      *claim // set when this request holds an Idempotency-Key claim
 	clientGone bool
 
-	// Unkeyed requests watch their client while the upstream has not begun
-	// to answer (nothing is written then, so nothing else would notice it
-	// leave) and cancel the call if it goes.
-	upstream  *upstreamConn // the connection the answer comes on, once it has begun
-	client    *clientConn
-	stopWatch func()
-	cancelled atomic.Bool
+	hop hop // the round trip's deadline and client watch (upstream.go)
 
-	completeOnce sync.Once
-	finishOnce   sync.Once
+	finishOnce sync.Once
+}
+
+// recorder is where finished exchanges go: the request log, /metrics and
+// the process log, every field a client or the upstream chose masked.
+type recorder struct {
+	sink    LogSink // nil: no request log
+	metrics *Metrics
+	logger  *slog.Logger
+	mask    *scrub.Masker
 }
 
 // tailKeep is how much of a JSON response's end is kept for usage.
@@ -69,9 +71,10 @@ const tailKeep = 64 << 10
 func (p *Proxy) newExchange(c *fiber.Ctx) *exchange {
 	now := time.Now()
 	return &exchange{
-		p:        p,
-		start:    now,
-		deadline: now.Add(p.cfg.UpstreamTimeout),
+		out:     &p.out,
+		start:   now,
+		buffers: p.buffers,
+		hop:     hop{deadline: now.Add(p.cfg.UpstreamTimeout)},
 		rec: models.RequestLog{
 			CreatedAt: now.UTC(),
 			Method:    string(c.Request().Header.Method()),
@@ -101,7 +104,7 @@ func (ex *exchange) onHeaders(h *fasthttp.ResponseHeader) {
 	ex.json = mt == "application/json"
 	if ex.sse {
 		ex.rec.Stream = true
-		ex.p.metrics.streamStarted()
+		ex.out.metrics.streamStarted()
 	}
 	ex.encoding = strings.ToLower(string(h.ContentEncoding()))
 	ex.rec.UpstreamRequestID = truncate(string(h.Peek("X-Request-Id")), 200)
@@ -112,75 +115,7 @@ func (ex *exchange) onHeaders(h *fasthttp.ResponseHeader) {
 				cl.headers[name] = string(v)
 			}
 		}
-		switch size := int64(h.ContentLength()); {
-		case size > ex.p.cfg.IdempotencyMaxBody:
-			ex.dropCapture()
-		case size > 0 && !ex.growCapture(size): // known: one exact buffer
-			ex.dropCapture()
-		}
-	}
-}
-
-// clientConn is the client's connection, for watching it leave.
-type clientConn struct {
-	conn net.Conn
-	raw  syscall.RawConn
-}
-
-// watchClientOf returns the client connection to watch, or nil where the
-// socket cannot be peeked at.
-func watchClientOf(conn net.Conn) *clientConn {
-	sc, ok := conn.(syscall.Conn)
-	if !canPeek || !ok {
-		return nil
-	}
-	raw, err := sc.SyscallConn()
-	if err != nil {
-		return nil
-	}
-	return &clientConn{conn: conn, raw: raw}
-}
-
-// watchClient closes the upstream connection if the client closes its own
-// while the call waits for the upstream. It only peeks, so the bytes of a
-// pipelined next request stay for the server (and end the watch).
-func (ex *exchange) watchClient(upstream net.Conn) (stop func()) {
-	cc := ex.client
-	if cc == nil {
-		return func() {}
-	}
-	if uc := upstreamConnOf(upstream); uc != nil {
-		upstream = uc.Conn // close the socket itself, not a TLS layer that would write
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		if awaitReadable(cc.raw) == socketClosed {
-			ex.cancelled.Store(true)
-			_ = upstream.Close()
-		}
-	}()
-	return func() {
-		_ = cc.conn.SetReadDeadline(time.Unix(1, 0)) // wakes the watcher
-		<-done
-		_ = cc.conn.SetReadDeadline(time.Time{}) // the server sets its own before the next read
-	}
-}
-
-// endWatch stops watching the client, once the answer has begun.
-func (ex *exchange) endWatch() {
-	if ex.stopWatch != nil {
-		ex.stopWatch()
-		ex.stopWatch = nil
-	}
-}
-
-// maskRecord masks secrets in what a client or the upstream chose and the
-// log stores: a key sent as the model, the path, the Idempotency-Key or the
-// User-Agent, or echoed as the upstream's request id.
-func (p *Proxy) maskRecord(rec *models.RequestLog) {
-	for _, f := range []*string{&rec.Model, &rec.Path, &rec.UserAgent, &rec.IdempotencyKey, &rec.UpstreamRequestID, &rec.Error, &rec.Client} {
-		*f = p.mask.String(*f)
+		cl.expect(int64(h.ContentLength()))
 	}
 }
 
@@ -202,128 +137,135 @@ func (ex *exchange) observe(p []byte) {
 			ex.tail = append(ex.tail[:0], ex.tail[len(ex.tail)-tailKeep:]...)
 		}
 	}
-	if cl := ex.claim; cl != nil && !cl.overflow {
-		need := int64(len(cl.capture) + len(p))
-		if need > ex.p.cfg.IdempotencyMaxBody || (need > int64(cap(cl.capture)) && !ex.growCapture(need)) {
-			ex.dropCapture()
-		} else {
-			cl.capture = append(cl.capture, p...)
-		}
+	if ex.claim != nil {
+		ex.claim.append(p)
 	}
-}
-
-// growCapture makes room for need bytes of a keyed response, within
-// BUFFER_MEMORY_LIMIT: it reserves what the larger buffer adds (waiting a
-// little, which pauses this stream) and moves the capture into it.
-func (ex *exchange) growCapture(need int64) bool {
-	cl := ex.claim
-	size := min(max(need, 2*int64(cap(cl.capture)), captureStep), ex.p.cfg.IdempotencyMaxBody)
-	if more := size - cl.reserved; more > 0 {
-		if !ex.p.buffers.acquire(more, growWait) {
-			ex.p.logger.Warn("BUFFER_MEMORY_LIMIT reached: a keyed response is delivered but not stored; retries get 410", "key_id", cl.id)
-			return false
-		}
-		cl.reserved = size
-	}
-	grown := make([]byte, len(cl.capture), size)
-	copy(grown, cl.capture)
-	cl.capture = grown
-	return true
-}
-
-// dropCapture gives up storing the response (too large, or no memory):
-// the attempt still counts as executed, so retries get 410.
-func (ex *exchange) dropCapture() {
-	cl := ex.claim
-	cl.overflow, cl.capture = true, nil
-	cl.freeCapture(ex.p)
 }
 
 // bodyComplete runs once the whole upstream body has been read, before the
-// client is shown its end.
+// client is shown its end: a client that retries the instant it has the
+// full answer finds the record already stored.
 func (ex *exchange) bodyComplete() {
-	ex.completeOnce.Do(func() {
-		if ex.claim != nil {
-			ex.settle(true)
-		}
-	})
+	if ex.claim != nil {
+		ex.settleClaim(true, nil)
+	}
 }
 
 func (ex *exchange) keepsRunningWithoutClient() bool { return ex.claim != nil }
 
 func (ex *exchange) captureOverflow() bool { return ex.claim != nil && ex.claim.overflow }
 
-// finish records the exchange once: err is nil for a clean end, a
+// settleClaim stores the response for replays or releases the key, once:
+// complete says the whole body passed; err is how the exchange ended, if
+// it has.
+func (ex *exchange) settleClaim(complete bool, err error) {
+	cl := ex.claim
+	completion := models.Completion{Status: ex.status, Headers: storedHeaders(cl.headers), BodySize: ex.respBytes, Stream: ex.sse}
+	switch {
+	case !storable(ex.status) && (complete || cl.overflow):
+		cl.release("upstream_status_" + strconv.Itoa(ex.status))
+	case cl.overflow:
+		cl.complete(completion) // executed: answer retries with 410, never run it again
+	case !complete:
+		cl.release(releaseReason(err))
+	case ex.sse && !ex.stream.Terminal():
+		cl.release("stream_incomplete")
+	case ex.json && !completeJSON(cl.capture, ex.encoding):
+		cl.release("body_incomplete")
+	default:
+		completion.Body, completion.Replayable = cl.capture, true
+		cl.complete(completion)
+	}
+}
+
+// finish ends the exchange once: err is nil for a clean end, a
 // *clientGoneError when the client left, or the upstream failure.
 func (ex *exchange) finish(err error) {
 	ex.finishOnce.Do(func() {
-		end := time.Now()
-		rec := &ex.rec
-		rec.Status = ex.status
-		ex.p.metrics.upstreamAnswered(ex) // an upstream 401 means OPENAI_API_KEY was refused
-		rec.DurationMs = end.Sub(ex.start).Milliseconds()
-		var ttfb time.Duration // zero: upstream never answered
-		switch {
-		case !ex.firstByte.IsZero():
-			ttfb = ex.firstByte.Sub(ex.start)
-		case !ex.headersAt.IsZero():
-			ttfb = ex.headersAt.Sub(ex.start)
-		}
-		rec.TTFBMs = ttfb.Milliseconds()
-		rec.ResponseBytes = ex.respBytes
-		if u, ok := ex.usage(); ok {
-			rec.PromptTokens, rec.CompletionTokens, rec.TotalTokens = u.PromptTokens, u.CompletionTokens, u.TotalTokens
-			rec.CachedTokens, rec.ReasoningTokens = u.CachedTokens, u.ReasoningTokens
-		}
-		if ex.bodyLimit != nil {
-			rec.RequestBytes = ex.bodyLimit.bytesRead()
-		}
-		ex.p.maskRecord(rec)
-		var gone *clientGoneError
-		switch {
-		case ex.outcome != "":
-			rec.Outcome = ex.outcome
-		case errors.As(err, &gone) || ex.clientGone || ex.cancelled.Load():
-			rec.Outcome = models.OutcomeClientCancelled
-		case err != nil:
-			rec.Outcome = models.OutcomeUpstreamError
-		default:
-			rec.Outcome = models.OutcomeProxied
-		}
-		switch {
-		case ex.errText != "":
-			rec.Error = ex.errText
-		case err != nil:
-			rec.Error = truncate(ex.p.mask.String(err.Error()), 300)
-		}
+		rec, ttfb := ex.record(err)
 		if ex.claim != nil {
-			if ex.claim.overflow {
-				ex.settle(false) // executed: answer retries with 410, never run it again
-			} else {
-				ex.release(releaseReason(err))
-			}
-			ex.claim.stopRenewal()
+			ex.settleClaim(false, err)
+			ex.claim.end()
 		}
-		ex.p.buffers.release(ex.bodyReserved)
-		if ex.sse {
-			ex.p.metrics.streamEnded()
-		}
-		if rec.Outcome == models.OutcomeUpstreamError && ex.status != 0 && ex.status < 500 {
-			ex.p.metrics.upstreamError("cut_mid_response")
-		}
-		ex.p.metrics.observe(rec, ttfb)
-		if ex.p.sink != nil && !ex.loggedAtShutdown() {
-			ex.p.sink.Record(*rec)
-		}
-		level := slog.LevelDebug
-		if rec.Outcome == models.OutcomeUpstreamError || rec.Status >= 500 {
-			level = slog.LevelWarn
-		}
-		ex.p.logger.Log(context.Background(), level, "request",
-			slog.String("method", rec.Method), slog.String("path", rec.Path), slog.Int("status", rec.Status),
-			slog.String("outcome", rec.Outcome), slog.String("client", rec.Client), slog.Int64("ms", rec.DurationMs),
-			slog.String("error", rec.Error))
+		ex.buffers.release(ex.bodyReserved)
+		ex.emit(rec, ttfb)
 	})
+}
+
+// record completes the log row from what the exchange saw.
+func (ex *exchange) record(err error) (*models.RequestLog, time.Duration) {
+	rec := &ex.rec
+	rec.Status = ex.status
+	rec.DurationMs = time.Since(ex.start).Milliseconds()
+	var ttfb time.Duration // zero: upstream never answered
+	switch {
+	case !ex.firstByte.IsZero():
+		ttfb = ex.firstByte.Sub(ex.start)
+	case !ex.headersAt.IsZero():
+		ttfb = ex.headersAt.Sub(ex.start)
+	}
+	rec.TTFBMs = ttfb.Milliseconds()
+	rec.ResponseBytes = ex.respBytes
+	if u, ok := ex.usage(); ok {
+		rec.PromptTokens, rec.CompletionTokens, rec.TotalTokens = u.PromptTokens, u.CompletionTokens, u.TotalTokens
+		rec.CachedTokens, rec.ReasoningTokens = u.CachedTokens, u.ReasoningTokens
+	}
+	if ex.bodyLimit != nil {
+		rec.RequestBytes = ex.bodyLimit.bytesRead()
+	}
+	ex.out.maskRecord(rec)
+	var gone *clientGoneError
+	switch {
+	case ex.outcome != "":
+		rec.Outcome = ex.outcome
+	case errors.As(err, &gone) || ex.clientGone || ex.hop.cancelled.Load():
+		rec.Outcome = models.OutcomeClientCancelled
+	case err != nil:
+		rec.Outcome = models.OutcomeUpstreamError
+	default:
+		rec.Outcome = models.OutcomeProxied
+	}
+	switch {
+	case ex.errText != "":
+		rec.Error = ex.errText
+	case err != nil:
+		rec.Error = truncate(ex.out.mask.String(err.Error()), 300)
+	}
+	return rec, ttfb
+}
+
+// emit hands the finished row to /metrics, the request log and the
+// process log.
+func (ex *exchange) emit(rec *models.RequestLog, ttfb time.Duration) {
+	m := ex.out.metrics
+	m.upstreamAnswered(ex) // an upstream 401 means OPENAI_API_KEY was refused
+	if ex.sse {
+		m.streamEnded()
+	}
+	if rec.Outcome == models.OutcomeUpstreamError && ex.status != 0 && ex.status < 500 {
+		m.upstreamError("cut_mid_response")
+	}
+	m.observe(rec, ttfb)
+	if ex.out.sink != nil && (ex.claim == nil || !ex.claim.loggedAtShutdown()) {
+		ex.out.sink.Record(*rec)
+	}
+	level := slog.LevelDebug
+	if rec.Outcome == models.OutcomeUpstreamError || rec.Status >= 500 {
+		level = slog.LevelWarn
+	}
+	ex.out.logger.Log(context.Background(), level, "request",
+		slog.String("method", rec.Method), slog.String("path", rec.Path), slog.Int("status", rec.Status),
+		slog.String("outcome", rec.Outcome), slog.String("client", rec.Client), slog.Int64("ms", rec.DurationMs),
+		slog.String("error", rec.Error))
+}
+
+// maskRecord masks secrets in what a client or the upstream chose and the
+// log stores: a key sent as the model, the path, the Idempotency-Key or the
+// User-Agent, or echoed as the upstream's request id.
+func (r *recorder) maskRecord(rec *models.RequestLog) {
+	for _, f := range []*string{&rec.Model, &rec.Path, &rec.UserAgent, &rec.IdempotencyKey, &rec.UpstreamRequestID, &rec.Error, &rec.Client} {
+		*f = r.mask.String(*f)
+	}
 }
 
 // usage reads token usage from what passed: the SSE events, the captured

@@ -13,7 +13,6 @@ import (
 	"mime"
 	"net"
 	"net/url"
-	"os"
 	"strings"
 	"sync"
 	"time"
@@ -54,18 +53,18 @@ type LogSink interface {
 
 // Proxy forwards /v1/* to the upstream API.
 type Proxy struct {
-	cfg        ProxyConfig
-	auth       *Authenticator
-	bearer     string // "Bearer <upstream key>", built once
-	client     *fasthttp.Client
-	buffers    *bufferBudget
-	idem       IdempotencyStore // nil disables Idempotency-Key handling
-	sink       LogSink
-	metrics    *Metrics      // nil records nothing
-	mask       *scrub.Masker // every configured secret
-	logger     *slog.Logger
-	background sync.WaitGroup // keyed requests finishing without their client, deferred writes
-	claims     claimSet       // keyed attempts in flight, settled at shutdown
+	cfg       ProxyConfig
+	auth      *Authenticator
+	bearer    string // "Bearer <upstream key>", built once
+	client    *fasthttp.Client
+	transport *upstreamTransport
+	buffers   *bufferBudget
+	idem      IdempotencyStore // nil disables Idempotency-Key handling
+	claims    claims           // the keys claimed by requests in flight
+	out       recorder         // where finished exchanges go
+	// background counts keyed requests finishing without their client,
+	// and deferred writes.
+	background sync.WaitGroup
 	// warnSometimes keeps a database outage from flooding the log.
 	warnSometimes rate.Sometimes
 }
@@ -88,16 +87,16 @@ func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, 
 		auth:          NewAuthenticator(cfg.ClientKeys),
 		bearer:        "Bearer " + cfg.UpstreamAPIKey,
 		idem:          idem,
-		sink:          sink,
-		metrics:       m,
-		logger:        logger,
 		warnSometimes: rate.Sometimes{Interval: time.Second},
 		buffers:       newBufferBudget(cmp.Or(cfg.BufferMemoryLimit, 1<<62)),
-		mask:          scrub.New(append([]string{cfg.UpstreamAPIKey}, cfg.Secrets...)...),
+		transport:     &upstreamTransport{metrics: m},
+		out:           recorder{sink: sink, metrics: m, logger: logger, mask: scrub.New(append([]string{cfg.UpstreamAPIKey}, cfg.Secrets...)...)},
 	}
+	p.claims = claims{store: idem, ttl: cfg.IdempotencyTTL, lease: cfg.IdempotencyLease, maxBody: cfg.IdempotencyMaxBody,
+		buffers: p.buffers, metrics: m, logger: logger, sink: sink, background: &p.background, warn: &p.warnSometimes}
 	m.bufferBytes(p.buffers)
 	p.client = &fasthttp.Client{
-		Transport:                teeTransport{},
+		Transport:                p.transport,
 		StreamResponseBody:       true,
 		NoDefaultUserAgentHeader: true,
 		DisablePathNormalizing:   true,
@@ -129,7 +128,7 @@ func (p *Proxy) Wait(stop <-chan struct{}) {
 	case <-done:
 	case <-stop:
 	}
-	p.releaseInFlight()
+	p.claims.releaseInFlight()
 }
 
 // Handle serves every /v1/* request.
@@ -211,168 +210,80 @@ func (p *Proxy) admit(c *fiber.Ctx, ex *exchange) error {
 	return nil
 }
 
-// forward sends the request upstream through Fiber's proxy middleware.
+// forward sends the request upstream through Fiber's proxy middleware and
+// takes the response over: headers cleaned and masked, the body decoded,
+// masked and teed to the client (an error body read whole first).
 func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
-	req := c.Request()
+	req, resp := c.Request(), c.Response()
 	prepareUpstreamRequest(&req.Header, p.bearer)
-	req.SetUserValue(exchangeKey{}, ex)
 	if ex.claim == nil {
-		ex.client = watchClientOf(c.Context().Conn())
+		ex.hop.client = watchClientOf(c.Context().Conn())
 	}
 	target := upstreamURL(p.cfg.UpstreamBaseURL, ex.rec.Path, req.URI().QueryString())
 	// The client resets the response, dropping headers that middleware
 	// (CORS) set before the handler ran: keep them to put back.
 	var pre fasthttp.ResponseHeader
-	c.Response().Header.CopyTo(&pre)
+	resp.Header.CopyTo(&pre)
+
+	returned := p.transport.lend(req, &ex.hop)
 	err := proxy.Do(c, target, p.client)
-	req.SetUserValue(exchangeKey{}, nil)
-	for k, v := range pre.All() {
-		if bytes.HasPrefix(k, []byte("Access-Control-")) || bytes.Equal(k, []byte("Vary")) {
-			c.Response().Header.SetBytesKV(k, v)
+	returned()
+	up := takeUpstream(resp) // nil without a body stream (HEAD, 204, 304)
+	var src io.Reader
+	var decoder io.Closer
+	if err == nil {
+		cleanResponseHeaders(&resp.Header)
+		if src, decoder, err = p.identityBody(up, &resp.Header); err != nil {
+			up.abandon()
+			resp.Header.Reset() // none of the refused answer's headers
 		}
 	}
+	restoreCORS(&resp.Header, &pre)
 	if err != nil {
 		apiErr := p.upstreamError(c, err, ex)
 		ex.finish(err)
 		return WriteAPIError(c, apiErr)
 	}
+	if p.maskHeaders(&resp.Header) {
+		p.out.logger.Warn("upstream echoed a secret in a response header; masked")
+	}
+	ex.onHeaders(&resp.Header)
 	if ex.sse {
 		// Tell buffering reverse proxies in front of us (nginx) to pass
 		// events through as they come.
 		c.Set("X-Accel-Buffering", "no")
 		c.Set("Cache-Control", "no-cache")
 	}
+
+	if src == nil {
+		body := p.out.mask.Bytes(resp.Body())
+		resp.SetBody(body)
+		ex.observe(body)
+		ex.bodyComplete()
+		ex.finish(nil)
+		return nil
+	}
+	size := max(resp.Header.ContentLength(), -1)
+	// Every byte the client, the capture, the log or a page will see has
+	// passed the mask: an upstream that echoes a key sends it nowhere.
+	t := &tee{src: p.out.mask.Reader(src), decoder: decoder, release: up.release, up: up.up, ex: ex, size: int64(size)}
+	if resp.StatusCode() >= 400 {
+		// Error bodies are small: read them whole, so a key echoed in
+		// one is masked before anything is sent.
+		resp.SetBody(errorBody(t))
+		return nil
+	}
+	resp.SetBodyStream(t, size)
 	return nil
 }
 
-// maxErrorBody bounds how much of an upstream error body is read.
-const maxErrorBody = 1 << 20
-
-// errorBody reads an upstream error body (bounded) through the tee and
-// ends the exchange.
-func (p *Proxy) errorBody(t *tee) []byte {
-	body, err := io.ReadAll(io.LimitReader(t, maxErrorBody))
-	if err == nil && !t.eof {
-		err = errErrorBodyTooLarge
-	}
-	if err != nil && t.readErr == nil {
-		t.readErr = err
-	}
-	_ = t.CloseWithError(nil)
-	return body
-}
-
-// maxDecoded bounds a decoded upstream body per coding stage; decoding
-// holds no more memory than a read, so it only stops endless bombs.
-const maxDecoded = 1 << 36
-
-// identityBody returns the upstream body to read: decoded if the upstream
-// compressed it (it was not asked to: Accept-Encoding is not forwarded),
-// so that what passes can be masked, parsed for usage and stored, and the
-// client gets it in identity encoding (h loses Content-Encoding and its
-// length). A coding the proxy cannot undo is refused: it could hide a key.
-func (p *Proxy) identityBody(up *fasthttp.Response, h *fasthttp.ResponseHeader) (io.Reader, io.Closer, error) {
-	src := up.BodyStream()
-	enc := strings.TrimSpace(string(up.Header.ContentEncoding()))
-	if src == nil || enc == "" || strings.EqualFold(enc, "identity") {
-		return src, nil, nil
-	}
-	decoded, err := scrub.Decode(enc, src, maxDecoded)
-	if err != nil {
-		return nil, nil, errUnsupportedEncoding
-	}
-	h.Del(fiber.HeaderContentEncoding)
-	h.SetContentLength(-1)
-	return decoded, decoded, nil
-}
-
-var errUnsupportedEncoding = errors.New("upstream answered in a content coding the proxy cannot decode")
-
-// maskHeaders masks every secret in response header names and values.
-// It reports whether it found one.
-func (p *Proxy) maskHeaders(h *fasthttp.ResponseHeader) bool {
-	var leaked []string
-	for k, v := range h.All() {
-		if p.mask.Contains(k) || p.mask.Contains(v) {
-			leaked = append(leaked, string(k))
+// restoreCORS puts back the CORS headers middleware set before the call.
+func restoreCORS(h, pre *fasthttp.ResponseHeader) {
+	for k, v := range pre.All() {
+		if bytes.HasPrefix(k, []byte("Access-Control-")) || bytes.Equal(k, []byte("Vary")) {
+			h.SetBytesKV(k, v)
 		}
 	}
-	if len(leaked) == 0 {
-		return false
-	}
-	type field struct{ k, v string }
-	var keep []field
-	for k, v := range h.All() {
-		for _, name := range leaked {
-			if string(k) == name {
-				keep = append(keep, field{p.mask.String(string(k)), p.mask.String(string(v))})
-			}
-		}
-	}
-	for _, name := range leaked {
-		h.Del(name)
-	}
-	for _, f := range keep {
-		h.Add(f.k, f.v)
-	}
-	return true
-}
-
-// upstreamError maps a failure before the response started.
-func (p *Proxy) upstreamError(c *fiber.Ctx, err error, ex *exchange) *APIError {
-	switch {
-	case ex.bodyLimit != nil && ex.bodyLimit.exceeded:
-		lingerAndClose(c)
-		ex.status, ex.outcome = errBodyTooLarge.Status, errBodyTooLarge.Outcome
-		return errBodyTooLarge
-	case ex.bodyLimit != nil && ex.bodyLimit.err != nil:
-		// The client's own upload broke (bad chunked framing, or it hung
-		// up mid-body): not an upstream failure.
-		c.Context().SetConnectionClose()
-		ex.status, ex.outcome = errBadBody.Status, errBadBody.Outcome
-		return errBadBody
-	case errors.Is(err, errUnsupportedEncoding):
-		p.metrics.upstreamError("unreachable")
-		ex.status, ex.outcome = errUpstreamEncoding.Status, errUpstreamEncoding.Outcome
-		return errUpstreamEncoding
-	case errors.Is(err, errClientCancelled):
-		ex.status, ex.outcome = errClientClosedRequest.Status, errClientClosedRequest.Outcome
-		return errClientClosedRequest
-	case isTimeout(err):
-		p.metrics.upstreamError("first_byte_timeout")
-		ex.status, ex.outcome = errUpstreamTimeout.Status, errUpstreamTimeout.Outcome
-		return errUpstreamTimeout
-	}
-	p.metrics.upstreamError("unreachable")
-	ex.status, ex.outcome = errUpstreamUnreachable.Status, errUpstreamUnreachable.Outcome
-	return errUpstreamUnreachable
-}
-
-func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.Is(err, fasthttp.ErrTimeout) || errors.Is(err, os.ErrDeadlineExceeded) ||
-		(errors.As(err, &ne) && ne.Timeout())
-}
-
-// idempotencyKeyFields returns every Idempotency-Key field as received,
-// empty ones included (an empty key is invalid, not absent). It reads the
-// raw header block, because parsed headers drop empty values.
-func idempotencyKeyFields(h *fasthttp.RequestHeader) [][]byte {
-	var out [][]byte
-	raw := h.RawHeaders()
-	for len(raw) > 0 {
-		line := raw
-		if i := bytes.IndexByte(raw, '\n'); i >= 0 {
-			line, raw = raw[:i], raw[i+1:]
-		} else {
-			raw = nil
-		}
-		name, value, ok := bytes.Cut(bytes.TrimRight(line, "\r"), []byte(":"))
-		if ok && bytes.EqualFold(bytes.TrimSpace(name), []byte("Idempotency-Key")) {
-			out = append(out, bytes.TrimSpace(value))
-		}
-	}
-	return out
 }
 
 func isIdempotentMethod(m string) bool { return m == fiber.MethodPost || m == fiber.MethodPatch }

@@ -7,6 +7,7 @@ import (
 	"net"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -26,14 +27,14 @@ import (
 //     connection before any response byte (a clean EOF could follow a
 //     request the upstream processed, so it is retried only for GET and HEAD).
 //   - UPSTREAM_TIMEOUT bounds the whole call from the first byte written
-//     (the exchange's deadline on the connection), not only the body.
+//     (the hop's deadline on the connection), not only the body.
 //   - Response header blocks larger than the read buffer are read with a
 //     larger one instead of failing.
 //
 // On success it returns release, which gives the connection back to the
 // pool (reuse) or closes it; the caller must call it exactly once after the
 // body stream is done. A response without a body stream has been released.
-func sendUpstream(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp.Response, ex *exchange) (release func(reuse bool), err error) {
+func sendUpstream(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp.Response, h *hop, m *Metrics) (release func(reuse bool), err error) {
 	if req.Header.IsHead() {
 		resp.SkipBody = true
 	}
@@ -48,11 +49,11 @@ func sendUpstream(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp
 		reused := !cc.LastUseTime().IsZero()
 		if reused && uc != nil && !uc.reusable(time.Since(cc.LastUseTime())) {
 			hc.CloseConn(cc)
-			ex.p.metrics.upstreamConn("stale")
+			m.upstreamConn("stale")
 			continue
 		}
 		if uc != nil {
-			uc.begin(ex.deadline)
+			uc.begin(h.deadline)
 		}
 		bw := hc.AcquireWriter(conn)
 		err = req.Write(bw)
@@ -64,12 +65,12 @@ func sendUpstream(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp
 			hc.CloseConn(cc)
 			if reused && resent < maxResends && !req.IsBodyStream() && !isTimeout(err) {
 				resent++
-				ex.p.metrics.upstreamConn("resent")
+				m.upstreamConn("resent")
 				continue // the upstream cannot have read the whole request
 			}
 			return nil, err
 		}
-		stopWatch := ex.watchClient(conn)
+		stopWatch := h.watchClient(conn)
 		br := hc.AcquireReader(conn)
 		var body *bufio.Reader = br
 		err = resp.ReadLimitBody(body, 0)
@@ -83,18 +84,18 @@ func sendUpstream(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp
 			stopWatch()
 			hc.ReleaseReader(br)
 			hc.CloseConn(cc)
-			if ex.cancelled.Load() {
+			if h.cancelled.Load() {
 				return nil, errClientCancelled
 			}
 			if reused && uc != nil && resent < maxResends && uc.neverAnswered(req) {
 				resent++
-				ex.p.metrics.upstreamConn("resent")
+				m.upstreamConn("resent")
 				continue
 			}
 			return nil, err
 		}
-		ex.stopWatch = stopWatch // until the first body byte: see tee.Read
-		ex.upstream = uc
+		h.stopWatch = stopWatch // until the first body byte: see tee.Read
+		h.upstream = uc
 		if uc != nil {
 			uc.keepAlive = keepAliveTimeout(resp.Header.Peek("Keep-Alive"))
 		}
@@ -108,13 +109,80 @@ func sendUpstream(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp
 			}
 		}
 		if resp.BodyStream() == nil {
-			ex.endWatch()
+			h.endWatch()
 			release(true)
 			return nil, nil
 		}
 		return release, nil
 	}
 	return nil, errNoUsableConn
+}
+
+// hop is what one request's round trip needs of it: its UPSTREAM_TIMEOUT
+// deadline, and the client connection to watch. Unkeyed requests watch
+// their client while the upstream has not begun to answer (nothing is
+// written then, so nothing else would notice it leave) and cancel the call
+// if it goes.
+type hop struct {
+	deadline  time.Time
+	client    *clientConn   // nil: not watched
+	stopWatch func()        // until the first body byte: see tee.Read
+	upstream  *upstreamConn // the connection the answer comes on, once it has begun
+	cancelled atomic.Bool   // the client left before the upstream answered
+}
+
+// clientConn is the client's connection, for watching it leave.
+type clientConn struct {
+	conn net.Conn
+	raw  syscall.RawConn
+}
+
+// watchClientOf returns the client connection to watch, or nil where the
+// socket cannot be peeked at.
+func watchClientOf(conn net.Conn) *clientConn {
+	sc, ok := conn.(syscall.Conn)
+	if !canPeek || !ok {
+		return nil
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return &clientConn{conn: conn, raw: raw}
+}
+
+// watchClient closes the upstream connection if the client closes its own
+// while the call waits for the upstream. It only peeks, so the bytes of a
+// pipelined next request stay for the server (and end the watch).
+func (h *hop) watchClient(upstream net.Conn) (stop func()) {
+	cc := h.client
+	if cc == nil {
+		return func() {}
+	}
+	if uc := upstreamConnOf(upstream); uc != nil {
+		upstream = uc.Conn // close the socket itself, not a TLS layer that would write
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if awaitReadable(cc.raw) == socketClosed {
+			h.cancelled.Store(true)
+			_ = upstream.Close()
+		}
+	}()
+	return func() {
+		_ = cc.conn.SetReadDeadline(time.Unix(1, 0)) // wakes the watcher
+		<-done
+		_ = cc.conn.SetReadDeadline(time.Time{}) // the server sets its own before the next read
+	}
+}
+
+// endWatch stops watching the client, once the answer has begun.
+func (h *hop) endWatch() {
+	if h.stopWatch != nil {
+		h.stopWatch()
+		h.stopWatch = nil
+	}
 }
 
 const (
