@@ -17,6 +17,7 @@ import (
 	"github.com/valyala/fasthttp"
 
 	"github.com/openai-idempotent-proxy/proxy/handlers"
+	"github.com/openai-idempotent-proxy/proxy/handlers/dashboard"
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
@@ -90,7 +91,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 	// at creation, and a broken template must stop start-up.
 	var views fiber.Views
 	if cfg.AdminPassword != "" {
-		engine, err := handlers.NewDashboardViews()
+		engine, err := dashboard.NewViews()
 		if err != nil {
 			return nil, err
 		}

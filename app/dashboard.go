@@ -4,7 +4,7 @@ import (
 	"context"
 	"time"
 
-	"github.com/openai-idempotent-proxy/proxy/handlers"
+	"github.com/openai-idempotent-proxy/proxy/handlers/dashboard"
 )
 
 // mountDashboard registers the admin pages under /dashboard (the page
@@ -12,7 +12,7 @@ import (
 // sign-in state (signing secret, signed-out sessions, failed sign-ins)
 // lives in the database, shared by every replica.
 func (a *App) mountDashboard() {
-	h := handlers.NewDashboard(handlers.DashboardConfig{
+	h := dashboard.New(dashboard.Config{
 		Password:            a.cfg.AdminPassword,
 		Open:                len(a.cfg.ClientKeys) == 0,
 		TrustForwardedProto: len(a.cfg.TrustedProxies) > 0,

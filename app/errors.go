@@ -9,6 +9,7 @@ import (
 	"github.com/gofiber/fiber/v2"
 
 	"github.com/openai-idempotent-proxy/proxy/handlers"
+	"github.com/openai-idempotent-proxy/proxy/handlers/dashboard"
 )
 
 // errorHandler maps every error a handler returns to a response, once:
@@ -17,7 +18,7 @@ import (
 // never sent.
 func errorHandler(logger *slog.Logger) fiber.ErrorHandler {
 	return func(c *fiber.Ctx, err error) error {
-		if handlers.IsDashboardPath(c.Path()) && c.App().Config().Views != nil {
+		if dashboard.IsPath(c.Path()) && c.App().Config().Views != nil {
 			return dashboardError(c, err, logger)
 		}
 		apiErr := handlers.AsAPIError(err)
@@ -32,12 +33,12 @@ func errorHandler(logger *slog.Logger) fiber.ErrorHandler {
 // dashboardError answers a dashboard error with a rendered page, or plain
 // text if even that fails.
 func dashboardError(c *fiber.Ctx, err error, logger *slog.Logger) error {
-	status := handlers.DashboardErrorStatus(err)
+	status := dashboard.ErrorStatus(err)
 	var fe *fiber.Error
 	if status >= 500 && !errors.As(err, &fe) {
 		logger.Error("dashboard request failed", "method", c.Method(), "path", strings.Clone(c.Path()), "error", err.Error())
 	}
-	if rerr := handlers.RenderDashboardError(c, err); rerr != nil {
+	if rerr := dashboard.RenderError(c, err); rerr != nil {
 		logger.Error("dashboard error page failed", "error", rerr.Error())
 		c.Set(fiber.HeaderContentType, fiber.MIMETextPlainCharsetUTF8)
 		return c.Status(status).SendString(http.StatusText(status))

@@ -8,6 +8,7 @@ import (
 	"net/http"
 
 	"github.com/gofiber/fiber/v2"
+	"github.com/openai-idempotent-proxy/proxy/models"
 	"github.com/valyala/fasthttp"
 )
 
@@ -102,37 +103,37 @@ func codeFor(status int) string {
 
 // The proxy's own errors.
 var (
-	errMissingKey = &APIError{Status: http.StatusUnauthorized, Type: "invalid_request_error", Code: "missing_api_key", Outcome: "unauthorized",
+	errMissingKey = &APIError{Status: http.StatusUnauthorized, Type: "invalid_request_error", Code: "missing_api_key", Outcome: models.OutcomeUnauthorized,
 		Message: "You didn't provide a proxy API key. Send it as 'Authorization: Bearer <key>'."}
-	errInvalidKey = &APIError{Status: http.StatusUnauthorized, Type: "invalid_request_error", Code: "invalid_api_key", Outcome: "unauthorized",
+	errInvalidKey = &APIError{Status: http.StatusUnauthorized, Type: "invalid_request_error", Code: "invalid_api_key", Outcome: models.OutcomeUnauthorized,
 		Message: "Incorrect proxy API key provided."}
-	errBodyTooLarge = &APIError{Status: http.StatusRequestEntityTooLarge, Type: "invalid_request_error", Code: "request_too_large", Outcome: "rejected",
+	errBodyTooLarge = &APIError{Status: http.StatusRequestEntityTooLarge, Type: "invalid_request_error", Code: "request_too_large", Outcome: models.OutcomeRejected,
 		Message: "The request body is larger than this proxy accepts (MAX_BODY_SIZE)."}
-	errBadPath = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_path", Outcome: "rejected",
+	errBadPath = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_path", Outcome: models.OutcomeRejected,
 		Message: "The request path is not valid."}
-	errMethodNotAllowed = &APIError{Status: http.StatusMethodNotAllowed, Type: "invalid_request_error", Code: "method_not_allowed", Outcome: "rejected",
+	errMethodNotAllowed = &APIError{Status: http.StatusMethodNotAllowed, Type: "invalid_request_error", Code: "method_not_allowed", Outcome: models.OutcomeRejected,
 		Message: "This method is not proxied."}
-	errBadBody = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_request_body", Outcome: "rejected",
+	errBadBody = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_request_body", Outcome: models.OutcomeRejected,
 		Message: "The request body could not be read: its framing is malformed or it ended early."}
-	errMalformedRequest = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "malformed_request", Outcome: "rejected",
+	errMalformedRequest = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "malformed_request", Outcome: models.OutcomeRejected,
 		Message: "The request could not be parsed as HTTP/1.1."}
-	errBadHeaderName = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "malformed_request", Outcome: "rejected",
+	errBadHeaderName = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "malformed_request", Outcome: models.OutcomeRejected,
 		Message: "A request header name is not a valid HTTP token."}
-	errHeadersTooLarge = &APIError{Status: http.StatusRequestHeaderFieldsTooLarge, Type: "invalid_request_error", Code: "request_headers_too_large", Outcome: "rejected",
+	errHeadersTooLarge = &APIError{Status: http.StatusRequestHeaderFieldsTooLarge, Type: "invalid_request_error", Code: "request_headers_too_large", Outcome: models.OutcomeRejected,
 		Message: "The request headers are larger than this proxy accepts."}
-	errRequestTimeout = &APIError{Status: http.StatusRequestTimeout, Type: "invalid_request_error", Code: "request_timeout", Outcome: "rejected",
+	errRequestTimeout = &APIError{Status: http.StatusRequestTimeout, Type: "invalid_request_error", Code: "request_timeout", Outcome: models.OutcomeRejected,
 		Message: "The request was not received in time."}
-	errUnknownRoute = &APIError{Status: http.StatusNotFound, Type: "invalid_request_error", Code: "unknown_url", Outcome: "rejected",
+	errUnknownRoute = &APIError{Status: http.StatusNotFound, Type: "invalid_request_error", Code: "unknown_url", Outcome: models.OutcomeRejected,
 		Message: "Unknown request URL. The proxy serves the OpenAI API under /v1/."}
-	errUpstreamUnreachable = &APIError{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_unreachable", Outcome: "upstream_error",
+	errUpstreamUnreachable = &APIError{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_unreachable", Outcome: models.OutcomeUpstreamError,
 		Message: "The upstream API could not be reached."}
 	// errClientClosedRequest is logged (as nginx's 499) for a client that
 	// left before the upstream answered; the client never reads it.
-	errClientClosedRequest = &APIError{Status: 499, Type: "invalid_request_error", Code: "client_closed_request", Outcome: "client_cancelled",
+	errClientClosedRequest = &APIError{Status: 499, Type: "invalid_request_error", Code: "client_closed_request", Outcome: models.OutcomeClientCancelled,
 		Message: "The client closed the connection before the upstream answered."}
-	errUpstreamEncoding = &APIError{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_bad_encoding", Outcome: "upstream_error",
+	errUpstreamEncoding = &APIError{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_bad_encoding", Outcome: models.OutcomeUpstreamError,
 		Message: "The upstream API answered in a content coding the proxy cannot decode."}
-	errUpstreamTimeout = &APIError{Status: http.StatusGatewayTimeout, Type: "server_error", Code: "upstream_timeout", Outcome: "upstream_error",
+	errUpstreamTimeout = &APIError{Status: http.StatusGatewayTimeout, Type: "server_error", Code: "upstream_timeout", Outcome: models.OutcomeUpstreamError,
 		Message: "The upstream API did not answer in time."}
 )
 

@@ -1,4 +1,4 @@
-package handlers
+package dashboard
 
 import (
 	"context"
@@ -47,7 +47,7 @@ var outcomes = []string{
 
 // Requests lists the request log newest first, filtered, one keyset page
 // at a time (GET /dashboard/requests).
-func (h *Dashboard) Requests(c *fiber.Ctx) error {
+func (h *Handler) Requests(c *fiber.Ctx) error {
 	p := requestsPage{layout: h.page(c, "Requests", "requests"), Outcomes: outcomes}
 	f := requestFilter{
 		Status: formText(c, "status"), Model: formText(c, "model"), Path: formText(c, "path"),
@@ -158,9 +158,9 @@ func (f requestFilter) url(cursor string) string {
 		}
 	}
 	if len(v) == 0 {
-		return DashboardPrefix + "/requests"
+		return Prefix + "/requests"
 	}
-	return DashboardPrefix + "/requests?" + v.Encode()
+	return Prefix + "/requests?" + v.Encode()
 }
 
 // formText reads a query parameter, trimmed and bounded.

@@ -1,4 +1,4 @@
-package handlers
+package dashboard
 
 import (
 	"context"
@@ -84,7 +84,7 @@ func newKeyRow(r *models.IdempotencyRecord, now time.Time) keyRow {
 
 // Keys lists the stored idempotency keys newest first, with their state
 // and expiry, searchable by key (GET /dashboard/keys).
-func (h *Dashboard) Keys(c *fiber.Ctx) error {
+func (h *Handler) Keys(c *fiber.Ctx) error {
 	p := keysPage{layout: h.page(c, "Idempotency keys", "keys"), States: keyStates, TTL: h.cfg.IdempotencyTTL,
 		Key: formText(c, "key"), State: formText(c, "state")}
 	p.Filtered = p.Key != "" || p.State != ""
@@ -124,7 +124,7 @@ func keysURL(key, state, cursor string) string {
 		}
 	}
 	if len(v) == 0 {
-		return DashboardPrefix + "/keys"
+		return Prefix + "/keys"
 	}
-	return DashboardPrefix + "/keys?" + v.Encode()
+	return Prefix + "/keys?" + v.Encode()
 }

@@ -1,4 +1,4 @@
-package handlers
+package dashboard
 
 import (
 	"context"
@@ -17,6 +17,7 @@ import (
 	"github.com/gofiber/template/html/v2"
 	"github.com/valyala/fasthttp"
 
+	"github.com/openai-idempotent-proxy/proxy/handlers"
 	"github.com/openai-idempotent-proxy/proxy/models"
 	"github.com/openai-idempotent-proxy/proxy/static"
 	"github.com/openai-idempotent-proxy/proxy/views"
@@ -25,28 +26,28 @@ import (
 // The dashboard's queries, each a small interface models.Store implements,
 // so page tests can hand in fakes.
 type (
-	// DashboardStats reads the roll-ups behind the overview.
-	DashboardStats interface {
+	// Stats reads the roll-ups behind the overview.
+	Stats interface {
 		Traffic(ctx context.Context, from, to time.Time, step time.Duration) ([]models.TrafficPoint, error)
 		Totals(ctx context.Context, from, to time.Time) (models.Totals, error)
 		TopModels(ctx context.Context, from, to time.Time, limit int) ([]models.TopEntry, error)
 		TopClients(ctx context.Context, from, to time.Time, limit int) ([]models.TopEntry, error)
 	}
-	// DashboardLogs reads the request log.
-	DashboardLogs interface {
+	// Logs reads the request log.
+	Logs interface {
 		ListRequestLogs(ctx context.Context, f models.LogFilter) (models.LogPage, error)
 		RequestLogByID(ctx context.Context, id int64) (models.RequestLog, error)
 	}
-	// DashboardKeys reads and expires idempotency records.
-	DashboardKeys interface {
+	// Keys reads and expires idempotency records.
+	Keys interface {
 		ListIdempotency(ctx context.Context, f models.IdempotencyFilter) (models.IdempotencyPage, error)
 		IdempotencyByID(ctx context.Context, id string) (models.IdempotencyRecord, error)
 		DeleteIdempotency(ctx context.Context, id string) error
 	}
 )
 
-// DashboardConfig is what the dashboard needs from the app.
-type DashboardConfig struct {
+// Config is what the dashboard needs from the app.
+type Config struct {
 	// Password is ADMIN_PASSWORD; only its SHA-256 digest is kept.
 	Password string
 	// Open is true when the proxy runs without client keys.
@@ -57,10 +58,10 @@ type DashboardConfig struct {
 	// IdempotencyTTL is shown next to the keys.
 	IdempotencyTTL time.Duration
 
-	Stats DashboardStats
-	Logs  DashboardLogs
-	Keys  DashboardKeys
-	DB    Pinger
+	Stats Stats
+	Logs  Logs
+	Keys  Keys
+	DB    handlers.Pinger
 	// Dropped counts request log records lost (LogWriter.Dropped); nil: none.
 	Dropped func() uint64
 	// KeyRejectedAt is when the upstream last refused OPENAI_API_KEY
@@ -68,16 +69,17 @@ type DashboardConfig struct {
 	KeyRejectedAt func() time.Time
 	// Auth is the sign-in state shared by replicas (the signing secret,
 	// signed-out sessions, failed sign-ins); nil keeps it in this process.
-	Auth DashboardAuth
+	Auth Auth
 	// Now is the clock expirations are measured against; nil: time.Now.
 	Now    func() time.Time
 	Logger *slog.Logger
 }
 
-// Dashboard serves the admin pages under /dashboard. Handlers are methods,
-// one file per page or action; app/dashboard.go holds the route table.
-type Dashboard struct {
-	cfg    DashboardConfig
+// Handler serves the admin pages under /dashboard. Handlers are methods,
+// one file per page or action; Mount (the end of this file) holds the
+// route table, mounted from app/routes.go.
+type Handler struct {
+	cfg    Config
 	digest [32]byte // SHA-256 of the admin password
 
 	signerMu sync.Mutex
@@ -86,8 +88,8 @@ type Dashboard struct {
 
 // Dashboard paths and names shared by handlers and templates.
 const (
-	DashboardPrefix   = "/dashboard"
-	dashboardLogin    = DashboardPrefix + "/login"
+	Prefix            = "/dashboard"
+	dashboardLogin    = Prefix + "/login"
 	sessionCookie     = "dashboard_session"
 	csrfField         = "_csrf"
 	sessionLifetime   = 12 * time.Hour
@@ -96,9 +98,9 @@ const (
 	dashboardPageSize = 50
 )
 
-// NewDashboard builds the handlers. Nothing touches the database yet: the
+// New builds the handlers. Nothing touches the database yet: the
 // signing secret is read on first use.
-func NewDashboard(cfg DashboardConfig) *Dashboard {
+func New(cfg Config) *Handler {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
@@ -116,18 +118,18 @@ func NewDashboard(cfg DashboardConfig) *Dashboard {
 	}
 	digest := sha256.Sum256([]byte(cfg.Password))
 	cfg.Password = "" // keep only the digest
-	return &Dashboard{cfg: cfg, digest: digest}
+	return &Handler{cfg: cfg, digest: digest}
 }
 
 // Prepare reads the signing secret now, so the first page view does not
 // create it; an error is only logged, and the read is retried on use.
-func (h *Dashboard) Prepare(ctx context.Context) {
+func (h *Handler) Prepare(ctx context.Context) {
 	_, _ = h.keys(ctx)
 }
 
 // SecureHeaders sets the headers every dashboard response carries and marks
 // cookies Secure when the request came over HTTPS.
-func (h *Dashboard) SecureHeaders(c *fiber.Ctx) error {
+func (h *Handler) SecureHeaders(c *fiber.Ctx) error {
 	c.Set("Content-Security-Policy", "default-src 'none'; style-src 'self'; img-src 'self'; "+
 		"form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 	c.Set("X-Content-Type-Options", "nosniff")
@@ -145,7 +147,7 @@ func (h *Dashboard) SecureHeaders(c *fiber.Ctx) error {
 // isHTTPS reports whether the browser talks to us over TLS: directly, or
 // through a trusted reverse proxy that says so. Without TRUSTED_PROXIES
 // anyone could send X-Forwarded-Proto, so it is ignored.
-func (h *Dashboard) isHTTPS(c *fiber.Ctx) bool {
+func (h *Handler) isHTTPS(c *fiber.Ctx) bool {
 	return c.Context().IsTLS() || (h.cfg.TrustForwardedProto && c.IsProxyTrusted() && c.Protocol() == "https")
 }
 
@@ -182,7 +184,7 @@ type layout struct {
 }
 
 // page fills the layout of a signed-in page; nav names its section.
-func (h *Dashboard) page(c *fiber.Ctx, title, nav string) layout {
+func (h *Handler) page(c *fiber.Ctx, title, nav string) layout {
 	dbDown, _ := c.Locals(dbDownLocal).(bool)
 	return layout{
 		Title: title, Nav: nav, CSRF: h.csrfOf(c), SignedIn: c.Locals(sessionLocal) != nil, DBDown: dbDown,
@@ -192,7 +194,7 @@ func (h *Dashboard) page(c *fiber.Ctx, title, nav string) layout {
 
 // recentKeyRejection is the time of the upstream's last refusal of
 // OPENAI_API_KEY if it is under an hour old.
-func (h *Dashboard) recentKeyRejection() time.Time {
+func (h *Handler) recentKeyRejection() time.Time {
 	at := h.cfg.KeyRejectedAt()
 	if at.IsZero() || h.cfg.Now().Sub(at) > time.Hour {
 		return time.Time{}
@@ -204,9 +206,9 @@ func (h *Dashboard) recentKeyRejection() time.Time {
 // with the "database unreachable" banner when the database does not
 // answer, instead of a bare 500: an admin opening the dashboard during an
 // outage must learn why nothing shows.
-func (h *Dashboard) DegradeWhenDatabaseDown(c *fiber.Ctx) error {
+func (h *Handler) DegradeWhenDatabaseDown(c *fiber.Ctx) error {
 	err := c.Next()
-	if err == nil || DashboardErrorStatus(err) != http.StatusInternalServerError {
+	if err == nil || ErrorStatus(err) != http.StatusInternalServerError {
 		return err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), authTimeout)
@@ -234,10 +236,10 @@ type errorPage struct {
 	Message string
 }
 
-// RenderDashboardError answers err as an HTML page; app's ErrorHandler
+// RenderError answers err as an HTML page; app's ErrorHandler
 // calls it for /dashboard paths. Only fiber.Error messages below 500 are
 // shown, and never an internal error's text.
-func RenderDashboardError(c *fiber.Ctx, err error) error {
+func RenderError(c *fiber.Ctx, err error) error {
 	status, msg := http.StatusInternalServerError, "Something went wrong on our side. The details are in the proxy's log."
 	var fe *fiber.Error
 	switch {
@@ -263,8 +265,8 @@ func RenderDashboardError(c *fiber.Ctx, err error) error {
 	return render(c, status, "error", errorPage{layout: layout{Title: title}, Status: status, Message: msg})
 }
 
-// DashboardErrorStatus is the status RenderDashboardError answers err with.
-func DashboardErrorStatus(err error) int {
+// ErrorStatus is the status RenderError answers err with.
+func ErrorStatus(err error) int {
 	var fe *fiber.Error
 	switch {
 	case errors.As(err, &fe):
@@ -277,31 +279,31 @@ func DashboardErrorStatus(err error) int {
 	return http.StatusInternalServerError
 }
 
-// IsDashboardPath reports whether path belongs to the dashboard.
-func IsDashboardPath(path string) bool {
-	return path == DashboardPrefix || strings.HasPrefix(path, DashboardPrefix+"/")
+// IsPath reports whether path belongs to the dashboard.
+func IsPath(path string) bool {
+	return path == Prefix || strings.HasPrefix(path, Prefix+"/")
 }
 
-// NewDashboardViews builds the template engine over the embedded views.
+// NewViews builds the template engine over the embedded views.
 // Functions are added before Load, and Load runs now: a template that does
 // not parse fails start-up instead of a page nobody has opened yet.
-func NewDashboardViews() (*html.Engine, error) {
+func NewViews() (*html.Engine, error) {
 	engine := html.NewFileSystem(http.FS(views.FS), ".html")
-	engine.AddFuncMap(DashboardFuncs())
+	engine.AddFuncMap(Funcs())
 	if err := engine.Load(); err != nil {
 		return nil, fmt.Errorf("dashboard templates: %w", err)
 	}
 	return engine, nil
 }
 
-// Mount registers the dashboard's route table under DashboardPrefix.
+// Mount registers the dashboard's route table under Prefix.
 //
 // Every route runs SecureHeaders (CSP, no-store, Secure cookies over
 // HTTPS) and DegradeWhenDatabaseDown. Pages need a session (RequireLogin
 // redirects to the login form otherwise); every signed-in POST passes
 // CheckCSRF. The sign-in POST checks its own token and the throttle.
-func (h *Dashboard) Mount(r fiber.Router) {
-	d := r.Group(DashboardPrefix, h.SecureHeaders, h.DegradeWhenDatabaseDown)
+func (h *Handler) Mount(r fiber.Router) {
+	d := r.Group(Prefix, h.SecureHeaders, h.DegradeWhenDatabaseDown)
 	d.Use("/static", filesystem.New(filesystem.Config{Root: http.FS(static.FS), MaxAge: 24 * 60 * 60}))
 
 	d.Get("/login", h.LoginForm)

@@ -1,4 +1,4 @@
-package handlers
+package dashboard
 
 import (
 	"context"
@@ -68,7 +68,7 @@ type topRow struct {
 
 // Overview shows traffic, errors, latency, tokens, idempotency replays and
 // conflicts, and the busiest models and clients (GET /dashboard).
-func (h *Dashboard) Overview(c *fiber.Ctx) error {
+func (h *Handler) Overview(c *fiber.Ctx) error {
 	win := statsWindows[1]
 	for _, w := range statsWindows {
 		if c.Query("window") == w.Name {

@@ -1,4 +1,4 @@
-package handlers
+package dashboard
 
 import (
 	"context"
@@ -7,7 +7,7 @@ import (
 	"time"
 )
 
-// memoryAuth keeps DashboardAuth in this process, for a dashboard built
+// memoryAuth keeps Auth in this process, for a dashboard built
 // without a database (page tests). The app always passes the Store.
 type memoryAuth struct {
 	now      func() time.Time

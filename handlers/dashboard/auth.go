@@ -1,4 +1,4 @@
-package handlers
+package dashboard
 
 import (
 	"context"
@@ -17,7 +17,7 @@ import (
 	"github.com/gofiber/fiber/v2"
 )
 
-// DashboardAuth is the sign-in state every replica shares; models.Store
+// Auth is the sign-in state every replica shares; models.Store
 // implements it on the database.
 //
 // Sessions and CSRF tokens are signed, not stored: a session cookie
@@ -25,7 +25,7 @@ import (
 // HMAC of the session id. So an anonymous visitor costs no database row,
 // and a signed-in admin keeps seeing pages (with the "database
 // unreachable" banner) while the database is down.
-type DashboardAuth interface {
+type Auth interface {
 	// DashboardSecret returns the signing secret, the same on every replica.
 	DashboardSecret(ctx context.Context) ([]byte, error)
 	// RevokeSession records a signed-out session until it would expire.
@@ -78,7 +78,7 @@ func equalMAC(a, b string) bool { return hmac.Equal([]byte(a), []byte(b)) }
 // keys returns the signer, reading the secret once. Until a read
 // succeeds every call tries again, so a replica started during a database
 // outage signs people in once the database is back.
-func (h *Dashboard) keys(ctx context.Context) (*signer, error) {
+func (h *Handler) keys(ctx context.Context) (*signer, error) {
 	h.signerMu.Lock()
 	defer h.signerMu.Unlock()
 	if h.signer != nil {
@@ -136,7 +136,7 @@ func randomID() string {
 // currentSession returns the request's valid session, or nil. dbDown is
 // true when the database could not be asked: then a well-signed session is
 // trusted without its revocation check, so the pages can say what is wrong.
-func (h *Dashboard) currentSession(c *fiber.Ctx) (sess *session, dbDown bool) {
+func (h *Handler) currentSession(c *fiber.Ctx) (sess *session, dbDown bool) {
 	v := c.Cookies(sessionCookie)
 	if v == "" {
 		return nil, false
@@ -164,7 +164,7 @@ func (h *Dashboard) currentSession(c *fiber.Ctx) (sess *session, dbDown bool) {
 
 // RequireLogin lets signed-in requests through and sends everyone else to
 // the login form, remembering where they were going.
-func (h *Dashboard) RequireLogin(c *fiber.Ctx) error {
+func (h *Handler) RequireLogin(c *fiber.Ctx) error {
 	sess, dbDown := h.currentSession(c)
 	if dbDown {
 		c.Locals(dbDownLocal, true)
@@ -174,7 +174,7 @@ func (h *Dashboard) RequireLogin(c *fiber.Ctx) error {
 		return c.Next()
 	}
 	target := dashboardLogin
-	if c.Method() == fiber.MethodGet && c.OriginalURL() != DashboardPrefix {
+	if c.Method() == fiber.MethodGet && c.OriginalURL() != Prefix {
 		target += "?next=" + url.QueryEscape(c.OriginalURL())
 	}
 	return c.Redirect(target, http.StatusSeeOther)
@@ -188,7 +188,7 @@ func postValue(c *fiber.Ctx, name string) string {
 
 // CheckCSRF refuses a signed-in POST whose _csrf field is not its
 // session's token. It runs after RequireLogin.
-func (h *Dashboard) CheckCSRF(c *fiber.Ctx) error {
+func (h *Handler) CheckCSRF(c *fiber.Ctx) error {
 	sess, _ := c.Locals(sessionLocal).(*session)
 	keys := h.loadedKeys()
 	if sess == nil || keys == nil || !equalMAC(postValue(c, csrfField), keys.csrfToken(*sess)) {
@@ -198,14 +198,14 @@ func (h *Dashboard) CheckCSRF(c *fiber.Ctx) error {
 }
 
 // loadedKeys returns the signer if the secret has been read, else nil.
-func (h *Dashboard) loadedKeys() *signer {
+func (h *Handler) loadedKeys() *signer {
 	h.signerMu.Lock()
 	defer h.signerMu.Unlock()
 	return h.signer
 }
 
 // csrfOf is the token for the page's forms, "" when signed out.
-func (h *Dashboard) csrfOf(c *fiber.Ctx) string {
+func (h *Handler) csrfOf(c *fiber.Ctx) string {
 	sess, _ := c.Locals(sessionLocal).(*session)
 	keys := h.loadedKeys()
 	if sess == nil || keys == nil {
@@ -216,7 +216,7 @@ func (h *Dashboard) csrfOf(c *fiber.Ctx) string {
 
 // loginFormToken returns the login form's token, setting a fresh login
 // cookie unless the browser holds one good for a while yet.
-func (h *Dashboard) loginFormToken(c *fiber.Ctx, keys *signer) string {
+func (h *Handler) loginFormToken(c *fiber.Ctx, keys *signer) string {
 	now := h.cfg.Now()
 	v := c.Cookies(loginCookie)
 	if exp, ok := loginCookieExpiry(v); !ok || exp.Sub(now) < loginFormLife/2 {
@@ -228,7 +228,7 @@ func (h *Dashboard) loginFormToken(c *fiber.Ctx, keys *signer) string {
 }
 
 // loginTokenValid checks a sign-in POST's token against its login cookie.
-func (h *Dashboard) loginTokenValid(c *fiber.Ctx, keys *signer) bool {
+func (h *Handler) loginTokenValid(c *fiber.Ctx, keys *signer) bool {
 	v := c.Cookies(loginCookie)
 	exp, ok := loginCookieExpiry(v)
 	return ok && h.cfg.Now().Before(exp) && equalMAC(postValue(c, csrfField), keys.loginToken(v))
@@ -246,13 +246,13 @@ func loginCookieExpiry(v string) (time.Time, bool) {
 // setCookie sets a dashboard cookie that lasts until expires; an expiry
 // in the past deletes it. Max-Age, not Expires: the browser counts it on
 // its own clock. SecureHeaders adds Secure over HTTPS.
-func (h *Dashboard) setCookie(c *fiber.Ctx, name, value string, expires time.Time, sameSite string) {
+func (h *Handler) setCookie(c *fiber.Ctx, name, value string, expires time.Time, sameSite string) {
 	maxAge := int(expires.Sub(h.cfg.Now()) / time.Second)
 	if maxAge <= 0 {
 		maxAge = -1 // sent as Max-Age=0: delete now
 	}
 	c.Cookie(&fiber.Cookie{
-		Name: name, Value: value, Path: DashboardPrefix, MaxAge: maxAge,
+		Name: name, Value: value, Path: Prefix, MaxAge: maxAge,
 		HTTPOnly: true, SameSite: sameSite,
 	})
 }

@@ -1,4 +1,4 @@
-package handlers
+package dashboard
 
 import (
 	"context"
@@ -18,7 +18,7 @@ type requestPage struct {
 }
 
 // Request shows one request log row (GET /dashboard/requests/:id).
-func (h *Dashboard) Request(c *fiber.Ctx) error {
+func (h *Handler) Request(c *fiber.Ctx) error {
 	id, err := strconv.ParseInt(c.Params("id"), 10, 64)
 	if err != nil || id <= 0 {
 		return fiber.ErrNotFound

@@ -1,4 +1,4 @@
-package handlers
+package dashboard
 
 import (
 	"context"
@@ -22,7 +22,7 @@ type header struct{ Name, Value string }
 
 // Key shows one idempotency record and its stored response
 // (GET /dashboard/keys/:id).
-func (h *Dashboard) Key(c *fiber.Ctx) error {
+func (h *Handler) Key(c *fiber.Ctx) error {
 	p, err := h.keyPage(c)
 	if err != nil {
 		return err
@@ -30,7 +30,7 @@ func (h *Dashboard) Key(c *fiber.Ctx) error {
 	return render(c, http.StatusOK, "key", p)
 }
 
-func (h *Dashboard) keyPage(c *fiber.Ctx) (keyPage, error) {
+func (h *Handler) keyPage(c *fiber.Ctx) (keyPage, error) {
 	id := c.Params("id")
 	if id == "" || len(id) > 128 {
 		return keyPage{}, fiber.ErrNotFound

@@ -1,4 +1,4 @@
-package handlers
+package dashboard
 
 import (
 	"crypto/sha256"
@@ -18,9 +18,9 @@ import (
 	"github.com/openai-idempotent-proxy/proxy/static"
 )
 
-// DashboardFuncs are the template functions the dashboard's views use. The
+// Funcs are the template functions the dashboard's views use. The
 // app registers them on the engine before Load.
-func DashboardFuncs() template.FuncMap {
+func Funcs() template.FuncMap {
 	return template.FuncMap{
 		"num":         func(n int64) string { return humanize.Comma(n) },
 		"bytes":       formatBytes,
@@ -41,7 +41,7 @@ func DashboardFuncs() template.FuncMap {
 // assetURL is the address of a static file, versioned by the content of
 // all of them so browsers may cache them and still see a new release.
 func assetURL(name string) string {
-	return DashboardPrefix + "/static/" + name + "?v=" + assetVersion()
+	return Prefix + "/static/" + name + "?v=" + assetVersion()
 }
 
 var assetVersion = sync.OnceValue(func() string {

@@ -1,4 +1,4 @@
-package handlers
+package dashboard
 
 import (
 	"context"
@@ -26,7 +26,7 @@ type loginPage struct {
 // LoginForm shows the sign-in form (GET /dashboard/login). It writes
 // nothing to the database: its CSRF token is signed against a nonce in a
 // cookie.
-func (h *Dashboard) LoginForm(c *fiber.Ctx) error {
+func (h *Handler) LoginForm(c *fiber.Ctx) error {
 	next := safeNext(c.Query("next"))
 	if sess, _ := h.currentSession(c); sess != nil {
 		return c.Redirect(next, http.StatusSeeOther)
@@ -50,7 +50,7 @@ func (h *Dashboard) LoginForm(c *fiber.Ctx) error {
 
 // loginUnavailable answers a sign-in that cannot proceed without the
 // database (the signing secret or the failed-attempt count): 503, saying so.
-func (h *Dashboard) loginUnavailable(c *fiber.Ctx, p loginPage) error {
+func (h *Handler) loginUnavailable(c *fiber.Ctx, p loginPage) error {
 	p.DBDown = true
 	p.Error = "The proxy's database is unreachable, so signing in is not possible right now. Try again once it is back."
 	p.HideForm = true
@@ -59,7 +59,7 @@ func (h *Dashboard) loginUnavailable(c *fiber.Ctx, p loginPage) error {
 
 // Login checks the password (POST /dashboard/login): the form's token
 // first, then the throttle, then the password.
-func (h *Dashboard) Login(c *fiber.Ctx) error {
+func (h *Handler) Login(c *fiber.Ctx) error {
 	next := safeNext(postValue(c, "next"))
 	p := loginPage{layout: layout{Title: "Sign in"}, Next: next}
 	ctx, cancel := context.WithTimeout(c.UserContext(), authTimeout)
@@ -107,7 +107,7 @@ func (h *Dashboard) Login(c *fiber.Ctx) error {
 
 // loginThrottled answers a sign-in attempt over the limit: 429, a
 // Retry-After, and a page saying when to try again.
-func (h *Dashboard) loginThrottled(c *fiber.Ctx, p loginPage, ip string, windowEnds time.Time) error {
+func (h *Handler) loginThrottled(c *fiber.Ctx, p loginPage, ip string, windowEnds time.Time) error {
 	h.cfg.Logger.Warn("dashboard sign-in throttled", "ip", ip)
 	wait := max(1, int(math.Ceil(windowEnds.Sub(h.cfg.Now()).Seconds())))
 	c.Set(fiber.HeaderRetryAfter, strconv.Itoa(wait))
@@ -119,7 +119,7 @@ func (h *Dashboard) loginThrottled(c *fiber.Ctx, p loginPage, ip string, windowE
 // csrfFailed answers a POST whose CSRF token is missing, forged or
 // expired: 403. On the login form, whose token may simply have expired, the
 // page links to a fresh form.
-func (h *Dashboard) csrfFailed(c *fiber.Ctx) error {
+func (h *Handler) csrfFailed(c *fiber.Ctx) error {
 	if c.Path() == dashboardLogin {
 		p := loginPage{layout: layout{Title: "Sign in"}, Next: safeNext(postValue(c, "next")), HideForm: true}
 		p.Error = "The sign-in form had expired or was not sent from this site. Reload it and sign in again."
@@ -134,8 +134,8 @@ func safeNext(next string) string {
 	u, err := url.Parse(next)
 	if next == "" || err != nil || u.Scheme != "" || u.Host != "" || u.User != nil ||
 		strings.ContainsAny(next, "\\\r\n\t") || strings.HasPrefix(next, "//") ||
-		!IsDashboardPath(u.Path) || u.Path == dashboardLogin {
-		return DashboardPrefix
+		!IsPath(u.Path) || u.Path == dashboardLogin {
+		return Prefix
 	}
 	return next
 }

@@ -1,4 +1,4 @@
-package handlers
+package dashboard
 
 import (
 	"bytes"
@@ -156,24 +156,24 @@ func seededFake(t *testing.T) *fakeDB {
 const testPassword = "correct horse battery"
 
 // newTestApp serves the dashboard over f, with its real route table and an error handler like app/errors.go's.
-func newTestApp(t *testing.T, f *fakeDB, mod func(*DashboardConfig)) *fiber.App {
+func newTestApp(t *testing.T, f *fakeDB, mod func(*Config)) *fiber.App {
 	t.Helper()
-	engine, err := NewDashboardViews()
+	engine, err := NewViews()
 	if err != nil {
 		t.Fatalf("templates: %v", err)
 	}
 	app := fiber.New(fiber.Config{Views: engine, ErrorHandler: func(c *fiber.Ctx, err error) error {
-		if IsDashboardPath(c.Path()) {
-			return RenderDashboardError(c, err)
+		if IsPath(c.Path()) {
+			return RenderError(c, err)
 		}
 		return fiber.DefaultErrorHandler(c, err)
 	}})
-	cfg := DashboardConfig{Password: testPassword, Stats: f, Logs: f, Keys: f, DB: f, IdempotencyTTL: 24 * time.Hour,
+	cfg := Config{Password: testPassword, Stats: f, Logs: f, Keys: f, DB: f, IdempotencyTTL: 24 * time.Hour,
 		Now: func() time.Time { return testNow }}
 	if mod != nil {
 		mod(&cfg)
 	}
-	NewDashboard(cfg).Mount(app)
+	New(cfg).Mount(app)
 	return app
 }
 
@@ -263,7 +263,7 @@ func wantAbsent(t *testing.T, body string, parts ...string) {
 
 func TestEveryPageRenders(t *testing.T) {
 	f := seededFake(t)
-	c := newClient(t, newTestApp(t, f, func(cfg *DashboardConfig) {
+	c := newClient(t, newTestApp(t, f, func(cfg *Config) {
 		cfg.Open = true
 		cfg.Dropped = func() uint64 { return 7 }
 	}))
@@ -432,7 +432,7 @@ func TestSecureCookiesOnlyOverTrustedHTTPS(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := seededFake(t)
-			app := newTestApp(t, f, func(cfg *DashboardConfig) { cfg.TrustForwardedProto = tc.trust })
+			app := newTestApp(t, f, func(cfg *Config) { cfg.TrustForwardedProto = tc.trust })
 			c := newClient(t, app)
 			_, page := c.get("/dashboard/login")
 			form := url.Values{"_csrf": {csrfToken(t, page)}, "password": {testPassword}}

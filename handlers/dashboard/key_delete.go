@@ -1,4 +1,4 @@
-package handlers
+package dashboard
 
 import (
 	"context"
@@ -11,7 +11,7 @@ import (
 // DeleteKey expires a key now (POST /dashboard/keys/:id/delete). Without
 // confirm=yes it only shows what would be deleted and asks; the
 // confirmation form posts again with it.
-func (h *Dashboard) DeleteKey(c *fiber.Ctx) error {
+func (h *Handler) DeleteKey(c *fiber.Ctx) error {
 	if postValue(c, "confirm") != "yes" {
 		p, err := h.keyPage(c)
 		if err != nil {
@@ -27,5 +27,5 @@ func (h *Dashboard) DeleteKey(c *fiber.Ctx) error {
 		return err
 	}
 	h.cfg.Logger.Info("dashboard: idempotency key deleted", "id", id)
-	return c.Redirect(DashboardPrefix+"/keys?deleted=1", http.StatusSeeOther)
+	return c.Redirect(Prefix+"/keys?deleted=1", http.StatusSeeOther)
 }

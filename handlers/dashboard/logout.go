@@ -1,4 +1,4 @@
-package handlers
+package dashboard
 
 import (
 	"context"
@@ -10,7 +10,7 @@ import (
 
 // Logout ends the session (POST /dashboard/logout): in this browser by
 // deleting its cookie, everywhere by recording the session as revoked.
-func (h *Dashboard) Logout(c *fiber.Ctx) error {
+func (h *Handler) Logout(c *fiber.Ctx) error {
 	sess, _ := c.Locals(sessionLocal).(*session)
 	h.setCookie(c, sessionCookie, "", time.Unix(0, 0), fiber.CookieSameSiteLaxMode)
 	ctx, cancel := context.WithTimeout(c.UserContext(), authTimeout)
