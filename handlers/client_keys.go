@@ -2,7 +2,6 @@ package handlers
 
 import (
 	"crypto/sha256"
-	"crypto/subtle"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -64,7 +63,7 @@ func KeyFingerprint(key string) string {
 // compares digests in constant time against every key, so neither timing nor
 // memory reveals a key.
 type Authenticator struct {
-	digests [][32]byte
+	digests []SecretDigest
 	names   []string
 }
 
@@ -72,7 +71,7 @@ type Authenticator struct {
 func NewAuthenticator(keys []ClientKey) *Authenticator {
 	a := &Authenticator{}
 	for _, k := range keys {
-		a.digests = append(a.digests, sha256.Sum256([]byte(k.Key)))
+		a.digests = append(a.digests, DigestSecret([]byte(k.Key)))
 		a.names = append(a.names, k.Name)
 	}
 	return a
@@ -90,10 +89,10 @@ func (a *Authenticator) Authenticate(authorization []byte) (string, error) {
 	if len(authorization) <= len(prefix) || !strings.EqualFold(string(authorization[:len(prefix)]), prefix) {
 		return "", errNoKey
 	}
-	got := sha256.Sum256(authorization[len(prefix):])
+	got := DigestSecret(authorization[len(prefix):])
 	match := -1
-	for i := range a.digests {
-		if subtle.ConstantTimeCompare(got[:], a.digests[i][:]) == 1 {
+	for i := range a.digests { // every key, so timing does not tell which matched
+		if a.digests[i].matchesDigest(got) {
 			match = i
 		}
 	}

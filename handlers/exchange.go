@@ -1,12 +1,9 @@
 package handlers
 
 import (
-	"bytes"
-	"compress/gzip"
 	"context"
 	"encoding/json"
 	"errors"
-	"io"
 	"log/slog"
 	"mime"
 	"strconv"
@@ -293,11 +290,7 @@ func (ex *exchange) usage() (usage.Usage, bool) {
 
 // gunzip decompresses a captured body for usage parsing, bounded.
 func gunzip(b []byte) []byte {
-	zr, err := gzip.NewReader(bytes.NewReader(b))
-	if err != nil {
-		return nil
-	}
-	out, _ := io.ReadAll(io.LimitReader(zr, 64<<20))
+	out, _, _ := scrub.Gunzip(b, 64<<20)
 	return out
 }
 

@@ -2,7 +2,6 @@ package handlers
 
 import (
 	"bytes"
-	"compress/gzip"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
@@ -18,6 +17,7 @@ import (
 	"strings"
 
 	"github.com/gofiber/fiber/v2"
+	"github.com/openai-idempotent-proxy/proxy/handlers/scrub"
 	"github.com/valyala/fasthttp"
 )
 
@@ -240,15 +240,11 @@ func completeJSON(body []byte, encoding string) bool {
 	case "", "identity":
 		return json.Valid(body)
 	case "gzip":
-		zr, err := gzip.NewReader(bytes.NewReader(body))
-		if err != nil {
-			return false
-		}
-		plain, err := io.ReadAll(io.LimitReader(zr, maxJSONCheck+1))
+		plain, over, err := scrub.Gunzip(body, maxJSONCheck)
 		if err != nil {
 			return false // cut inside the gzip stream
 		}
-		return len(plain) > maxJSONCheck || json.Valid(plain)
+		return over || json.Valid(plain)
 	}
 	return true
 }

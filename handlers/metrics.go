@@ -1,8 +1,6 @@
 package handlers
 
 import (
-	"crypto/sha256"
-	"crypto/subtle"
 	"log/slog"
 	"strconv"
 	"strings"
@@ -126,11 +124,10 @@ func NewMetrics() *Metrics {
 // Handler serves the registry, behind a bearer token when one is set.
 func (m *Metrics) Handler(token string) fiber.Handler {
 	serve := adaptor.HTTPHandler(promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{}))
-	want := sha256.Sum256([]byte("Bearer " + token))
+	want := DigestSecret([]byte("Bearer " + token))
 	return func(c *fiber.Ctx) error {
 		if token != "" {
-			got := sha256.Sum256(c.Request().Header.Peek("Authorization"))
-			if subtle.ConstantTimeCompare(got[:], want[:]) != 1 {
+			if !want.Matches(c.Request().Header.Peek("Authorization")) {
 				return WriteAPIError(c, &APIError{Status: fiber.StatusUnauthorized, Type: "invalid_request_error", Code: "invalid_metrics_token",
 					Message: "Send the metrics token as 'Authorization: Bearer <METRICS_TOKEN>'."})
 			}

@@ -2,7 +2,6 @@ package dashboard
 
 import (
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -80,7 +79,7 @@ type Config struct {
 // route table, mounted from app/routes.go.
 type Handler struct {
 	cfg    Config
-	digest [32]byte // SHA-256 of the admin password
+	digest handlers.SecretDigest // of the admin password
 
 	signerMu sync.Mutex
 	signer   *signer // nil until the shared secret has been read
@@ -116,7 +115,7 @@ func New(cfg Config) *Handler {
 	if cfg.Auth == nil {
 		cfg.Auth = newMemoryAuth(cfg.Now)
 	}
-	digest := sha256.Sum256([]byte(cfg.Password))
+	digest := handlers.DigestSecret([]byte(cfg.Password))
 	cfg.Password = "" // keep only the digest
 	return &Handler{cfg: cfg, digest: digest}
 }
@@ -240,6 +239,25 @@ type errorPage struct {
 // calls it for /dashboard paths. Only fiber.Error messages below 500 are
 // shown, and never an internal error's text.
 func RenderError(c *fiber.Ctx, err error) error {
+	status, msg := errorAnswer(err)
+	c.Set("Cache-Control", "no-store")
+	c.Set("X-Content-Type-Options", "nosniff")
+	title := http.StatusText(status)
+	if title == "" {
+		title = "Error"
+	}
+	return render(c, status, "error", errorPage{layout: layout{Title: title}, Status: status, Message: msg})
+}
+
+// ErrorStatus is the status RenderError answers err with.
+func ErrorStatus(err error) int {
+	status, _ := errorAnswer(err)
+	return status
+}
+
+// errorAnswer is the one mapping of a dashboard error to the status and
+// the message a page shows.
+func errorAnswer(err error) (int, string) {
 	status, msg := http.StatusInternalServerError, "Something went wrong on our side. The details are in the proxy's log."
 	var fe *fiber.Error
 	switch {
@@ -256,27 +274,21 @@ func RenderError(c *fiber.Ctx, err error) error {
 	case errors.Is(err, models.ErrInvalidFilter):
 		status, msg = http.StatusBadRequest, "The address holds a filter or page position that is not valid."
 	}
-	c.Set("Cache-Control", "no-store")
-	c.Set("X-Content-Type-Options", "nosniff")
-	title := http.StatusText(status)
-	if title == "" {
-		title = "Error"
-	}
-	return render(c, status, "error", errorPage{layout: layout{Title: title}, Status: status, Message: msg})
+	return status, msg
 }
 
-// ErrorStatus is the status RenderError answers err with.
-func ErrorStatus(err error) int {
-	var fe *fiber.Error
-	switch {
-	case errors.As(err, &fe):
-		return fe.Code
-	case errors.Is(err, models.ErrNotFound):
-		return http.StatusNotFound
-	case errors.Is(err, models.ErrInvalidFilter):
-		return http.StatusBadRequest
+// queryTimeout bounds the database work of one page.
+const queryTimeout = 10 * time.Second
+
+// withQueryTimeout gives the handlers after it a context that ends after d
+// (c.UserContext), cancelled once they return.
+func withQueryTimeout(d time.Duration) fiber.Handler {
+	return func(c *fiber.Ctx) error {
+		ctx, cancel := context.WithTimeout(c.UserContext(), d)
+		defer cancel()
+		c.SetUserContext(ctx)
+		return c.Next()
 	}
-	return http.StatusInternalServerError
 }
 
 // IsPath reports whether path belongs to the dashboard.
@@ -310,10 +322,11 @@ func (h *Handler) Mount(r fiber.Router) {
 	d.Post("/login", h.Login)
 	d.Post("/logout", h.RequireLogin, h.CheckCSRF, h.Logout)
 
-	d.Get("/", h.RequireLogin, h.Overview)
-	d.Get("/requests", h.RequireLogin, h.Requests)
-	d.Get("/requests/:id", h.RequireLogin, h.Request)
-	d.Get("/keys", h.RequireLogin, h.Keys)
-	d.Get("/keys/:id", h.RequireLogin, h.Key)
-	d.Post("/keys/:id/delete", h.RequireLogin, h.CheckCSRF, h.DeleteKey)
+	q := withQueryTimeout(queryTimeout)
+	d.Get("/", h.RequireLogin, q, h.Overview)
+	d.Get("/requests", h.RequireLogin, h.Requests) // its own, shorter bound: listTimeout
+	d.Get("/requests/:id", h.RequireLogin, q, h.Request)
+	d.Get("/keys", h.RequireLogin, q, h.Keys)
+	d.Get("/keys/:id", h.RequireLogin, q, h.Key)
+	d.Post("/keys/:id/delete", h.RequireLogin, h.CheckCSRF, q, h.DeleteKey)
 }

@@ -1,9 +1,7 @@
 package dashboard
 
 import (
-	"context"
 	"net/http"
-	"time"
 
 	"github.com/gofiber/fiber/v2"
 
@@ -35,8 +33,7 @@ func (h *Handler) keyPage(c *fiber.Ctx) (keyPage, error) {
 	if id == "" || len(id) > 128 {
 		return keyPage{}, fiber.ErrNotFound
 	}
-	ctx, cancel := context.WithTimeout(c.UserContext(), 10*time.Second)
-	defer cancel()
+	ctx := c.UserContext() // bounded by WithQueryTimeout
 	rec, err := h.cfg.Keys.IdempotencyByID(ctx, id)
 	if err != nil {
 		return keyPage{}, err

@@ -1,9 +1,7 @@
 package dashboard
 
 import (
-	"context"
 	"net/http"
-	"time"
 
 	"github.com/gofiber/fiber/v2"
 )
@@ -20,8 +18,7 @@ func (h *Handler) DeleteKey(c *fiber.Ctx) error {
 		p.Title = "Delete key?"
 		return render(c, http.StatusOK, "key_delete", p)
 	}
-	ctx, cancel := context.WithTimeout(c.UserContext(), 10*time.Second)
-	defer cancel()
+	ctx := c.UserContext() // bounded by WithQueryTimeout
 	id := c.Params("id")
 	if err := h.cfg.Keys.DeleteIdempotency(ctx, id); err != nil {
 		return err

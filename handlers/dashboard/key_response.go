@@ -2,14 +2,14 @@ package dashboard
 
 import (
 	"bytes"
-	"compress/gzip"
 	"encoding/json"
-	"io"
 	"mime"
 	"slices"
 	"strings"
 	"unicode/utf8"
 
+	"github.com/openai-idempotent-proxy/proxy/handlers/scrub"
+	"github.com/openai-idempotent-proxy/proxy/handlers/usage"
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
@@ -79,11 +79,7 @@ func decodeStoredResponse(rec *models.IdempotencyRecord, headers map[string]stri
 	}
 	var note string
 	if enc := strings.ToLower(headerValue(headers, "Content-Encoding")); enc == "gzip" {
-		zr, err := gzip.NewReader(bytes.NewReader(body))
-		if err != nil {
-			return storedResponse{Kind: "binary", Note: "The stored body is gzip-compressed but could not be decompressed."}
-		}
-		plain, err := io.ReadAll(io.LimitReader(zr, maxInflateBytes))
+		plain, _, err := scrub.Gunzip(body, maxInflateBytes)
 		if err != nil {
 			return storedResponse{Kind: "binary", Note: "The stored body is gzip-compressed but could not be decompressed."}
 		}
@@ -134,39 +130,21 @@ func joinNotes(a, b string) string {
 func parseSSE(body []byte) ([]sseEvent, bool) {
 	text := strings.ReplaceAll(strings.ReplaceAll(string(body), "\r\n", "\n"), "\r", "\n")
 	var events []sseEvent
-	for _, block := range strings.Split(text, "\n\n") {
-		var ev sseEvent
-		var data []string
-		for _, line := range strings.Split(block, "\n") {
-			if line == "" || strings.HasPrefix(line, ":") {
-				continue
-			}
-			field, value, _ := strings.Cut(line, ":")
-			value = strings.TrimPrefix(value, " ")
-			switch field {
-			case "event":
-				ev.Event = value
-			case "id":
-				ev.ID = value
-			case "data":
-				data = append(data, value)
-			}
-		}
-		if ev.Event == "" && ev.ID == "" && data == nil {
-			continue
-		}
+	cut := false
+	s := usage.Stream{OnEvent: func(e usage.Event) {
 		if len(events) == maxShownEvents {
-			return events, true
+			cut = true
+			return
 		}
-		ev.N = len(events) + 1
-		ev.Data = strings.Join(data, "\n")
+		ev := sseEvent{N: len(events) + 1, Event: e.Name, ID: e.ID, Data: string(e.Data)}
 		var out bytes.Buffer
-		if json.Valid([]byte(ev.Data)) && json.Indent(&out, []byte(ev.Data), "", "  ") == nil {
+		if json.Valid(e.Data) && json.Indent(&out, e.Data, "", "  ") == nil {
 			ev.Data = out.String()
 		}
 		events = append(events, ev)
-	}
-	return events, false
+	}}
+	_, _ = s.Write([]byte(text + "\n\n")) // the blank line ends a last event left open
+	return events, cut
 }
 
 // truncateRunes shortens s to at most n runes, marking the cut.

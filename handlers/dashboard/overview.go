@@ -1,7 +1,6 @@
 package dashboard
 
 import (
-	"context"
 	"fmt"
 	"net/http"
 	"strconv"
@@ -83,8 +82,7 @@ func (h *Handler) Overview(c *fiber.Ctx) error {
 			}
 		}
 	}
-	ctx, cancel := context.WithTimeout(c.UserContext(), 10*time.Second)
-	defer cancel()
+	ctx := c.UserContext() // bounded by WithQueryTimeout
 	now := h.cfg.Now().UTC()
 	p.To = now
 	p.From = now.Add(-win.Span).Truncate(win.Step)

@@ -1,10 +1,8 @@
 package dashboard
 
 import (
-	"context"
 	"net/http"
 	"strconv"
-	"time"
 
 	"github.com/gofiber/fiber/v2"
 
@@ -23,8 +21,7 @@ func (h *Handler) Request(c *fiber.Ctx) error {
 	if err != nil || id <= 0 {
 		return fiber.ErrNotFound
 	}
-	ctx, cancel := context.WithTimeout(c.UserContext(), 10*time.Second)
-	defer cancel()
+	ctx := c.UserContext() // bounded by WithQueryTimeout
 	rec, err := h.cfg.Logs.RequestLogByID(ctx, id)
 	if err != nil {
 		return err

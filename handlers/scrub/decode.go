@@ -1,6 +1,7 @@
 package scrub
 
 import (
+	"bytes"
 	"errors"
 	"io"
 	"strings"
@@ -158,4 +159,27 @@ func openDeflate(src io.Reader) (io.ReadCloser, error) {
 		return zlib.NewReader(src)
 	}
 	return flate.NewReader(src), nil
+}
+
+// Gunzip decompresses a gzip body held in memory, at most limit bytes of
+// it: over reports that more followed. On a corrupt or cut stream it
+// returns what decompressed before the error, and the error.
+func Gunzip(body []byte, limit int64) (plain []byte, over bool, err error) {
+	z, err := gzip.NewReader(bytes.NewReader(body))
+	if err != nil {
+		return nil, false, err
+	}
+	plain, err = io.ReadAll(io.LimitReader(z, limit))
+	if err != nil {
+		return plain, false, err
+	}
+	var one [1]byte
+	n, err := z.Read(one[:])
+	if n > 0 {
+		return plain, true, nil
+	}
+	if errors.Is(err, io.EOF) {
+		err = nil
+	}
+	return plain, false, err
 }

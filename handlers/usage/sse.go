@@ -23,6 +23,15 @@ type Stream struct {
 	usage    Usage
 	terminal bool
 	events   int
+
+	// OnEvent, if set, sees every event that has a field, in order.
+	OnEvent func(Event)
+}
+
+// Event is one server-sent event.
+type Event struct {
+	Name, ID string
+	Data     []byte // the data lines joined with "\n"; nil if it had none
 }
 
 // Write feeds the next bytes of the stream. It never fails.
@@ -66,45 +75,50 @@ func (s *Stream) add(b []byte) {
 // endEvent handles one complete event; the blank line that ended it is the
 // last line of pending.
 func (s *Stream) endEvent() {
-	ev := s.pending
+	ev := parseEvent(s.pending)
 	s.pending, s.skipping = s.pending[:0], false
-	data := eventData(ev)
-	if data == nil {
+	if s.OnEvent != nil && (ev.Name != "" || ev.ID != "" || ev.Data != nil) {
+		s.OnEvent(ev)
+	}
+	if ev.Data == nil {
 		return
 	}
 	s.events++
-	s.observe(data)
+	s.observe(ev.Data)
 }
 
-// eventData joins the event's data lines (SSE allows several), or returns
-// nil when the event has none.
-func eventData(ev []byte) []byte {
-	var data []byte
-	found := false
-	for len(ev) > 0 {
-		i := bytes.IndexByte(ev, '\n')
-		line := ev
-		if i >= 0 {
-			line, ev = ev[:i], ev[i+1:]
+// parseEvent reads an event's fields: its name, its id and its data lines
+// (SSE allows several), skipping comments and fields it does not know.
+func parseEvent(raw []byte) Event {
+	var ev Event
+	for len(raw) > 0 {
+		line := raw
+		if i := bytes.IndexByte(raw, '\n'); i >= 0 {
+			line, raw = raw[:i], raw[i+1:]
 		} else {
-			ev = nil
+			raw = nil
 		}
 		line = bytes.TrimSuffix(line, []byte("\r"))
-		v, ok := bytes.CutPrefix(line, []byte("data:"))
-		if !ok {
+		if len(line) == 0 || line[0] == ':' {
 			continue
 		}
-		v = bytes.TrimPrefix(v, []byte(" "))
-		if found {
-			data = append(data, '\n')
+		field, value, _ := bytes.Cut(line, []byte(":"))
+		value = bytes.TrimPrefix(value, []byte(" "))
+		switch string(field) {
+		case "event":
+			ev.Name = string(value)
+		case "id":
+			ev.ID = string(value)
+		case "data":
+			if ev.Data == nil {
+				ev.Data = make([]byte, 0, len(value))
+			} else {
+				ev.Data = append(ev.Data, '\n')
+			}
+			ev.Data = append(ev.Data, value...)
 		}
-		data = append(data, v...)
-		found = true
 	}
-	if !found {
-		return nil
-	}
-	return data
+	return ev
 }
 
 func (s *Stream) observe(data []byte) {
