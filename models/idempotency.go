@@ -239,20 +239,16 @@ func (s *Store) MarkIdempotencyReplayed(ctx context.Context, id string) error {
 // SweepIdempotency deletes expired records in batches of at most batch rows,
 // leaving alone attempts still running under a live lease.
 func (s *Store) SweepIdempotency(ctx context.Context, batch int) (int64, error) {
-	var total int64
-	for {
+	return inBatches(batch, func(limit int) (int64, error) {
 		now := s.sqlNow(0)
 		sub := s.db.Model(&IdempotencyRecord{}).Select("id").
-			Where("expires_at < ? AND NOT (state = ? AND locked_until > ?)", now, StateInProgress, now).Limit(batch)
+			Where("expires_at < ? AND NOT (state = ? AND locked_until > ?)", now, StateInProgress, now).Limit(limit)
 		res := s.db.WithContext(ctx).Where("id IN (?)", sub).Delete(&IdempotencyRecord{})
 		if res.Error != nil {
-			return total, fmt.Errorf("models: sweep idempotency keys: %w", res.Error)
+			return 0, fmt.Errorf("models: sweep idempotency keys: %w", res.Error)
 		}
-		total += res.RowsAffected
-		if res.RowsAffected < int64(batch) {
-			return total, nil
-		}
-	}
+		return res.RowsAffected, nil
+	})
 }
 
 // DeleteIdempotency expires a key now: the next request with it executes.
@@ -305,5 +301,6 @@ func (s *Store) IdempotencyByID(ctx context.Context, id string) (IdempotencyReco
 	if err != nil {
 		return rec, fmt.Errorf("models: load idempotency key: %w", err)
 	}
+	utcRecord(&rec)
 	return rec, nil
 }

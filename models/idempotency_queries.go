@@ -3,7 +3,6 @@ package models
 import (
 	"context"
 	"fmt"
-	"strconv"
 	"strings"
 	"time"
 )
@@ -97,17 +96,16 @@ func utcRecord(r *IdempotencyRecord) {
 	}
 }
 
-// encodeKeyCursor writes a record's position as "<unix nanoseconds>.<id>";
-// ids are hex, so the dot is unambiguous.
-func encodeKeyCursor(at time.Time, id string) string {
-	return strconv.FormatInt(at.UnixNano(), 10) + "." + id
-}
+// encodeKeyCursor writes a record's position; ids are hex, so the dot
+// of the cursor is unambiguous.
+func encodeKeyCursor(at time.Time, id string) string { return encodeCursor(at, id) }
 
 func decodeKeyCursor(c string) (time.Time, string, error) {
-	ns, id, ok := strings.Cut(c, ".")
-	n, err := strconv.ParseInt(ns, 10, 64)
-	if !ok || err != nil || id == "" || len(id) > 128 || strings.Trim(id, "0123456789abcdef") != "" {
+	at, id, ok := decodeCursor(c, func(id string) bool {
+		return id != "" && len(id) <= 128 && strings.Trim(id, "0123456789abcdef") == ""
+	})
+	if !ok {
 		return time.Time{}, "", fmt.Errorf("models: cursor %q: %w", c, ErrInvalidFilter)
 	}
-	return time.Unix(0, n).UTC(), id, nil
+	return at, id, nil
 }

@@ -144,13 +144,11 @@ func (s *Store) SweepKV(ctx context.Context, batch int) (int64, error) {
 	if err != nil {
 		return total, err
 	}
-	for {
-		n, err := s.sweepKVOnce(ctx, batch)
-		total += n
-		if err != nil || n < int64(batch) {
-			return total, err
-		}
+	if batch <= 0 {
+		batch = kvSweepBatch
 	}
+	n, err := inBatches(batch, func(limit int) (int64, error) { return s.sweepKVOnce(ctx, limit) })
+	return total + n, err
 }
 
 func (s *Store) sweepKVOnce(ctx context.Context, batch int) (int64, error) {

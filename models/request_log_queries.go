@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
-	"strings"
 	"time"
 
 	"gorm.io/gorm"
@@ -65,7 +64,7 @@ func (s *Store) ListRequestLogs(ctx context.Context, f LogFilter) (LogPage, erro
 	if len(logs) > limit {
 		page.Logs = logs[:limit]
 		last := logs[limit-1]
-		page.Next = encodeCursor(last.CreatedAt, last.ID)
+		page.Next = encodeLogCursor(last.CreatedAt, last.ID)
 	}
 	return page, nil
 }
@@ -98,7 +97,7 @@ func (s *Store) filterLogs(q *gorm.DB, f LogFilter) (*gorm.DB, error) {
 		q = q.Where("created_at < ?", f.To.UTC())
 	}
 	if f.Cursor != "" {
-		at, id, err := decodeCursor(f.Cursor)
+		at, id, err := decodeLogCursor(f.Cursor)
 		if err != nil {
 			return nil, err
 		}
@@ -108,19 +107,22 @@ func (s *Store) filterLogs(q *gorm.DB, f LogFilter) (*gorm.DB, error) {
 	return q, nil
 }
 
-// encodeCursor writes the position of a row as "<unix nanoseconds>.<id>".
-func encodeCursor(at time.Time, id int64) string {
-	return strconv.FormatInt(at.UnixNano(), 10) + "." + strconv.FormatInt(id, 10)
+// encodeLogCursor writes the position of a request log row.
+func encodeLogCursor(at time.Time, id int64) string {
+	return encodeCursor(at, strconv.FormatInt(id, 10))
 }
 
-func decodeCursor(c string) (time.Time, int64, error) {
-	ns, id, ok := strings.Cut(c, ".")
-	n, err1 := strconv.ParseInt(ns, 10, 64)
-	i, err2 := strconv.ParseInt(id, 10, 64)
-	if !ok || err1 != nil || err2 != nil {
+func decodeLogCursor(c string) (time.Time, int64, error) {
+	var n int64
+	at, _, ok := decodeCursor(c, func(id string) bool {
+		var err error
+		n, err = strconv.ParseInt(id, 10, 64)
+		return err == nil
+	})
+	if !ok {
 		return time.Time{}, 0, fmt.Errorf("models: cursor %q: %w", c, ErrInvalidFilter)
 	}
-	return time.Unix(0, n).UTC(), i, nil
+	return at, n, nil
 }
 
 // RequestLogByID returns one request log, or ErrNotFound.
@@ -179,15 +181,8 @@ func (s *Store) deleteInBatches(ctx context.Context, sql string, cutoff any, bat
 	if batchSize <= 0 {
 		batchSize = 1000
 	}
-	var total int64
-	for {
-		res := s.db.WithContext(ctx).Exec(sql, cutoff, batchSize)
-		if res.Error != nil {
-			return total, res.Error
-		}
-		total += res.RowsAffected
-		if res.RowsAffected < int64(batchSize) {
-			return total, nil
-		}
-	}
+	return inBatches(batchSize, func(limit int) (int64, error) {
+		res := s.db.WithContext(ctx).Exec(sql, cutoff, limit)
+		return res.RowsAffected, res.Error
+	})
 }

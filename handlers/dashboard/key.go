@@ -4,8 +4,6 @@ import (
 	"net/http"
 
 	"github.com/gofiber/fiber/v2"
-
-	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
 // keyPage is the data of dashboard/key and dashboard/key_delete.
@@ -33,12 +31,11 @@ func (h *Handler) keyPage(c *fiber.Ctx) (keyPage, error) {
 	if id == "" || len(id) > 128 {
 		return keyPage{}, fiber.ErrNotFound
 	}
-	ctx := c.UserContext() // bounded by WithQueryTimeout
+	ctx := c.UserContext() // bounded by withQueryTimeout
 	rec, err := h.cfg.Keys.IdempotencyByID(ctx, id)
 	if err != nil {
 		return keyPage{}, err
 	}
-	utcTimes(&rec)
 	row := newKeyRow(&rec, h.cfg.Now().UTC())
 	p := keyPage{layout: h.page(c, "Key "+truncateRunes(rec.IdemKey, 40), "keys"), Row: row}
 	headers := parseStoredHeaders(rec.Headers)
@@ -47,12 +44,4 @@ func (h *Handler) keyPage(c *fiber.Ctx) (keyPage, error) {
 	}
 	p.Response = decodeStoredResponse(&rec, headers)
 	return p, nil
-}
-
-func utcTimes(r *models.IdempotencyRecord) {
-	r.CreatedAt, r.UpdatedAt, r.ExpiresAt, r.LockedUntil = r.CreatedAt.UTC(), r.UpdatedAt.UTC(), r.ExpiresAt.UTC(), r.LockedUntil.UTC()
-	if r.LastReplayAt != nil {
-		t := r.LastReplayAt.UTC()
-		r.LastReplayAt = &t
-	}
 }

@@ -18,7 +18,7 @@ func (h *Handler) DeleteKey(c *fiber.Ctx) error {
 		p.Title = "Delete key?"
 		return render(c, http.StatusOK, "key_delete", p)
 	}
-	ctx := c.UserContext() // bounded by WithQueryTimeout
+	ctx := c.UserContext() // bounded by withQueryTimeout
 	id := c.Params("id")
 	if err := h.cfg.Keys.DeleteIdempotency(ctx, id); err != nil {
 		return err

@@ -91,7 +91,7 @@ func (h *Handler) Keys(c *fiber.Ctx) error {
 		p.Notice = "The key was expired. The next request that carries it will execute again."
 	}
 	cursor := c.Query("cursor")
-	ctx := c.UserContext() // bounded by WithQueryTimeout
+	ctx := c.UserContext() // bounded by withQueryTimeout
 	page, err := h.cfg.Keys.ListIdempotency(ctx, models.IdempotencyFilter{Key: p.Key, State: p.State, Cursor: cursor, Limit: dashboardPageSize})
 	if errors.Is(err, models.ErrInvalidFilter) {
 		p.Error = "The state or page position in the address is not valid. Start again from the newest."

@@ -82,7 +82,7 @@ func (h *Handler) Overview(c *fiber.Ctx) error {
 			}
 		}
 	}
-	ctx := c.UserContext() // bounded by WithQueryTimeout
+	ctx := c.UserContext() // bounded by withQueryTimeout
 	now := h.cfg.Now().UTC()
 	p.To = now
 	p.From = now.Add(-win.Span).Truncate(win.Step)

@@ -21,7 +21,7 @@ func (h *Handler) Request(c *fiber.Ctx) error {
 	if err != nil || id <= 0 {
 		return fiber.ErrNotFound
 	}
-	ctx := c.UserContext() // bounded by WithQueryTimeout
+	ctx := c.UserContext() // bounded by withQueryTimeout
 	rec, err := h.cfg.Logs.RequestLogByID(ctx, id)
 	if err != nil {
 		return err
