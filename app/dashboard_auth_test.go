@@ -39,7 +39,7 @@ func rowCounts(t *testing.T, px *apptest.Instance) map[string]int64 {
 // Anonymous visitors of the login form cost no database row: its CSRF
 // token is signed against a nonce in a cookie.
 func TestDashboardLoginFormWritesNothing(t *testing.T) {
-	eachDB(t, func(t *testing.T, env map[string]string) {
+	apptest.EachDB(t, adminEnv, func(t *testing.T, env map[string]string) {
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, env)
 		before := rowCounts(t, px)

@@ -155,8 +155,8 @@ func TestDashboardInBrowser(t *testing.T) {
 
 	// The request log is written in the background: reload until both
 	// requests show, within a deadline.
-	deadline := time.Now().Add(20 * time.Second)
-	for {
+	last := new(strings.Builder) // the rows last seen, for the failure message
+	apptest.Eventually(t, 20*time.Second, func() bool {
 		do("request log", chromedp.Navigate(px.URL+"/dashboard/requests"), chromedp.WaitVisible(chromedp.ID("f-status")))
 		// The three newest rows are ours; the seeded traffic is older.
 		s, err := chromedp.Run(ctx, chromedp.Evaluate[string](
@@ -168,13 +168,12 @@ func TestDashboardInBrowser(t *testing.T) {
 			if !strings.Contains(s, "beta") || !strings.Contains(s, "alpha") || !strings.Contains(s, "replayed") {
 				t.Fatalf("request log lacks clients or the replay:\n%s", s)
 			}
-			break
+			return true
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("requests never appeared in the log:\n%s", s)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+		last.Reset()
+		last.WriteString(s)
+		return false
+	}, "requests never appeared in the log:\n%s", last)
 	shot("04-requests")
 
 	do("request detail", chromedp.Click(chromedp.CSS(`table.list tbody tr:nth-child(3) td a`)), chromedp.WaitVisible(chromedp.CSS(`dl.props`)))

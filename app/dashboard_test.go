@@ -24,15 +24,6 @@ import (
 
 const adminPassword = "dashboard-Pa55word!"
 
-// eachDB runs f on SQLite and, when TEST_DATABASE_URL is set, PostgreSQL.
-func eachDB(t *testing.T, f func(t *testing.T, env map[string]string)) {
-	t.Helper()
-	t.Run("sqlite", func(t *testing.T) { f(t, map[string]string{"ADMIN_PASSWORD": adminPassword}) })
-	t.Run("postgres", func(t *testing.T) {
-		f(t, map[string]string{"ADMIN_PASSWORD": adminPassword, "DATABASE_URL": testdb.PostgresURL(t)})
-	})
-}
-
 // browser is an HTTP client with a cookie jar that does not follow
 // redirects, so tests see every 303, and that checks no response ever
 // contains a key.
@@ -169,13 +160,8 @@ func seedLogs(t *testing.T, px *apptest.Instance, logs []models.RequestLog) {
 			t.Fatal("log record dropped")
 		}
 	}
-	deadline := time.Now().Add(15 * time.Second)
-	for px.App.Logs.Written() < before+uint64(len(logs)) {
-		if time.Now().After(deadline) {
-			t.Fatalf("only %d of %d log records written", px.App.Logs.Written()-before, len(logs))
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	apptest.Eventually(t, 15*time.Second, func() bool { return px.App.Logs.Written() >= before+uint64(len(logs)) },
+		"not all %d log records written", len(logs))
 }
 
 // seededLogs are 120 requests over the last 50 minutes: every 6th a 5xx,
@@ -206,7 +192,7 @@ func seededLogs(now time.Time) []models.RequestLog {
 }
 
 func TestDashboardPagesShowSeededData(t *testing.T) {
-	eachDB(t, func(t *testing.T, env map[string]string) {
+	apptest.EachDB(t, adminEnv, func(t *testing.T, env map[string]string) {
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, env)
 		now := time.Now().UTC()
@@ -338,7 +324,7 @@ func seedKeyRecords(t *testing.T, px *apptest.Instance, now time.Time, n int) []
 }
 
 func TestDashboardKeys(t *testing.T) {
-	eachDB(t, func(t *testing.T, env map[string]string) {
+	apptest.EachDB(t, adminEnv, func(t *testing.T, env map[string]string) {
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, env)
 		now := time.Now().UTC()
@@ -415,13 +401,10 @@ func TestDashboardKeys(t *testing.T) {
 			}
 			// The replay is counted in the background, just after it is answered.
 			var page string
-			for deadline := time.Now().Add(10 * time.Second); ; {
+			apptest.Eventually(t, 10*time.Second, func() bool {
 				page = b.page("/dashboard/keys?key=live-key-1")
-				if strings.Contains(page, `1<span class="under">last `) || time.Now().After(deadline) {
-					break
-				}
-				time.Sleep(50 * time.Millisecond)
-			}
+				return strings.Contains(page, `1<span class="under">last `)
+			}, "the replay was never counted on the keys page")
 			rows := matches(keyRowRe, page)
 			if len(rows) != 1 {
 				t.Fatalf("%d rows for live-key-1", len(rows))
@@ -463,7 +446,7 @@ func btoi(b bool) int {
 // Every page but the login form and static files sends visitors without a
 // session to the login form, for GET and POST alike.
 func TestDashboardRequiresLogin(t *testing.T) {
-	eachDB(t, func(t *testing.T, env map[string]string) {
+	apptest.EachDB(t, adminEnv, func(t *testing.T, env map[string]string) {
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, env)
 		b := newBrowser(t, px)
@@ -503,7 +486,7 @@ func TestDashboardRequiresLogin(t *testing.T) {
 }
 
 func TestDashboardCSRF(t *testing.T) {
-	eachDB(t, func(t *testing.T, env map[string]string) {
+	apptest.EachDB(t, adminEnv, func(t *testing.T, env map[string]string) {
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, env)
 		recs := seedKeyRecords(t, px, time.Now().UTC(), 1)
@@ -550,7 +533,7 @@ func TestDashboardCSRF(t *testing.T) {
 }
 
 func TestDashboardLoginThrottle(t *testing.T) {
-	eachDB(t, func(t *testing.T, env map[string]string) {
+	apptest.EachDB(t, adminEnv, func(t *testing.T, env map[string]string) {
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, env)
 		b := newBrowser(t, px)
@@ -660,17 +643,10 @@ func TestDashboardWarningsAndNoKeys(t *testing.T) {
 	proxyPost(t, px, apptest.ClientKey2, "/v1/embeddings", `{"model":"text-embedding-3-small","input":"x"}`, "")
 	b = newBrowser(t, px)
 	b.login()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	apptest.Eventually(t, 10*time.Second, func() bool {
 		page := b.page("/dashboard/requests") // assertNoKeys runs on every response
-		if strings.Contains(page, ">beta<") && strings.Contains(page, ">alpha<") {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("proxied requests never appeared in the log")
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return strings.Contains(page, ">beta<") && strings.Contains(page, ">alpha<")
+	}, "proxied requests never appeared in the log")
 	for _, path := range []string{"/dashboard", "/dashboard?window=7d", "/dashboard/keys", "/dashboard/keys?key=k-alpha"} {
 		page := b.page(path)
 		if strings.Contains(page, "Open proxy") {
@@ -723,7 +699,7 @@ func TestDashboardStateIsSharedByReplicas(t *testing.T) {
 // A proxy adds well under a millisecond: requests of 1 ms must read as
 // 1 ms on the overview, not as the middle of a 0–50 ms bucket.
 func TestDashboardLatencyOfFastRequests(t *testing.T) {
-	eachDB(t, func(t *testing.T, env map[string]string) {
+	apptest.EachDB(t, adminEnv, func(t *testing.T, env map[string]string) {
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, env)
 		now := time.Now().UTC()
@@ -818,3 +794,6 @@ func TestDashboardBannerWhenUpstreamRefusesTheKey(t *testing.T) {
 		contains(t, path, b.page(path), banner)
 	}
 }
+
+// adminEnv turns the dashboard on.
+var adminEnv = map[string]string{"ADMIN_PASSWORD": adminPassword}

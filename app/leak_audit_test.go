@@ -219,12 +219,7 @@ func runAuditSession(t *testing.T, rec *recorder, px *apptest.Instance, up *appt
 
 func waitForLog(t *testing.T, px *apptest.Instance, n uint64) {
 	t.Helper()
-	for i := 0; px.App.Logs.Written() < n; i++ {
-		if i > 1500 {
-			t.Fatalf("request log: %d written", px.App.Logs.Written())
-		}
-		testSleep()
-	}
+	apptest.Eventually(t, 15*time.Second, func() bool { return px.App.Logs.Written() >= n }, "request log: fewer than %d written", n)
 }
 
 // dumpPostgres renders every row of every table in the test schema.
@@ -292,5 +287,3 @@ func dumpDir(t *testing.T, dir string) string {
 	})
 	return out.String()
 }
-
-func testSleep() { time.Sleep(10 * time.Millisecond) }

@@ -26,6 +26,7 @@ import (
 	"github.com/pressly/goose/v3/lock"
 
 	"github.com/openai-idempotent-proxy/proxy/app"
+	"github.com/openai-idempotent-proxy/proxy/app/apptest"
 	"github.com/openai-idempotent-proxy/proxy/models"
 	"github.com/openai-idempotent-proxy/proxy/models/testdb"
 )
@@ -527,15 +528,25 @@ func TestConcurrentStartMigratesOnce(t *testing.T) {
 		errs     [2]error
 		finished [2]time.Time
 	)
+	// The instances name their connections, so the test can see them try
+	// the lock.
+	appName := fmt.Sprintf("contend_%d", time.Now().UnixNano())
+	instanceURL := dbURL + map[bool]string{true: "&", false: "?"}[strings.Contains(dbURL, "?")] + "application_name=" + appName
 	for i := range stores {
 		wg.Go(func() {
 			<-start
-			stores[i], errs[i] = models.Open(ctx, models.Options{DatabaseURL: dbURL})
+			stores[i], errs[i] = models.Open(ctx, models.Options{DatabaseURL: instanceURL})
 			finished[i] = time.Now()
 		})
 	}
 	close(start)
-	time.Sleep(time.Second) // both reach the lock and start retrying
+	// Both have tried the lock, failed, and retry.
+	apptest.Eventually(t, 30*time.Second, func() bool {
+		var n int
+		err := conn.QueryRowContext(ctx, `SELECT COUNT(DISTINCT pid) FROM pg_stat_activity
+			WHERE application_name = $1 AND query LIKE '%pg_try_advisory_lock%'`, appName).Scan(&n)
+		return err == nil && n >= 2
+	}, "the two instances never tried the migration lock")
 	released := time.Now()
 	if _, err := conn.ExecContext(ctx, "SELECT pg_advisory_unlock($1)", lock.DefaultLockID); err != nil {
 		t.Fatal(err)

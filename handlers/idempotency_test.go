@@ -21,12 +21,6 @@ import (
 	"github.com/openai-idempotent-proxy/proxy/models/testdb"
 )
 
-// eachDB runs f against SQLite and against real PostgreSQL.
-func eachDB(t *testing.T, f func(t *testing.T, env map[string]string)) {
-	t.Run("sqlite", func(t *testing.T) { f(t, map[string]string{}) })
-	t.Run("postgres", func(t *testing.T) { f(t, map[string]string{"DATABASE_URL": testdb.PostgresURL(t)}) })
-}
-
 type result struct {
 	status   int
 	body     []byte
@@ -54,7 +48,7 @@ const chatBody = `{"model":"gpt-4o-mini","messages":[{"role":"user","content":"h
 const streamBody = `{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}`
 
 func TestIdempotentReplayIsByteIdentical(t *testing.T) {
-	eachDB(t, func(t *testing.T, env map[string]string) {
+	apptest.EachDB(t, nil, func(t *testing.T, env map[string]string) {
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, env)
 		url := px.URL + "/v1/chat/completions"
@@ -98,7 +92,7 @@ func TestIdempotentReplayIsByteIdentical(t *testing.T) {
 }
 
 func TestIncompleteStreamsAreNeverReplayed(t *testing.T) {
-	eachDB(t, func(t *testing.T, env map[string]string) {
+	apptest.EachDB(t, nil, func(t *testing.T, env map[string]string) {
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, env)
 		url := px.URL + "/v1/chat/completions"
@@ -143,7 +137,7 @@ func keyedStreamIgnoringErrors(t *testing.T, url, key string, hdr map[string]str
 }
 
 func TestKeyMismatchIsRejected(t *testing.T) {
-	eachDB(t, func(t *testing.T, env map[string]string) {
+	apptest.EachDB(t, nil, func(t *testing.T, env map[string]string) {
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, env)
 		url := px.URL + "/v1/chat/completions"
@@ -194,13 +188,7 @@ func TestKeyMismatchIsRejected(t *testing.T) {
 // waitForCalls waits until the upstream has received n requests.
 func waitForCalls(t *testing.T, up *apptest.Upstream, n int64) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for up.Calls() < n {
-		if time.Now().After(deadline) {
-			t.Fatalf("upstream saw %d calls, want %d", up.Calls(), n)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	apptest.Eventually(t, 10*time.Second, func() bool { return up.Calls() >= n }, "upstream saw fewer than %d calls", n)
 }
 
 func multipartUpload(t *testing.T, content, purpose string) (string, *bytes.Buffer) {
@@ -282,7 +270,7 @@ func TestIdempotencyKeyForms(t *testing.T) {
 }
 
 func TestRetryableFailuresAreReleased(t *testing.T) {
-	eachDB(t, func(t *testing.T, env map[string]string) {
+	apptest.EachDB(t, nil, func(t *testing.T, env map[string]string) {
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, env)
 		url := px.URL + "/v1/chat/completions"
@@ -324,7 +312,7 @@ func recordFor(t *testing.T, px *apptest.Instance, key string) models.Idempotenc
 }
 
 func TestKeyedStreamRunsToTheEndWithoutItsClient(t *testing.T) {
-	eachDB(t, func(t *testing.T, env map[string]string) {
+	apptest.EachDB(t, nil, func(t *testing.T, env map[string]string) {
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, env)
 		url := px.URL + "/v1/chat/completions"
@@ -344,14 +332,10 @@ func TestKeyedStreamRunsToTheEndWithoutItsClient(t *testing.T) {
 		}
 		// The retry replays the whole stream once it is stored.
 		var retry result
-		deadline := time.Now().Add(10 * time.Second)
-		for {
+		apptest.Eventually(t, 10*time.Second, func() bool {
 			retry = keyed(t, url, apptest.ClientKey, "gone-1", streamBody, hdr)
-			if retry.status != 409 || time.Now().After(deadline) {
-				break
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
+			return retry.status != 409
+		}, "retry: still 409, the stream was never stored")
 		if !retry.replayed || !bytes.Contains(retry.body, []byte("tok29")) || !bytes.HasSuffix(retry.body, []byte("data: [DONE]\n\n")) {
 			t.Fatalf("retry: %d replayed=%v %s", retry.status, retry.replayed, retry.body)
 		}
@@ -461,17 +445,17 @@ func TestLeaseTakeoverAfterHolderCrash(t *testing.T) {
 		t.Fatalf("right after the crash: status %d, want 409 until the lease lapses", r.status)
 	}
 	var took time.Duration
-	for {
+	apptest.Eventually(t, time.Until(killed.Add(15*time.Second)), func() bool {
 		r := keyed(t, other.URL+url, apptest.ClientKey, "crash-1", chatBody, nil)
 		if r.status == 200 && !r.replayed {
 			took = time.Since(killed)
-			break
+			return true
 		}
-		if r.status != 409 || time.Since(killed) > 15*time.Second {
+		if r.status != 409 {
 			t.Fatalf("takeover: status %d after %v", r.status, time.Since(killed))
 		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return false
+	}, "takeover: still 409 15 s after the crash")
 	// The last renewal was at most a third of the lease before the crash.
 	if took < 2*time.Second/3 {
 		t.Fatalf("taken over %v after the crash: before the lease lapsed", took)
@@ -506,11 +490,10 @@ func TestDatabaseDown(t *testing.T) {
 
 	fwd.Up()
 	var r result
-	deadline := time.Now().Add(10 * time.Second)
-	for r = keyed(t, url, apptest.ClientKey, "db-1", chatBody, nil); r.status == 503 && time.Now().Before(deadline); {
-		time.Sleep(50 * time.Millisecond)
+	apptest.Eventually(t, 10*time.Second, func() bool {
 		r = keyed(t, url, apptest.ClientKey, "db-1", chatBody, nil)
-	}
+		return r.status != 503
+	}, "after recovery: still 503")
 	if r.status != 200 || r.replayed {
 		t.Fatalf("after recovery: %d replayed=%v", r.status, r.replayed)
 	}
@@ -520,7 +503,7 @@ func TestDatabaseDown(t *testing.T) {
 }
 
 func TestResponsesTooLargeToStoreAreNeverRunTwice(t *testing.T) {
-	eachDB(t, func(t *testing.T, env map[string]string) {
+	apptest.EachDB(t, nil, func(t *testing.T, env map[string]string) {
 		env["IDEMPOTENCY_MAX_BODY"] = "2KiB"
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, env)
@@ -569,15 +552,11 @@ func TestOutageDuringAKeyedRequest(t *testing.T) {
 		t.Fatalf("first answer during the outage: %d %s", first.status, first.body)
 	}
 	fwd.Up()
-	deadline := time.Now().Add(15 * time.Second)
 	var r result
-	for {
+	apptest.Eventually(t, 15*time.Second, func() bool {
 		r = keyed(t, url, apptest.ClientKey, "outage-1", chatBody, nil)
-		if (r.status != 409 && r.status != 503) || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return r.status != 409 && r.status != 503
+	}, "after the outage: still 409 or 503")
 	if !r.replayed || r.sha() != first.sha() {
 		t.Fatalf("after the outage: %d replayed=%v", r.status, r.replayed)
 	}
@@ -592,7 +571,7 @@ func TestOutageDuringAKeyedRequest(t *testing.T) {
 // is a reuse of the key (422, as on every path), and once it ends the retry
 // replays it: one upstream execution.
 func TestShortTTLNeverRunsARunningCallTwice(t *testing.T) {
-	eachDB(t, func(t *testing.T, env map[string]string) {
+	apptest.EachDB(t, nil, func(t *testing.T, env map[string]string) {
 		env["IDEMPOTENCY_TTL"] = "1s"
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, env)
@@ -646,7 +625,7 @@ func TestShortTTLNeverRunsARunningCallTwice(t *testing.T) {
 // and writes the request's log row before it exits, so the retry on the
 // next instance executes at once instead of waiting out the lease.
 func TestShutdownSettlesKeyedCallsStillRunning(t *testing.T) {
-	eachDB(t, func(t *testing.T, env map[string]string) {
+	apptest.EachDB(t, nil, func(t *testing.T, env map[string]string) {
 		env["DATA_DIR"] = t.TempDir() // shared by both instances on SQLite
 		env["SHUTDOWN_GRACE"] = "1s"
 		up := apptest.NewUpstream(t)

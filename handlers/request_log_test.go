@@ -18,13 +18,8 @@ import (
 // waitWritten waits until the background writer has stored n records.
 func waitWritten(t *testing.T, px *apptest.Instance, n uint64) {
 	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for px.App.Logs.Written() < n {
-		if time.Now().After(deadline) {
-			t.Fatalf("request log: %d records written, want %d (dropped %d)", px.App.Logs.Written(), n, px.App.Logs.Dropped())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	apptest.Eventually(t, 15*time.Second, func() bool { return px.App.Logs.Written() >= n },
+		"request log: fewer than %d records written (dropped %d)", n, px.App.Logs.Dropped())
 }
 
 func logRows(t *testing.T, px *apptest.Instance) map[string]models.RequestLog {
@@ -41,7 +36,7 @@ func logRows(t *testing.T, px *apptest.Instance) map[string]models.RequestLog {
 }
 
 func TestRequestLogRecordsUsageAndOutcomes(t *testing.T) {
-	eachDB(t, func(t *testing.T, env map[string]string) {
+	apptest.EachDB(t, nil, func(t *testing.T, env map[string]string) {
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, env)
 		ua := func(name string) map[string]string {

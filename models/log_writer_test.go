@@ -11,6 +11,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/openai-idempotent-proxy/proxy/app/apptest"
 	"github.com/openai-idempotent-proxy/proxy/models"
 	"github.com/openai-idempotent-proxy/proxy/models/testdb"
 )
@@ -255,13 +256,7 @@ func TestLogWriterDatabaseDown(t *testing.T) {
 // there is no signal for that.
 func waitGoroutines(t *testing.T, want int) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for runtime.NumGoroutine() > want {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d goroutines, want at most %d", runtime.NumGoroutine(), want)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	apptest.Eventually(t, 5*time.Second, func() bool { return runtime.NumGoroutine() <= want }, "more than %d goroutines", want)
 }
 
 // TestLogWriterSlowDatabase holds a lock that stalls every write: Record

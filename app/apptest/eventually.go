@@ -1,8 +1,11 @@
 package apptest
 
 import (
+	"maps"
 	"testing"
 	"time"
+
+	"github.com/openai-idempotent-proxy/proxy/models/testdb"
 )
 
 // Eventually waits until cond holds, checking every few milliseconds, and
@@ -17,4 +20,21 @@ func Eventually(t testing.TB, within time.Duration, cond func() bool, format str
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+}
+
+// EachDB runs f twice, as sub-tests: on the embedded SQLite, and on a fresh
+// PostgreSQL schema (DATABASE_URL). env is the rest of the environment both
+// runs get.
+func EachDB(t *testing.T, env map[string]string, f func(t *testing.T, env map[string]string)) {
+	t.Helper()
+	with := func(extra map[string]string) map[string]string {
+		out := maps.Clone(env)
+		if out == nil {
+			out = map[string]string{}
+		}
+		maps.Copy(out, extra)
+		return out
+	}
+	t.Run("sqlite", func(t *testing.T) { f(t, with(nil)) })
+	t.Run("postgres", func(t *testing.T) { f(t, with(map[string]string{"DATABASE_URL": testdb.PostgresURL(t)})) })
 }

@@ -34,6 +34,7 @@ func Funcs() template.FuncMap {
 		"list":        func(xs ...string) []string { return xs },
 		"ttl":         formatTTL,
 		"asset":       assetURL,
+		"dash":        func() string { return Prefix }, // every dashboard URL starts here
 		"words":       func(s string) string { return strings.ReplaceAll(s, "_", " ") },
 	}
 }

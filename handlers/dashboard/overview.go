@@ -53,11 +53,17 @@ type overviewPage struct {
 	Totals     models.Totals
 	Requests   stackedChart
 	Tokens     stackedChart
-	TopModels  []topRow
-	TopClients []topRow
+	Tops       []topTable // Top models, then Top clients
 }
 
 // topRow is one line of a top-N table.
+// topTable is one top-N table of the overview (partials/toplist).
+type topTable struct {
+	ID, Title, Column string
+	Filter            string // the request log filter a name links to
+	Rows              []topRow
+}
+
 type topRow struct {
 	Name     string
 	Requests int64
@@ -121,7 +127,10 @@ func (h *Handler) Overview(c *fiber.Ctx) error {
 			h.cfg.Logger.Error("dashboard: overview query failed", "error", err.Error())
 			p.LoadFailed = true
 		}
-		p.TopModels, p.TopClients = topRows(topModels, p.Totals.Requests), topRows(clients, p.Totals.Requests)
+		p.Tops = []topTable{
+			{ID: "models", Title: "Top models", Column: "Model", Filter: "model", Rows: topRows(topModels, p.Totals.Requests)},
+			{ID: "clients", Title: "Top clients", Column: "Client", Filter: "client", Rows: topRows(clients, p.Totals.Requests)},
+		}
 	}
 	if len(points) == 0 {
 		// Empty axes of the right width, so the charts keep their shape.
