@@ -34,7 +34,7 @@ type IdempotencyStore interface {
 	CompleteIdempotency(ctx context.Context, id, owner string, c models.Completion, ttl time.Duration) error
 	ReleaseIdempotency(ctx context.Context, id, owner, reason string, ttl time.Duration) error
 	MarkIdempotencyReplayed(ctx context.Context, id string) error
-	IdempotencyBodyChunk(ctx context.Context, id, owner string, off, n int64) ([]byte, error)
+	IdempotencyBodyChunk(ctx context.Context, id string, attempt int, off, n int64) ([]byte, error)
 }
 
 // ReplayedHeader marks a response answered from a stored record.
@@ -250,7 +250,7 @@ func (p *Proxy) replay(c *fiber.Ctx, ex *exchange, rec *models.IdempotencyRecord
 	}
 	c.Set(ReplayedHeader, "true")
 	c.Status(rec.Status)
-	body := &replayBody{p: p, id: rec.ID, owner: rec.Owner, size: rec.BodySize, reserved: reserved}
+	body := &replayBody{p: p, id: rec.ID, attempt: rec.Attempts, size: rec.BodySize, reserved: reserved}
 	c.Response().SetBodyStream(body, int(rec.BodySize))
 	ex.status, ex.outcome, ex.respBytes = rec.Status, models.OutcomeReplayed, rec.BodySize
 	ex.rec.Stream = rec.Stream
@@ -270,7 +270,8 @@ func (p *Proxy) replay(c *fiber.Ctx, ex *exchange, rec *models.IdempotencyRecord
 // replayBody streams a stored body from the database in pieces.
 type replayBody struct {
 	p           *Proxy
-	id, owner   string
+	id          string
+	attempt     int // the record version being replayed
 	size, off   int64
 	pending     []byte
 	reserved    int64
@@ -283,7 +284,7 @@ func (r *replayBody) Read(b []byte) (int, error) {
 			return 0, io.EOF
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		chunk, err := r.p.idem.IdempotencyBodyChunk(ctx, r.id, r.owner, r.off, min(replayChunk, r.size-r.off))
+		chunk, err := r.p.idem.IdempotencyBodyChunk(ctx, r.id, r.attempt, r.off, min(replayChunk, r.size-r.off))
 		cancel()
 		if err != nil || len(chunk) == 0 {
 			// Expired, deleted or unreadable mid-replay: cut the response
