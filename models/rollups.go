@@ -499,7 +499,7 @@ func LatencyQuantile(hist []int64, unsplit int64, q float64) LatencyRange {
 
 // TopEntry is one row of a top-N table.
 type TopEntry struct {
-	Name     string
+	Name       string
 	Requests   int64
 	Tokens     int64 // total tokens
 	CostMicros int64 // spend, USD x 1e6
