@@ -3,6 +3,7 @@ package handlers
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -23,6 +24,7 @@ import (
 	"github.com/valyala/fasthttp"
 	"golang.org/x/time/rate"
 
+	"github.com/openai-idempotent-proxy/proxy/handlers/access"
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
@@ -32,6 +34,7 @@ type ProxyConfig struct {
 	UpstreamAPIKey   string
 	UpstreamCAs      *x509.CertPool // nil: the system roots
 	ClientKeys       []ClientKey
+	Gate             ClientGate // nil: PROXY_API_KEYS only, no limits
 	AllowOpenProxy   bool
 	MaxBodySize      int64
 	UpstreamTimeout  time.Duration
@@ -52,6 +55,7 @@ type LogSink interface {
 type Proxy struct {
 	cfg        ProxyConfig
 	auth       *Authenticator
+	gate       ClientGate
 	bearer     string // "Bearer <upstream key>", built once
 	client     *fasthttp.Client
 	idem       IdempotencyStore // nil disables Idempotency-Key handling
@@ -81,6 +85,9 @@ func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, 
 		metrics:       m,
 		logger:        logger,
 		warnSometimes: rate.Sometimes{Interval: time.Second},
+	}
+	if p.gate = cfg.Gate; p.gate == nil {
+		p.gate = access.New(context.Background(), access.Options{Env: p.auth.Authenticate})
 	}
 	p.client = &fasthttp.Client{
 		Transport:                teeTransport{},
@@ -139,14 +146,11 @@ func (p *Proxy) admit(c *fiber.Ctx, ex *exchange) error {
 		ex.rec.Path = truncate(string(c.Request().URI().PathOriginal()), 200)
 	}
 	if !p.cfg.AllowOpenProxy || len(p.cfg.ClientKeys) > 0 {
-		name, err := p.auth.Authenticate(c.Request().Header.Peek("Authorization"))
-		if errors.Is(err, errNoKey) {
-			return errMissingKey
-		}
+		caller, err := p.gate.Authenticate(c.Request().Header.Peek("Authorization"))
+		ex.caller, ex.rec.Client = caller, caller.Name
 		if err != nil {
-			return errInvalidKey
+			return keyError(err)
 		}
-		ex.rec.Client = name
 	} else {
 		ex.rec.Client = "open"
 	}
@@ -184,12 +188,16 @@ func (p *Proxy) admit(c *fiber.Ctx, ex *exchange) error {
 		}
 		ex.rec.Model = truncate(gjson.GetBytes(body, "model").String(), 200)
 		ex.rec.Stream = gjson.GetBytes(body, "stream").Bool()
+		ex.ask = askOf(ex.rec.Model, body, size)
 	}
-	return nil
+	return refusalError(ex.caller.Permits(ex.rec.Model))
 }
 
 // forward sends the request upstream through Fiber's proxy middleware.
 func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
+	if err := p.admitLimits(c, ex); err != nil {
+		return ex.reject(c, err)
+	}
 	req := c.Request()
 	prepareUpstreamRequest(&req.Header, p.bearer)
 	req.SetUserValue(exchangeKey{}, ex)
@@ -208,6 +216,7 @@ func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
 			c.Response().Header.SetBytesKV(k, v)
 		}
 	}
+	ex.setRateLimitHeaders(&c.Response().Header)
 	if err != nil {
 		apiErr := p.upstreamError(c, err, ex)
 		ex.finish(err)

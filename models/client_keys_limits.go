@@ -139,7 +139,17 @@ RETURNING req_micros, tok_micros`, args).Rows()
 	defer rows.Close()
 	var st RateState
 	if !rows.Next() {
-		return st, false, rows.Err()
+		if err := rows.Err(); err != nil {
+			return st, false, fmt.Errorf("models: take rate: %w", err)
+		}
+		rows.Close()
+		// Refused: read the bucket as it is, for Retry-After.
+		err := s.db.WithContext(ctx).Raw("SELECT "+req+" AS req_micros, "+tok+" AS tok_micros FROM client_key_rates WHERE key_id = @key", args).
+			Row().Scan(&st.ReqMicros, &st.TokMicros)
+		if err != nil {
+			return st, false, fmt.Errorf("models: read rate: %w", err)
+		}
+		return st, false, nil
 	}
 	if err := rows.Scan(&st.ReqMicros, &st.TokMicros); err != nil {
 		return st, false, fmt.Errorf("models: take rate: %w", err)
