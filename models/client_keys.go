@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"math"
 	"strings"
 	"time"
 
@@ -206,3 +207,65 @@ func (s *Store) ClientKeysVersion(ctx context.Context) (string, error) {
 	}
 	return fmt.Sprintf("%d/%s", row.N, row.M), nil
 }
+
+// ErrInvalidClientKey wraps a refused name or setting; its text says what
+// is wrong and is safe to show.
+var ErrInvalidClientKey = errors.New("invalid client key")
+
+// Bounds on what an admin may set.
+const (
+	maxKeyName    = 64
+	maxKeyModels  = 100
+	maxModelName  = 200
+	maxKeyNotes   = 1000
+	maxRateLimit  = 1_000_000_000
+	maxBudgetUSD  = 1_000_000
+	budgetMicroes = 1_000_000
+)
+
+// ValidateClientKeyName checks a new key's name: 1 to 64 letters, digits,
+// spaces and "-_.@", not "open" (the name of unauthenticated traffic).
+func ValidateClientKeyName(name string) error {
+	if name == "" || len(name) > maxKeyName {
+		return fmt.Errorf("%w: the name must be 1 to %d characters", ErrInvalidClientKey, maxKeyName)
+	}
+	for _, r := range name {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune(" -_.@", r)) {
+			return fmt.Errorf("%w: the name may hold only letters, digits, spaces and - _ . @", ErrInvalidClientKey)
+		}
+	}
+	if strings.EqualFold(name, "open") {
+		return fmt.Errorf("%w: the name %q is reserved", ErrInvalidClientKey, name)
+	}
+	return nil
+}
+
+// Validate checks limits an admin entered.
+func (l *ClientKeyLimits) Validate() error {
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("%w: "+format, append([]any{ErrInvalidClientKey}, args...)...)
+	}
+	switch {
+	case l.RPM < 0 || l.RPM > maxRateLimit || l.TPM < 0 || l.TPM > maxRateLimit:
+		return bad("rpm and tpm must be from 0 (no limit) to %d", maxRateLimit)
+	case l.BudgetMicros < 0 || l.BudgetMicros > maxBudgetUSD*budgetMicroes:
+		return bad("the budget must be from 0 (none) to %d USD", maxBudgetUSD)
+	case l.BudgetMicros > 0 && l.BudgetPeriod != PeriodDay && l.BudgetPeriod != PeriodMonth:
+		return bad("a budget needs a period: day or month")
+	case l.BudgetMicros == 0 && l.BudgetPeriod != "" && l.BudgetPeriod != PeriodDay && l.BudgetPeriod != PeriodMonth:
+		return bad("the budget period must be day or month")
+	case len(l.Models) > maxKeyModels:
+		return bad("at most %d models", maxKeyModels)
+	case len(l.Notes) > maxKeyNotes:
+		return bad("notes are at most %d characters", maxKeyNotes)
+	}
+	for _, m := range l.Models {
+		if m == "" || len(m) > maxModelName || strings.ContainsAny(m, ", \t\r\n") {
+			return bad("model names must be 1 to %d characters without commas or spaces", maxModelName)
+		}
+	}
+	return nil
+}
+
+// USDToMicros converts dollars to whole micro-dollars.
+func USDToMicros(usd float64) int64 { return int64(math.Round(usd * budgetMicroes)) }
