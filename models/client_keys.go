@@ -159,27 +159,23 @@ func (s *Store) ClientKeyByID(ctx context.Context, id string) (ClientKey, error)
 // new limits.
 func (s *Store) UpdateClientKey(ctx context.Context, id string, l ClientKeyLimits) (ClientKey, error) {
 	var k ClientKey
-	err := s.db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
-		if err := tx.Where("id = ?", id).Take(&k).Error; err != nil {
-			return err
-		}
-		applyLimits(&k, l)
-		k.UpdatedAt = s.now()
-		if err := tx.Model(&ClientKey{}).Where("id = ?", id).Updates(map[string]any{
-			"expires_at": k.ExpiresAt, "models": k.Models, "rpm": k.RPM, "tpm": k.TPM,
-			"budget_micros": k.BudgetMicros, "budget_period": k.BudgetPeriod, "notes": k.Notes, "updated_at": k.UpdatedAt,
-		}).Error; err != nil {
-			return err
-		}
-		return tx.Exec("DELETE FROM client_key_rates WHERE key_id = ?", id).Error
+	applyLimits(&k, l)
+	// Single statements, no transaction: SQLite shared by two processes
+	// refuses a read transaction's upgrade to a write (SQLITE_BUSY).
+	res := s.db.WithContext(ctx).Model(&ClientKey{}).Where("id = ?", id).Updates(map[string]any{
+		"expires_at": k.ExpiresAt, "models": k.Models, "rpm": k.RPM, "tpm": k.TPM,
+		"budget_micros": k.BudgetMicros, "budget_period": k.BudgetPeriod, "notes": k.Notes, "updated_at": s.now(),
 	})
-	if errors.Is(err, gorm.ErrRecordNotFound) {
+	if res.Error != nil {
+		return ClientKey{}, fmt.Errorf("models: update client key: %w", res.Error)
+	}
+	if res.RowsAffected == 0 {
 		return ClientKey{}, ErrNotFound
 	}
-	if err != nil {
+	if err := s.db.WithContext(ctx).Exec("DELETE FROM client_key_rates WHERE key_id = ?", id).Error; err != nil {
 		return ClientKey{}, fmt.Errorf("models: update client key: %w", err)
 	}
-	return k, nil
+	return s.ClientKeyByID(ctx, id)
 }
 
 // RevokeClientKey marks a key revoked now (ErrNotFound if it does not

@@ -54,7 +54,7 @@ RETURNING spent_micros, reserved_micros`, args).Rows()
 			if err := rows.Scan(&st.SpentMicros, &st.ReservedMicros); err != nil {
 				return st, false, fmt.Errorf("models: reserve budget: %w", err)
 			}
-			return st, true, rows.Err()
+			return st, true, drain(rows)
 		}
 		if err := rows.Err(); err != nil {
 			return st, false, fmt.Errorf("models: reserve budget: %w", err)
@@ -154,7 +154,20 @@ RETURNING req_micros, tok_micros`, args).Rows()
 	if err := rows.Scan(&st.ReqMicros, &st.TokMicros); err != nil {
 		return st, false, fmt.Errorf("models: take rate: %w", err)
 	}
-	return st, true, rows.Err()
+	return st, true, drain(rows)
+}
+
+// drain steps a RETURNING statement to its end and closes it: SQLite keeps
+// the statement's transaction (and the connection's snapshot) open until
+// then.
+func drain(rows *sql.Rows) error {
+	for rows.Next() {
+	}
+	err := rows.Err()
+	if cerr := rows.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // SettleRate charges a request's actual tokens to the key's bucket (which
