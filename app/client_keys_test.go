@@ -357,6 +357,17 @@ func TestAdminAPI(t *testing.T) {
 			}
 		}
 
+		// /metrics counts the spend by client and model, replays at 0.
+		resp, err := http.Get(p.a.URL + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		metrics, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if !strings.Contains(string(metrics), `proxy_cost_usd_total{client="ci",model="gpt-4o-mini"} 6e-06`) {
+			t.Fatalf("/metrics lacks the spend of the one priced call on A")
+		}
+
 		// The key appears nowhere: not in either instance's log, not in
 		// any text column of the database.
 		for _, in := range []*apptest.Instance{p.a, p.b} {
@@ -372,4 +383,3 @@ func TestAdminAPI(t *testing.T) {
 		}
 	})
 }
-

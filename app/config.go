@@ -122,7 +122,7 @@ var settings = []Setting{
 		c.UpstreamCAs = pool
 		return nil
 	}},
-	{"PROXY_API_KEYS", "", "client keys, comma-separated, each \"key\" or \"name:key\" (required unless ALLOW_OPEN_PROXY=true)", func(c *Config, v string) error {
+	{"PROXY_API_KEYS", "", "client keys, comma-separated, each \"key\" or \"name:key\" (required unless ALLOW_OPEN_PROXY=true or keys are managed)", func(c *Config, v string) error {
 		keys, err := handlers.ParseClientKeys(v)
 		if err != nil {
 			return err

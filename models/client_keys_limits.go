@@ -122,16 +122,18 @@ func (s *Store) TakeRate(ctx context.Context, keyID string, rpm, tpm, nowMs int6
 	if !s.isPostgres() {
 		least, greatest = "MIN", "MAX"
 	}
-	elapsed := least + "(" + greatest + "(@now - client_key_rates.at_ms, 0), 60000)"
+	elapsed := least + "(" + greatest + "(CAST(@now AS BIGINT) - client_key_rates.at_ms, 0), 60000)"
+	// Parameters are cast: PostgreSQL would take them as integer, and
+	// rpm * 1000000 overflows that above 2147 rpm.
 	// Refilled amounts, capped at one minute's worth (the bucket's size).
-	req := least + "(@rpm * 1000000, client_key_rates.req_micros + " + elapsed + " * @rpm * 1000 / 60)"
-	tok := least + "(@tpm * 1000000, client_key_rates.tok_micros + " + elapsed + " * @tpm * 1000 / 60)"
+	req := least + "(CAST(@rpm AS BIGINT) * 1000000, client_key_rates.req_micros + " + elapsed + " * CAST(@rpm AS BIGINT) * 1000 / 60)"
+	tok := least + "(CAST(@tpm AS BIGINT) * 1000000, client_key_rates.tok_micros + " + elapsed + " * CAST(@tpm AS BIGINT) * 1000 / 60)"
 	args := map[string]any{"key": keyID, "rpm": rpm, "tpm": tpm, "now": nowMs}
 	rows, err := s.db.WithContext(ctx).Raw(`INSERT INTO client_key_rates (key_id, req_micros, tok_micros, at_ms)
-VALUES (@key, @rpm * 1000000 - 1000000, @tpm * 1000000, @now)
+VALUES (@key, CAST(@rpm AS BIGINT) * 1000000 - 1000000, CAST(@tpm AS BIGINT) * 1000000, CAST(@now AS BIGINT))
 ON CONFLICT (key_id) DO UPDATE SET req_micros = `+req+` - 1000000, tok_micros = `+tok+`,
-  at_ms = `+greatest+`(client_key_rates.at_ms, @now)
-WHERE (@rpm = 0 OR `+req+` >= 1000000) AND (@tpm = 0 OR `+tok+` > 0)
+  at_ms = `+greatest+`(client_key_rates.at_ms, CAST(@now AS BIGINT))
+WHERE (CAST(@rpm AS BIGINT) = 0 OR `+req+` >= 1000000) AND (CAST(@tpm AS BIGINT) = 0 OR `+tok+` > 0)
 RETURNING req_micros, tok_micros`, args).Rows()
 	if err != nil {
 		return RateState{}, false, fmt.Errorf("models: take rate: %w", err)

@@ -111,6 +111,10 @@ func TestRateBucketRefills(t *testing.T) {
 		if _, ok, _ := s.TakeRate(ctx, "k", 3, 0, now+20_000); !ok {
 			t.Fatal("20 s refill one request at rpm 3")
 		}
+		// A large limit: rpm * 1e6 must not overflow a 32-bit parameter.
+		if _, ok, err := s.TakeRate(ctx, "big", 1_000_000_000, 1_000_000_000, now); !ok || err != nil {
+			t.Fatalf("rpm 1e9 refused: %v", err)
+		}
 		// TPM: admitted while not in debt; tokens are charged afterwards.
 		if _, ok, _ := s.TakeRate(ctx, "t", 0, 100, now); !ok {
 			t.Fatal("tpm refused the first request")
