@@ -17,6 +17,7 @@ import (
 	"github.com/valyala/fasthttp"
 
 	"github.com/openai-idempotent-proxy/proxy/handlers"
+	"github.com/openai-idempotent-proxy/proxy/handlers/access"
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
@@ -79,6 +80,7 @@ type App struct {
 	Logs    *models.LogWriter
 	Proxy   *handlers.Proxy
 	Metrics *handlers.Metrics
+	Gate    *access.Gate
 
 	stopJobs context.CancelFunc
 	jobs     sync.WaitGroup
@@ -103,7 +105,11 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 	a := &App{cfg: cfg, logger: logger, Store: store}
 	a.Logs = models.NewLogWriter(store, models.LogWriterOptions{QueueSize: cfg.LogQueueSize, Logger: logger})
 	a.Metrics = newMetrics(store, a.Logs, logger)
+	env := handlers.NewAuthenticator(cfg.ClientKeys)
+	a.Gate = access.New(ctx, access.Options{Store: store, Env: env.Authenticate, Prices: cfg.Prices,
+		ReserveTokens: cfg.ReserveTokens, Now: store.Now, Logger: logger})
 	a.Proxy = handlers.NewProxy(handlers.ProxyConfig{
+		Gate:               a.Gate,
 		UpstreamBaseURL:    cfg.UpstreamBaseURL,
 		UpstreamAPIKey:     cfg.UpstreamAPIKey,
 		Secrets:            cfg.Secrets(),
@@ -193,7 +199,7 @@ func (a *App) announce() {
 	}
 	a.logger.Info("proxy configured", "listen", a.cfg.ListenAddr, "upstream", a.cfg.UpstreamBaseURL.Redacted(),
 		"database", db, "client_keys", len(a.cfg.ClientKeys), "cors_origins", len(a.cfg.CORSAllowedOrigins))
-	if len(a.cfg.ClientKeys) == 0 {
+	if a.cfg.OpenProxy() {
 		a.logger.Warn("OPEN PROXY: ALLOW_OPEN_PROXY=true and no PROXY_API_KEYS — anyone who can reach this port spends your OpenAI key")
 	}
 	if a.cfg.AdminPassword == "" {
@@ -234,6 +240,7 @@ func (a *App) Shutdown() error {
 func (a *App) Close(ctx context.Context) error {
 	a.stopJobs()
 	a.jobs.Wait()
+	a.Gate.Close() // settlements still being written go before the database
 	flushCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
 	return errors.Join(a.Logs.Close(flushCtx), a.Store.Close())

@@ -15,6 +15,7 @@ import (
 	"github.com/dustin/go-humanize"
 
 	"github.com/openai-idempotent-proxy/proxy/handlers"
+	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
 // Config is the whole runtime configuration, read once from the environment
@@ -53,6 +54,10 @@ type Config struct {
 
 	AdminPassword string // ADMIN_PASSWORD; empty disables the dashboard
 	MetricsToken  string // METRICS_TOKEN; empty leaves /metrics open
+	AdminAPIToken string // ADMIN_API_TOKEN; empty disables /admin/v1
+
+	Prices        *models.Prices // PRICE_FILE over the embedded price table
+	ReserveTokens int64          // BUDGET_RESERVE_TOKENS, default 4096
 
 	LogLevel  string // LOG_LEVEL: debug, info, warn, error (default info)
 	LogFormat string // LOG_FORMAT: text or json (default text)
@@ -118,7 +123,7 @@ var settings = []Setting{
 		c.UpstreamCAs = pool
 		return nil
 	}},
-	{"PROXY_API_KEYS", "", "client keys, comma-separated, each \"key\" or \"name:key\" (required unless ALLOW_OPEN_PROXY=true)", func(c *Config, v string) error {
+	{"PROXY_API_KEYS", "", "client keys, comma-separated, each \"key\" or \"name:key\" (required unless ALLOW_OPEN_PROXY=true or keys are managed)", func(c *Config, v string) error {
 		keys, err := handlers.ParseClientKeys(v)
 		if err != nil {
 			return err
@@ -209,6 +214,31 @@ var settings = []Setting{
 		c.MetricsToken = v
 		return nil
 	}},
+	{"ADMIN_API_TOKEN", "", "enables the admin API at /admin/v1 (managing client keys) with this bearer token", func(c *Config, v string) error {
+		if v != "" {
+			if err := checkSecret(v, minAdminTokenLen); err != nil {
+				return err
+			}
+		}
+		c.AdminAPIToken = v
+		return nil
+	}},
+	{"PRICE_FILE", "", "JSON price table whose models add to or replace the embedded one (USD per 1M tokens)", func(c *Config, v string) error {
+		p, err := models.LoadPrices(v)
+		if err != nil {
+			return err
+		}
+		c.Prices = p
+		return nil
+	}},
+	{"BUDGET_RESERVE_TOKENS", "4096", "output tokens a budgeted request reserves when it names no max_tokens", func(c *Config, v string) error {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 0 || n > 10_000_000 {
+			return errors.New("want a whole number of tokens from 0 to 10000000")
+		}
+		c.ReserveTokens = n
+		return nil
+	}},
 	{"LOG_LEVEL", "info", "debug, info, warn or error", func(c *Config, v string) error {
 		switch strings.ToLower(v) {
 		case "debug", "info", "warn", "error":
@@ -256,8 +286,8 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 // the environment gave.
 func (c *Config) validate(set map[string]bool) []error {
 	var errs []error
-	if len(c.ClientKeys) == 0 && !c.AllowOpenProxy {
-		errs = append(errs, errors.New("PROXY_API_KEYS is required: set client keys, or ALLOW_OPEN_PROXY=true to run without them"))
+	if len(c.ClientKeys) == 0 && !c.AllowOpenProxy && !c.ManagesKeys() {
+		errs = append(errs, errors.New("PROXY_API_KEYS is required: set client keys, manage them (ADMIN_PASSWORD or ADMIN_API_TOKEN), or ALLOW_OPEN_PROXY=true to run without them"))
 	}
 	for _, k := range c.ClientKeys {
 		if k.Key == c.UpstreamAPIKey {
@@ -279,6 +309,13 @@ func (c *Config) validate(set map[string]bool) []error {
 	}
 	return errs
 }
+
+// ManagesKeys reports whether client keys can be created at run time, on
+// the dashboard or through the admin API.
+func (c *Config) ManagesKeys() bool { return c.AdminPassword != "" || c.AdminAPIToken != "" }
+
+// OpenProxy reports whether requests pass without any client key.
+func (c *Config) OpenProxy() bool { return c.AllowOpenProxy && len(c.ClientKeys) == 0 }
 
 // errRequired is a required setting left unset.
 var errRequired = errors.New("required, not set")
@@ -302,6 +339,9 @@ func settingError(name, v string, err error) error {
 const (
 	minTokenLen    = 16
 	minPasswordLen = 12
+	// The admin API can create keys that spend the upstream account, and
+	// is meant for automation: its token can be long.
+	minAdminTokenLen = 32
 )
 
 // checkSecret refuses a secret too short to be one, and the README's
@@ -362,12 +402,15 @@ func (c *Config) Secrets() []string {
 	if c.MetricsToken != "" {
 		s = append(s, c.MetricsToken)
 	}
+	if c.AdminAPIToken != "" {
+		s = append(s, c.AdminAPIToken)
+	}
 	return s
 }
 
 func isSecret(name string) bool {
 	switch name {
-	case "OPENAI_API_KEY", "PROXY_API_KEYS", "ADMIN_PASSWORD", "METRICS_TOKEN", "DATABASE_URL":
+	case "OPENAI_API_KEY", "PROXY_API_KEYS", "ADMIN_PASSWORD", "METRICS_TOKEN", "ADMIN_API_TOKEN", "DATABASE_URL":
 		return true
 	}
 	return false

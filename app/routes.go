@@ -7,7 +7,18 @@ import (
 	"github.com/gofiber/fiber/v2/middleware/recover"
 
 	"github.com/openai-idempotent-proxy/proxy/handlers"
+	"github.com/openai-idempotent-proxy/proxy/handlers/admin"
 )
+
+// envKeyNames are the names of PROXY_API_KEYS, shown read-only beside the
+// managed keys.
+func envKeyNames(keys []handlers.ClientKey) []string {
+	names := make([]string, len(keys))
+	for i, k := range keys {
+		names[i] = k.Name
+	}
+	return names
+}
 
 // Headers a browser app may send to /v1: the auth and content headers, the
 // idempotency key, OpenAI's own, and those the official SDKs add.
@@ -39,6 +50,9 @@ func (a *App) routes() {
 
 	if a.cfg.AdminPassword != "" {
 		a.mountDashboard()
+	}
+	if a.cfg.AdminAPIToken != "" {
+		admin.New(a.Store, a.cfg.AdminAPIToken, envKeyNames(a.cfg.ClientKeys), a.Store.Now, a.logger).Mount(f)
 	}
 
 	v1 := f.Group("/v1")

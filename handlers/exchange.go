@@ -19,6 +19,7 @@ import (
 	"github.com/gofiber/fiber/v2"
 	"github.com/valyala/fasthttp"
 
+	"github.com/openai-idempotent-proxy/proxy/handlers/access"
 	"github.com/openai-idempotent-proxy/proxy/handlers/usage"
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
@@ -49,6 +50,9 @@ type exchange struct {
 	tail      []byte // last bytes of a JSON body, for usage
 
 	claim      *claim // set when this request holds an Idempotency-Key claim
+	caller     access.Caller
+	ask        access.Request // what limits need to know of the request
+	ticket     *access.Ticket // the caller's limits held while forwarding
 	clientGone bool
 
 	// Unkeyed requests watch their client while the upstream has not begun
@@ -275,6 +279,8 @@ func (ex *exchange) finish(err error) {
 			rec.PromptTokens, rec.CompletionTokens, rec.TotalTokens = u.PromptTokens, u.CompletionTokens, u.TotalTokens
 			rec.CachedTokens, rec.ReasoningTokens = u.CachedTokens, u.ReasoningTokens
 		}
+		rec.CostMicros = ex.p.gate.CostMicros(rec.Model, models.TokenUsage{Input: rec.PromptTokens, CachedInput: rec.CachedTokens, Output: rec.CompletionTokens})
+		ex.ticket.Settle(rec.CostMicros, rec.TotalTokens)
 		if ex.bodyLimit != nil {
 			rec.RequestBytes = ex.bodyLimit.bytesRead()
 		}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"cmp"
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -24,6 +25,7 @@ import (
 	"github.com/valyala/fasthttp"
 	"golang.org/x/time/rate"
 
+	"github.com/openai-idempotent-proxy/proxy/handlers/access"
 	"github.com/openai-idempotent-proxy/proxy/handlers/scrub"
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
@@ -35,6 +37,7 @@ type ProxyConfig struct {
 	Secrets          []string       // every secret to mask in what the proxy sends, stores and logs
 	UpstreamCAs      *x509.CertPool // nil: the system roots
 	ClientKeys       []ClientKey
+	Gate             ClientGate // nil: PROXY_API_KEYS only, no limits
 	AllowOpenProxy   bool
 	MaxBodySize      int64
 	UpstreamTimeout  time.Duration
@@ -56,6 +59,7 @@ type LogSink interface {
 type Proxy struct {
 	cfg        ProxyConfig
 	auth       *Authenticator
+	gate       ClientGate
 	bearer     string // "Bearer <upstream key>", built once
 	client     *fasthttp.Client
 	buffers    *bufferBudget
@@ -96,6 +100,9 @@ func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, 
 		mask:          scrub.New(append([]string{cfg.UpstreamAPIKey}, cfg.Secrets...)...),
 	}
 	m.bufferBytes(p.buffers)
+	if p.gate = cfg.Gate; p.gate == nil {
+		p.gate = access.New(context.Background(), access.Options{Env: p.auth.Authenticate})
+	}
 	p.client = &fasthttp.Client{
 		Transport:                teeTransport{},
 		StreamResponseBody:       true,
@@ -153,14 +160,11 @@ func (p *Proxy) admit(c *fiber.Ctx, ex *exchange) error {
 		ex.rec.Path = truncate(string(c.Request().URI().PathOriginal()), 200)
 	}
 	if !p.cfg.AllowOpenProxy || len(p.cfg.ClientKeys) > 0 {
-		name, err := p.auth.Authenticate(c.Request().Header.Peek("Authorization"))
-		if errors.Is(err, errNoKey) {
-			return errMissingKey
-		}
+		caller, err := p.gate.Authenticate(c.Request().Header.Peek("Authorization"))
+		ex.caller, ex.rec.Client = caller, caller.Name
 		if err != nil {
-			return errInvalidKey
+			return keyError(err)
 		}
-		ex.rec.Client = name
 	} else {
 		ex.rec.Client = "open"
 	}
@@ -207,12 +211,16 @@ func (p *Proxy) admit(c *fiber.Ctx, ex *exchange) error {
 		}
 		ex.rec.Model = truncate(gjson.GetBytes(body, "model").String(), 200)
 		ex.rec.Stream = gjson.GetBytes(body, "stream").Bool()
+		ex.ask = askOf(ex.rec.Model, body, size)
 	}
-	return nil
+	return refusalError(ex.caller.Permits(ex.rec.Model))
 }
 
 // forward sends the request upstream through Fiber's proxy middleware.
 func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
+	if err := p.admitLimits(c, ex); err != nil {
+		return ex.reject(c, err)
+	}
 	req := c.Request()
 	prepareUpstreamRequest(&req.Header, p.bearer)
 	req.SetUserValue(exchangeKey{}, ex)
@@ -231,6 +239,7 @@ func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
 			c.Response().Header.SetBytesKV(k, v)
 		}
 	}
+	ex.setRateLimitHeaders(&c.Response().Header)
 	if err != nil {
 		apiErr := p.upstreamError(c, err, ex)
 		ex.finish(err)
