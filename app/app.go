@@ -114,6 +114,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 		UpstreamTimeout:    cfg.UpstreamTimeout,
 		FirstByteTimeout:   cfg.FirstByteTimeout,
 		IdleTimeout:        cfg.IdleTimeout,
+		Egress:             cfg.Egress,
 		IdempotencyTTL:     cfg.IdempotencyTTL,
 		IdempotencyLease:   cfg.IdempotencyLease,
 		IdempotencyMaxBody: cfg.IdempotencyMaxBody,

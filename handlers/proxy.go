@@ -40,6 +40,7 @@ type ProxyConfig struct {
 	UpstreamTimeout  time.Duration
 	FirstByteTimeout time.Duration
 	IdleTimeout      time.Duration
+	Egress           Egress // HTTPS_PROXY, HTTP_PROXY, NO_PROXY
 
 	IdempotencyTTL     time.Duration
 	IdempotencyLease   time.Duration
@@ -96,6 +97,7 @@ func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, 
 		mask:          scrub.New(append([]string{cfg.UpstreamAPIKey}, cfg.Secrets...)...),
 	}
 	m.bufferBytes(p.buffers)
+	dial := cfg.Egress.DialFunc(cfg.UpstreamBaseURL.Scheme == "https", 30*time.Second)
 	p.client = &fasthttp.Client{
 		Transport:                teeTransport{},
 		StreamResponseBody:       true,
@@ -104,7 +106,7 @@ func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, 
 		// No ReadTimeout: it would cut long streams. upstreamConn enforces
 		// the first-byte and idle limits and the call's deadline.
 		Dial: func(addr string) (net.Conn, error) {
-			return dialUpstream(addr, cfg.FirstByteTimeout, cfg.IdleTimeout)
+			return dialUpstream(dial, addr, cfg.FirstByteTimeout, cfg.IdleTimeout)
 		},
 		TLSConfig:          &tls.Config{RootCAs: cfg.UpstreamCAs, MinVersion: tls.VersionTLS12},
 		MaxConnsPerHost:    4096,
