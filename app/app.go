@@ -17,6 +17,7 @@ import (
 	"github.com/valyala/fasthttp"
 
 	"github.com/openai-idempotent-proxy/proxy/handlers"
+	"github.com/openai-idempotent-proxy/proxy/handlers/wsproxy"
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
@@ -78,6 +79,7 @@ type App struct {
 	Store   *models.Store
 	Logs    *models.LogWriter
 	Proxy   *handlers.Proxy
+	WS      *wsproxy.Proxy
 	Metrics *handlers.Metrics
 
 	stopJobs context.CancelFunc
@@ -120,6 +122,17 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 		IdempotencyMaxBody: cfg.IdempotencyMaxBody,
 		BufferMemoryLimit:  cfg.BufferMemoryLimit,
 	}, store, a.Logs, a.Metrics, logger)
+	a.WS = wsproxy.New(wsproxy.Config{
+		UpstreamBaseURL: cfg.UpstreamBaseURL,
+		UpstreamAPIKey:  cfg.UpstreamAPIKey,
+		UpstreamCAs:     cfg.UpstreamCAs,
+		ClientKeys:      cfg.ClientKeys,
+		AllowOpenProxy:  cfg.AllowOpenProxy,
+		AllowedOrigins:  cfg.CORSAllowedOrigins,
+		MaxMessageSize:  cfg.WSMaxMessageSize,
+		IdleTimeout:     cfg.WSIdleTimeout,
+		Egress:          cfg.Egress,
+	}, a.Logs, a.Metrics, a.Metrics.Registry, logger)
 	a.Fiber = fiber.New(fiber.Config{
 		AppName:               "openai-proxy",
 		DisableStartupMessage: true,
@@ -192,7 +205,11 @@ func (a *App) announce() {
 	if a.cfg.DatabaseURL != "" {
 		db = "postgres"
 	}
-	a.logger.Info("proxy configured", "listen", a.cfg.ListenAddr, "upstream", a.cfg.UpstreamBaseURL.Redacted(),
+	egress := "direct"
+	if u := a.cfg.Egress.ProxyFor(a.cfg.UpstreamBaseURL); u != nil {
+		egress = u.Redacted()
+	}
+	a.logger.Info("proxy configured", "listen", a.cfg.ListenAddr, "upstream", a.cfg.UpstreamBaseURL.Redacted(), "egress", egress,
 		"database", db, "client_keys", len(a.cfg.ClientKeys), "cors_origins", len(a.cfg.CORSAllowedOrigins))
 	if len(a.cfg.ClientKeys) == 0 {
 		a.logger.Warn("OPEN PROXY: ALLOW_OPEN_PROXY=true and no PROXY_API_KEYS — anyone who can reach this port spends your OpenAI key")
@@ -222,12 +239,17 @@ func (a *App) Shutdown() error {
 	a.logger.Info("shutting down", "grace", a.cfg.ShutdownGrace.String())
 	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.ShutdownGrace)
 	defer cancel()
+	// WebSocket sessions live on hijacked connections, which fasthttp's
+	// shutdown does not wait for: they get the same grace, then 1001.
+	wsDone := make(chan struct{})
+	go func() { a.WS.Shutdown(ctx); close(wsDone) }()
 	err := a.Fiber.ShutdownWithContext(ctx)
 	if errors.Is(err, context.DeadlineExceeded) {
 		a.logger.Warn("grace period over with requests still running")
 		err = nil
 	}
 	a.Proxy.Wait(ctx.Done())
+	<-wsDone
 	return errors.Join(err, a.Close(ctx))
 }
 
