@@ -186,8 +186,8 @@ func TestFrameLatency(t *testing.T) {
 		rounds, d50, d99, p50, p99, (p50-d50)/2, (p99-d99)/2)
 }
 
-// scrapeMetric reads one unlabelled series from /metrics.
-func scrapeMetric(t *testing.T, in *apptest.Instance, name string) string {
+// scrape returns /metrics.
+func scrape(t *testing.T, in *apptest.Instance) string {
 	t.Helper()
 	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}} // nothing left running
 	resp, err := client.Get(in.URL + "/metrics")
@@ -196,7 +196,13 @@ func scrapeMetric(t *testing.T, in *apptest.Instance, name string) string {
 	}
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)
-	for _, line := range strings.Split(string(body), "\n") {
+	return string(body)
+}
+
+// scrapeMetric reads one unlabelled series from /metrics.
+func scrapeMetric(t *testing.T, in *apptest.Instance, name string) string {
+	t.Helper()
+	for _, line := range strings.Split(scrape(t, in), "\n") {
 		if v, ok := strings.CutPrefix(line, name+" "); ok {
 			return v
 		}

@@ -174,6 +174,10 @@ func TestRealtimeWithHeaderAuth(t *testing.T) {
 	if row.RequestBytes == 0 || row.ResponseBytes == 0 || !strings.Contains(row.Error, "closed 4001 by client") {
 		t.Fatalf("bytes %d/%d, close %q", row.RequestBytes, row.ResponseBytes, row.Error)
 	}
+	metrics := scrape(t, in)
+	if !strings.Contains(metrics, `outcome="proxied",route="/v1/realtime",status_class="1xx"} 1`) || !strings.Contains(metrics, "proxy_websocket_sessions 0") {
+		t.Fatalf("the session is not counted in /metrics:\n%s", metrics)
+	}
 }
 
 // TestRealtimeWithSubprotocolAuth: a browser sends its key as the
