@@ -125,6 +125,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 	a.WS = wsproxy.New(wsproxy.Config{
 		UpstreamBaseURL: cfg.UpstreamBaseURL,
 		UpstreamAPIKey:  cfg.UpstreamAPIKey,
+		Secrets:         cfg.Secrets(),
 		UpstreamCAs:     cfg.UpstreamCAs,
 		ClientKeys:      cfg.ClientKeys,
 		AllowOpenProxy:  cfg.AllowOpenProxy,

@@ -7,6 +7,7 @@ import (
 
 	"github.com/tidwall/gjson"
 
+	"github.com/openai-idempotent-proxy/proxy/handlers/scrub"
 	"github.com/openai-idempotent-proxy/proxy/handlers/usage"
 )
 
@@ -128,26 +129,30 @@ func (in *inspector) usage() (usage.Usage, string, bool) {
 	return u, model, true
 }
 
-// masker replaces every occurrence of key in the bytes written through it
-// with a mask of the same length, holding back only the last len(key)-1
-// bytes, which may begin an occurrence the next write completes.
+// masker masks every secret in the bytes written through it (scrub's
+// same-length mask), holding back only the last hold bytes (the longest
+// secret less one), which may begin an occurrence the next write completes.
+// An occurrence that starts in the bytes it releases is complete by then,
+// so nothing is masked late.
 type masker struct {
 	w    io.Writer
-	key  []byte
+	mask *scrub.Masker
+	hold int
 	held []byte
 }
 
 func (m *masker) Write(p []byte) (int, error) {
-	if len(m.key) == 0 {
+	if m.hold < 0 || len(p) == 0 {
 		return m.w.Write(p)
 	}
 	m.held = append(m.held, p...)
-	maskInPlace(m.held, m.key)
-	keep := len(m.key) - 1
-	if len(m.held) <= keep {
+	if masked := m.mask.Bytes(m.held); &masked[0] != &m.held[0] {
+		copy(m.held, masked) // same length
+	}
+	if len(m.held) <= m.hold {
 		return len(p), nil
 	}
-	cut := len(m.held) - keep
+	cut := len(m.held) - m.hold
 	if _, err := m.w.Write(m.held[:cut]); err != nil {
 		return 0, err
 	}
@@ -165,30 +170,8 @@ func (m *masker) flush() error {
 	return err
 }
 
-// maskInPlace overwrites each occurrence of key in b with asterisks.
-func maskInPlace(b, key []byte) {
-	for i := 0; ; {
-		j := bytes.Index(b[i:], key)
-		if j < 0 {
-			return
-		}
-		for k := range key {
-			b[i+j+k] = '*'
-		}
-		i += j + len(key)
-	}
-}
-
-// scrub masks the upstream key in a short, whole payload (close reasons,
+// scrub masks every secret in a short, whole payload (close reasons,
 // pings, handshake error bodies and headers).
-func (p *Proxy) scrub(b []byte) []byte {
-	key := []byte(p.cfg.UpstreamAPIKey)
-	if len(key) == 0 || !bytes.Contains(b, key) {
-		return b
-	}
-	out := bytes.Clone(b)
-	maskInPlace(out, key)
-	return out
-}
+func (p *Proxy) scrub(b []byte) []byte { return p.mask.Bytes(b) }
 
-func (p *Proxy) scrubString(s string) string { return string(p.scrub([]byte(s))) }
+func (p *Proxy) scrubString(s string) string { return p.mask.String(s) }

@@ -28,6 +28,7 @@ import (
 	"github.com/valyala/fasthttp"
 
 	"github.com/openai-idempotent-proxy/proxy/handlers"
+	"github.com/openai-idempotent-proxy/proxy/handlers/scrub"
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
@@ -35,6 +36,7 @@ import (
 type Config struct {
 	UpstreamBaseURL *url.URL
 	UpstreamAPIKey  string
+	Secrets         []string       // every secret masked in what reaches the client (the upstream key always is)
 	UpstreamCAs     *x509.CertPool // nil: the system roots
 	ClientKeys      []handlers.ClientKey
 	AllowOpenProxy  bool
@@ -64,6 +66,8 @@ type Proxy struct {
 	metrics Observer
 	logger  *slog.Logger
 	open    prometheus.Gauge
+	mask    *scrub.Masker
+	hold    int // the longest secret less one: what a streamed mask holds back
 
 	mu       sync.Mutex
 	sessions map[*session]struct{}
@@ -102,6 +106,12 @@ func New(cfg Config, sink LogSink, metrics Observer, reg prometheus.Registerer, 
 	}
 	if reg != nil {
 		reg.MustRegister(p.open)
+	}
+	secrets := append([]string{cfg.UpstreamAPIKey}, cfg.Secrets...)
+	p.mask = scrub.New(secrets...)
+	p.hold = -1
+	for _, s := range secrets {
+		p.hold = max(p.hold, len(s)-1)
 	}
 	dial := cfg.Egress.DialFunc(cfg.UpstreamBaseURL.Scheme == "https", handshakeTimeout)
 	p.dialer = websocket.Dialer{

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -40,6 +41,7 @@ type session struct {
 	started bool            // run began
 	gone    bool            // the client's upgrade never completed
 	ended   bool
+	closed  bool // the client sent its close frame
 	ending  ending
 	usage   usage.Usage
 	model   string // from the usage event, when the query named none
@@ -164,9 +166,12 @@ func (s *session) abandonIfNotStarted() {
 func (s *session) finish() {
 	s.once.Do(func() {
 		s.mu.Lock()
-		client := s.client
+		client, closed := s.client, s.closed
 		s.mu.Unlock()
 		if client != nil {
+			if !closed {
+				linger(client.NetConn())
+			}
 			_ = client.Close()
 		}
 		_ = s.upstream.Close()
@@ -234,6 +239,11 @@ func (s *session) relayControl(src, dst *websocket.Conn, d *direction) {
 		s.touch()
 		e := ending{code: code, by: d.name, outcome: models.OutcomeProxied}
 		echo := &closeFrame{code, ""}
+		if !fromUpstream {
+			s.mu.Lock()
+			s.closed = true
+			s.mu.Unlock()
+		}
 		if fromUpstream {
 			e.toClient, e.toUpstream = &closeFrame{code, s.p.scrubString(text)}, echo
 		} else {
@@ -281,7 +291,7 @@ func (s *session) relay(kind int, r io.Reader, dst *websocket.Conn, d *direction
 	if d == &s.down {
 		hp := heldBuffers.Get().(*[]byte)
 		defer func() { *hp = m.held[:0]; heldBuffers.Put(hp) }()
-		m = &masker{w: w, key: []byte(s.p.cfg.UpstreamAPIKey), held: (*hp)[:0]}
+		m = &masker{w: w, mask: s.p.mask, hold: s.p.hold, held: (*hp)[:0]}
 		out = m
 		d.ins.begin(kind == websocket.TextMessage)
 	}
@@ -446,6 +456,15 @@ func (s *session) sendClose(c *websocket.Conn, f *closeFrame) {
 	// Control frame payloads are at most 125 bytes: 2 for the code.
 	text := strings.ToValidUTF8(truncate(f.text, 123), "")
 	_ = c.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(f.code, text), time.Now().Add(time.Second))
+}
+
+// linger reads and drops what a client still sends after the proxy closed
+// its session (the rest of an oversized message, frames in flight), for a
+// moment, until it hangs up: closing a socket with unread input resets the
+// connection, and the client would lose the close frame explaining why.
+func linger(nc net.Conn) {
+	_ = nc.SetReadDeadline(time.Now().Add(time.Second))
+	_, _ = io.Copy(io.Discard, io.LimitReader(nc, 64<<20))
 }
 
 func isTimeout(err error) bool {
