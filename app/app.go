@@ -18,6 +18,7 @@ import (
 
 	"github.com/openai-idempotent-proxy/proxy/handlers"
 	"github.com/openai-idempotent-proxy/proxy/handlers/access"
+	"github.com/openai-idempotent-proxy/proxy/handlers/wsproxy"
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
@@ -79,6 +80,7 @@ type App struct {
 	Store   *models.Store
 	Logs    *models.LogWriter
 	Proxy   *handlers.Proxy
+	WS      *wsproxy.Proxy
 	Metrics *handlers.Metrics
 	Gate    *access.Gate
 
@@ -120,11 +122,28 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 		UpstreamTimeout:    cfg.UpstreamTimeout,
 		FirstByteTimeout:   cfg.FirstByteTimeout,
 		IdleTimeout:        cfg.IdleTimeout,
+		Egress:             cfg.Egress,
 		IdempotencyTTL:     cfg.IdempotencyTTL,
 		IdempotencyLease:   cfg.IdempotencyLease,
 		IdempotencyMaxBody: cfg.IdempotencyMaxBody,
 		BufferMemoryLimit:  cfg.BufferMemoryLimit,
 	}, store, a.Logs, a.Metrics, logger)
+	a.WS = wsproxy.New(wsproxy.Config{
+		UpstreamBaseURL: cfg.UpstreamBaseURL,
+		UpstreamAPIKey:  cfg.UpstreamAPIKey,
+		Secrets:         cfg.Secrets(),
+		UpstreamCAs:     cfg.UpstreamCAs,
+		ClientKeys:      cfg.ClientKeys,
+		Authenticate: func(authorization []byte) (string, error) {
+			caller, err := a.Gate.Authenticate(authorization)
+			return caller.Name, err
+		},
+		AllowOpenProxy: cfg.AllowOpenProxy,
+		AllowedOrigins: cfg.CORSAllowedOrigins,
+		MaxMessageSize: cfg.WSMaxMessageSize,
+		IdleTimeout:    cfg.WSIdleTimeout,
+		Egress:         cfg.Egress,
+	}, a.Logs, a.Metrics, a.Metrics.Registry, logger)
 	a.Fiber = fiber.New(fiber.Config{
 		AppName:               "openai-proxy",
 		DisableStartupMessage: true,
@@ -197,7 +216,11 @@ func (a *App) announce() {
 	if a.cfg.DatabaseURL != "" {
 		db = "postgres"
 	}
-	a.logger.Info("proxy configured", "listen", a.cfg.ListenAddr, "upstream", a.cfg.UpstreamBaseURL.Redacted(),
+	egress := "direct"
+	if u := a.cfg.Egress.ProxyFor(a.cfg.UpstreamBaseURL); u != nil {
+		egress = u.Redacted()
+	}
+	a.logger.Info("proxy configured", "listen", a.cfg.ListenAddr, "upstream", a.cfg.UpstreamBaseURL.Redacted(), "egress", egress,
 		"database", db, "client_keys", len(a.cfg.ClientKeys), "cors_origins", len(a.cfg.CORSAllowedOrigins))
 	if a.cfg.OpenProxy() {
 		a.logger.Warn("OPEN PROXY: ALLOW_OPEN_PROXY=true and no PROXY_API_KEYS — anyone who can reach this port spends your OpenAI key")
@@ -227,12 +250,17 @@ func (a *App) Shutdown() error {
 	a.logger.Info("shutting down", "grace", a.cfg.ShutdownGrace.String())
 	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.ShutdownGrace)
 	defer cancel()
+	// WebSocket sessions live on hijacked connections, which fasthttp's
+	// shutdown does not wait for: they get the same grace, then 1001.
+	wsDone := make(chan struct{})
+	go func() { a.WS.Shutdown(ctx); close(wsDone) }()
 	err := a.Fiber.ShutdownWithContext(ctx)
 	if errors.Is(err, context.DeadlineExceeded) {
 		a.logger.Warn("grace period over with requests still running")
 		err = nil
 	}
 	a.Proxy.Wait(ctx.Done())
+	<-wsDone
 	return errors.Join(err, a.Close(ctx))
 }
 

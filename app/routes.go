@@ -68,5 +68,8 @@ func (a *App) routes() {
 			MaxAge:        600,
 		}))
 	}
+	// WebSocket upgrades (Realtime, Responses WebSocket mode) first; every
+	// other request falls through to the HTTP proxy.
+	v1.Get("/*", a.WS.Handle)
 	v1.All("/*", a.Proxy.Handle)
 }

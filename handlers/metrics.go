@@ -283,7 +283,7 @@ var routeTemplates = newRouteTree(
 	"/v1/threads/:id/messages", "/v1/threads/:id/messages/:id",
 	"/v1/threads/:id/runs", "/v1/threads/:id/runs/:id", "/v1/threads/:id/runs/:id/cancel",
 	"/v1/threads/:id/runs/:id/submit_tool_outputs", "/v1/threads/:id/runs/:id/steps", "/v1/threads/:id/runs/:id/steps/:id",
-	"/v1/realtime/sessions", "/v1/realtime/transcription_sessions", "/v1/realtime/client_secrets",
+	"/v1/realtime", "/v1/realtime/sessions", "/v1/realtime/transcription_sessions", "/v1/realtime/client_secrets",
 	"/v1/realtime/calls", "/v1/realtime/calls/:id/accept", "/v1/realtime/calls/:id/hangup",
 	"/v1/realtime/calls/:id/refer", "/v1/realtime/calls/:id/reject",
 	"/v1/evals", "/v1/evals/:id", "/v1/evals/:id/runs", "/v1/evals/:id/runs/:id",

@@ -43,6 +43,7 @@ type ProxyConfig struct {
 	UpstreamTimeout  time.Duration
 	FirstByteTimeout time.Duration
 	IdleTimeout      time.Duration
+	Egress           Egress // HTTPS_PROXY, HTTP_PROXY, NO_PROXY
 
 	IdempotencyTTL     time.Duration
 	IdempotencyLease   time.Duration
@@ -103,6 +104,7 @@ func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, 
 	if p.gate = cfg.Gate; p.gate == nil {
 		p.gate = access.New(context.Background(), access.Options{Env: p.auth.Authenticate})
 	}
+	dial := cfg.Egress.DialFunc(cfg.UpstreamBaseURL.Scheme == "https", 30*time.Second)
 	p.client = &fasthttp.Client{
 		Transport:                teeTransport{},
 		StreamResponseBody:       true,
@@ -111,7 +113,7 @@ func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, 
 		// No ReadTimeout: it would cut long streams. upstreamConn enforces
 		// the first-byte and idle limits and the call's deadline.
 		Dial: func(addr string) (net.Conn, error) {
-			return dialUpstream(addr, cfg.FirstByteTimeout, cfg.IdleTimeout)
+			return dialUpstream(dial, addr, cfg.FirstByteTimeout, cfg.IdleTimeout)
 		},
 		TLSConfig:          &tls.Config{RootCAs: cfg.UpstreamCAs, MinVersion: tls.VersionTLS12},
 		MaxConnsPerHost:    4096,
