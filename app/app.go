@@ -17,7 +17,9 @@ import (
 	"github.com/valyala/fasthttp"
 
 	"github.com/openai-idempotent-proxy/proxy/handlers"
+	"github.com/openai-idempotent-proxy/proxy/handlers/access"
 	"github.com/openai-idempotent-proxy/proxy/handlers/dashboard"
+	"github.com/openai-idempotent-proxy/proxy/handlers/wsproxy"
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
@@ -79,7 +81,9 @@ type App struct {
 	Store   *models.Store
 	Logs    *models.LogWriter
 	Proxy   *handlers.Proxy
+	WS      *wsproxy.Proxy
 	Metrics *handlers.Metrics
+	Gate    *access.Gate
 
 	stopJobs context.CancelFunc
 	jobs     sync.WaitGroup
@@ -104,7 +108,11 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 	a := &App{cfg: cfg, logger: logger, Store: store}
 	a.Logs = models.NewLogWriter(store, models.LogWriterOptions{QueueSize: cfg.LogQueueSize, Logger: logger})
 	a.Metrics = newMetrics(store, a.Logs, logger)
+	env := handlers.NewAuthenticator(cfg.ClientKeys)
+	a.Gate = access.New(ctx, access.Options{Store: store, Env: env.Authenticate, Prices: cfg.Prices,
+		ReserveTokens: cfg.ReserveTokens, Now: store.Now, Logger: logger})
 	a.Proxy = handlers.NewProxy(handlers.ProxyConfig{
+		Gate:               a.Gate,
 		UpstreamBaseURL:    cfg.UpstreamBaseURL,
 		UpstreamAPIKey:     cfg.UpstreamAPIKey,
 		Secrets:            cfg.Secrets(),
@@ -115,11 +123,28 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 		UpstreamTimeout:    cfg.UpstreamTimeout,
 		FirstByteTimeout:   cfg.FirstByteTimeout,
 		IdleTimeout:        cfg.IdleTimeout,
+		Egress:             cfg.Egress,
 		IdempotencyTTL:     cfg.IdempotencyTTL,
 		IdempotencyLease:   cfg.IdempotencyLease,
 		IdempotencyMaxBody: cfg.IdempotencyMaxBody,
 		BufferMemoryLimit:  cfg.BufferMemoryLimit,
 	}, store, a.Logs, a.Metrics, logger)
+	a.WS = wsproxy.New(wsproxy.Config{
+		UpstreamBaseURL: cfg.UpstreamBaseURL,
+		UpstreamAPIKey:  cfg.UpstreamAPIKey,
+		Secrets:         cfg.Secrets(),
+		UpstreamCAs:     cfg.UpstreamCAs,
+		ClientKeys:      cfg.ClientKeys,
+		Authenticate: func(authorization []byte) (string, error) {
+			caller, err := a.Gate.Authenticate(authorization)
+			return caller.Name, err
+		},
+		AllowOpenProxy: cfg.AllowOpenProxy,
+		AllowedOrigins: cfg.CORSAllowedOrigins,
+		MaxMessageSize: cfg.WSMaxMessageSize,
+		IdleTimeout:    cfg.WSIdleTimeout,
+		Egress:         cfg.Egress,
+	}, a.Logs, a.Metrics, a.Metrics.Registry, logger)
 	a.Fiber = fiber.New(fiber.Config{
 		AppName:               "openai-proxy",
 		DisableStartupMessage: true,
@@ -192,9 +217,13 @@ func (a *App) announce() {
 	if a.cfg.DatabaseURL != "" {
 		db = "postgres"
 	}
-	a.logger.Info("proxy configured", "listen", a.cfg.ListenAddr, "upstream", a.cfg.UpstreamBaseURL.Redacted(),
+	egress := "direct"
+	if u := a.cfg.Egress.ProxyFor(a.cfg.UpstreamBaseURL); u != nil {
+		egress = u.Redacted()
+	}
+	a.logger.Info("proxy configured", "listen", a.cfg.ListenAddr, "upstream", a.cfg.UpstreamBaseURL.Redacted(), "egress", egress,
 		"database", db, "client_keys", len(a.cfg.ClientKeys), "cors_origins", len(a.cfg.CORSAllowedOrigins))
-	if len(a.cfg.ClientKeys) == 0 {
+	if a.cfg.OpenProxy() {
 		a.logger.Warn("OPEN PROXY: ALLOW_OPEN_PROXY=true and no PROXY_API_KEYS — anyone who can reach this port spends your OpenAI key")
 	}
 	if a.cfg.AdminPassword == "" {
@@ -222,12 +251,17 @@ func (a *App) Shutdown() error {
 	a.logger.Info("shutting down", "grace", a.cfg.ShutdownGrace.String())
 	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.ShutdownGrace)
 	defer cancel()
+	// WebSocket sessions live on hijacked connections, which fasthttp's
+	// shutdown does not wait for: they get the same grace, then 1001.
+	wsDone := make(chan struct{})
+	go func() { a.WS.Shutdown(ctx); close(wsDone) }()
 	err := a.Fiber.ShutdownWithContext(ctx)
 	if errors.Is(err, context.DeadlineExceeded) {
 		a.logger.Warn("grace period over with requests still running")
 		err = nil
 	}
 	a.Proxy.Wait(ctx.Done())
+	<-wsDone
 	return errors.Join(err, a.Close(ctx))
 }
 
@@ -235,6 +269,7 @@ func (a *App) Shutdown() error {
 func (a *App) Close(ctx context.Context) error {
 	a.stopJobs()
 	a.jobs.Wait()
+	a.Gate.Close() // settlements still being written go before the database
 	flushCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
 	return errors.Join(a.Logs.Close(flushCtx), a.Store.Close())

@@ -15,6 +15,7 @@ import (
 	"github.com/dustin/go-humanize"
 
 	"github.com/openai-idempotent-proxy/proxy/handlers"
+	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
 // Config is the whole runtime configuration, read once from the environment
@@ -22,12 +23,16 @@ import (
 type Config struct {
 	ListenAddr string // LISTEN_ADDR, default ":8080"
 
-	UpstreamAPIKey   string         // OPENAI_API_KEY, required; never logged or shown
-	UpstreamBaseURL  *url.URL       // UPSTREAM_BASE_URL, default https://api.openai.com/v1
-	UpstreamCAs      *x509.CertPool // UPSTREAM_CA_FILE: extra CA certificates (PEM) trusted for the upstream
-	UpstreamTimeout  time.Duration  // UPSTREAM_TIMEOUT, default 30m: upper bound on one upstream call
-	FirstByteTimeout time.Duration  // UPSTREAM_FIRST_BYTE_TIMEOUT, default 10m: silence before the response starts
-	IdleTimeout      time.Duration  // UPSTREAM_IDLE_TIMEOUT, default 5m: silence in the middle of a response
+	UpstreamAPIKey   string          // OPENAI_API_KEY, required; never logged or shown
+	UpstreamBaseURL  *url.URL        // UPSTREAM_BASE_URL, default https://api.openai.com/v1
+	UpstreamCAs      *x509.CertPool  // UPSTREAM_CA_FILE: extra CA certificates (PEM) trusted for the upstream
+	UpstreamTimeout  time.Duration   // UPSTREAM_TIMEOUT, default 30m: upper bound on one upstream call
+	FirstByteTimeout time.Duration   // UPSTREAM_FIRST_BYTE_TIMEOUT, default 10m: silence before the response starts
+	IdleTimeout      time.Duration   // UPSTREAM_IDLE_TIMEOUT, default 5m: silence in the middle of a response
+	Egress           handlers.Egress // HTTPS_PROXY, HTTP_PROXY, NO_PROXY (or their lower-case forms)
+
+	WSMaxMessageSize int64         // WS_MAX_MESSAGE_SIZE, default 16MiB: largest WebSocket message either way
+	WSIdleTimeout    time.Duration // WS_IDLE_TIMEOUT, default 5m: a WebSocket session with no frame either way is closed
 
 	ClientKeys     []handlers.ClientKey // PROXY_API_KEYS, "key" or "name:key", comma-separated
 	AllowOpenProxy bool                 // ALLOW_OPEN_PROXY, default false
@@ -53,6 +58,10 @@ type Config struct {
 
 	AdminPassword string // ADMIN_PASSWORD; empty disables the dashboard
 	MetricsToken  string // METRICS_TOKEN; empty leaves /metrics open
+	AdminAPIToken string // ADMIN_API_TOKEN; empty disables /admin/v1
+
+	Prices        *models.Prices // PRICE_FILE over the embedded price table
+	ReserveTokens int64          // BUDGET_RESERVE_TOKENS, default 4096
 
 	LogLevel  string // LOG_LEVEL: debug, info, warn, error (default info)
 	LogFormat string // LOG_FORMAT: text or json (default text)
@@ -118,7 +127,13 @@ var settings = []Setting{
 		c.UpstreamCAs = pool
 		return nil
 	}},
-	{"PROXY_API_KEYS", "", "client keys, comma-separated, each \"key\" or \"name:key\" (required unless ALLOW_OPEN_PROXY=true)", func(c *Config, v string) error {
+	{"HTTPS_PROXY", "", "outbound proxy for an https upstream (HTTP CONNECT or socks5), also read as https_proxy", proxySetting(func(c *Config) *string { return &c.Egress.Proxy.HTTPSProxy })},
+	{"HTTP_PROXY", "", "outbound proxy for an http upstream, also read as http_proxy", proxySetting(func(c *Config) *string { return &c.Egress.Proxy.HTTPProxy })},
+	{"NO_PROXY", "", "upstream hosts reached directly, comma-separated (hosts, domains, IPs, CIDRs, *), also read as no_proxy", func(c *Config, v string) error {
+		c.Egress.Proxy.NoProxy = v
+		return nil
+	}},
+	{"PROXY_API_KEYS", "", "client keys, comma-separated, each \"key\" or \"name:key\" (required unless ALLOW_OPEN_PROXY=true or keys are managed)", func(c *Config, v string) error {
 		keys, err := handlers.ParseClientKeys(v)
 		if err != nil {
 			return err
@@ -163,6 +178,8 @@ var settings = []Setting{
 	{"UPSTREAM_TIMEOUT", "30m", "upper bound on one upstream call, streams included", durationSetting(func(c *Config) *time.Duration { return &c.UpstreamTimeout })},
 	{"UPSTREAM_FIRST_BYTE_TIMEOUT", "10m", "how long upstream may stay silent before its response starts", durationSetting(func(c *Config) *time.Duration { return &c.FirstByteTimeout })},
 	{"UPSTREAM_IDLE_TIMEOUT", "5m", "how long upstream may stay silent in the middle of a response", durationSetting(func(c *Config) *time.Duration { return &c.IdleTimeout })},
+	{"WS_MAX_MESSAGE_SIZE", "16MiB", "largest WebSocket message accepted from the client or the upstream (the session closes with 1009 above it)", sizeSetting(func(c *Config) *int64 { return &c.WSMaxMessageSize })},
+	{"WS_IDLE_TIMEOUT", "5m", "a WebSocket session with no frame in either direction for this long is closed (1001)", durationSetting(func(c *Config) *time.Duration { return &c.WSIdleTimeout })},
 	{"MAX_BODY_SIZE", "512MiB", "largest request body accepted (413 above it)", sizeSetting(func(c *Config) *int64 { return &c.MaxBodySize })},
 	{"REQUEST_HEADER_TIMEOUT", "10s", "how long a client may take to send a request's headers, on a new or a kept-alive connection", durationSetting(func(c *Config) *time.Duration { return &c.RequestHeaderTimeout })},
 	{"REQUEST_READ_TIMEOUT", "10m", "upper bound on receiving one client request's body, upload included", durationSetting(func(c *Config) *time.Duration { return &c.RequestReadTimeout })},
@@ -209,6 +226,31 @@ var settings = []Setting{
 		c.MetricsToken = v
 		return nil
 	}},
+	{"ADMIN_API_TOKEN", "", "enables the admin API at /admin/v1 (managing client keys) with this bearer token", func(c *Config, v string) error {
+		if v != "" {
+			if err := checkSecret(v, minAdminTokenLen); err != nil {
+				return err
+			}
+		}
+		c.AdminAPIToken = v
+		return nil
+	}},
+	{"PRICE_FILE", "", "JSON price table whose models add to or replace the embedded one (USD per 1M tokens)", func(c *Config, v string) error {
+		p, err := models.LoadPrices(v)
+		if err != nil {
+			return err
+		}
+		c.Prices = p
+		return nil
+	}},
+	{"BUDGET_RESERVE_TOKENS", "4096", "output tokens a budgeted request reserves when it names no max_tokens", func(c *Config, v string) error {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 0 || n > 10_000_000 {
+			return errors.New("want a whole number of tokens from 0 to 10000000")
+		}
+		c.ReserveTokens = n
+		return nil
+	}},
 	{"LOG_LEVEL", "info", "debug, info, warn or error", func(c *Config, v string) error {
 		switch strings.ToLower(v) {
 		case "debug", "info", "warn", "error":
@@ -235,6 +277,9 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 	set := map[string]bool{}
 	for _, s := range settings {
 		v := strings.TrimSpace(getenv(s.Name))
+		if v == "" && lowerCaseToo[s.Name] {
+			v = strings.TrimSpace(getenv(strings.ToLower(s.Name)))
+		}
 		set[s.Name] = v != ""
 		if v == "" {
 			v = s.Default
@@ -256,8 +301,8 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 // the environment gave.
 func (c *Config) validate(set map[string]bool) []error {
 	var errs []error
-	if len(c.ClientKeys) == 0 && !c.AllowOpenProxy {
-		errs = append(errs, errors.New("PROXY_API_KEYS is required: set client keys, or ALLOW_OPEN_PROXY=true to run without them"))
+	if len(c.ClientKeys) == 0 && !c.AllowOpenProxy && !c.ManagesKeys() {
+		errs = append(errs, errors.New("PROXY_API_KEYS is required: set client keys, manage them (ADMIN_PASSWORD or ADMIN_API_TOKEN), or ALLOW_OPEN_PROXY=true to run without them"))
 	}
 	for _, k := range c.ClientKeys {
 		if k.Key == c.UpstreamAPIKey {
@@ -278,6 +323,42 @@ func (c *Config) validate(set map[string]bool) []error {
 		errs = append(errs, fmt.Errorf("UPSTREAM_FIRST_BYTE_TIMEOUT (%s) must not exceed UPSTREAM_TIMEOUT (%s), the bound on the whole call", c.FirstByteTimeout, c.UpstreamTimeout))
 	}
 	return errs
+}
+
+// ManagesKeys reports whether client keys can be created at run time, on
+// the dashboard or through the admin API.
+func (c *Config) ManagesKeys() bool { return c.AdminPassword != "" || c.AdminAPIToken != "" }
+
+// OpenProxy reports whether requests pass without any client key.
+func (c *Config) OpenProxy() bool { return c.AllowOpenProxy && len(c.ClientKeys) == 0 }
+
+// lowerCaseToo names the settings also read in lower case when the upper
+// case is unset, as curl and Go's net/http read them.
+var lowerCaseToo = map[string]bool{"HTTPS_PROXY": true, "HTTP_PROXY": true, "NO_PROXY": true}
+
+// proxySetting reads an outbound proxy URL the way Go's httpproxy does (a
+// bare "host:port" means http://host:port) and refuses what the dialer
+// cannot use, at start rather than on every upstream call.
+func proxySetting(field func(*Config) *string) func(*Config, string) error {
+	return func(c *Config, v string) error {
+		if v == "" {
+			return nil
+		}
+		u, err := url.Parse(v)
+		if err != nil || u.Scheme == "" || u.Host == "" {
+			u, err = url.Parse("http://" + v)
+		}
+		if err != nil || u.Host == "" {
+			return errors.New("want a proxy URL such as http://proxy.internal:3128")
+		}
+		switch u.Scheme {
+		case "http", "socks5", "socks5h":
+		default:
+			return fmt.Errorf("scheme %q is not supported: use http:// (CONNECT) or socks5://", u.Scheme)
+		}
+		*field(c) = v
+		return nil
+	}
 }
 
 // errRequired is a required setting left unset.
@@ -302,6 +383,9 @@ func settingError(name, v string, err error) error {
 const (
 	minTokenLen    = 16
 	minPasswordLen = 12
+	// The admin API can create keys that spend the upstream account, and
+	// is meant for automation: its token can be long.
+	minAdminTokenLen = 32
 )
 
 // checkSecret refuses a secret too short to be one, and the README's
@@ -362,12 +446,15 @@ func (c *Config) Secrets() []string {
 	if c.MetricsToken != "" {
 		s = append(s, c.MetricsToken)
 	}
+	if c.AdminAPIToken != "" {
+		s = append(s, c.AdminAPIToken)
+	}
 	return s
 }
 
 func isSecret(name string) bool {
 	switch name {
-	case "OPENAI_API_KEY", "PROXY_API_KEYS", "ADMIN_PASSWORD", "METRICS_TOKEN", "DATABASE_URL":
+	case "OPENAI_API_KEY", "PROXY_API_KEYS", "ADMIN_PASSWORD", "METRICS_TOKEN", "ADMIN_API_TOKEN", "DATABASE_URL", "HTTPS_PROXY", "HTTP_PROXY":
 		return true
 	}
 	return false

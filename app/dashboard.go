@@ -14,7 +14,7 @@ import (
 func (a *App) mountDashboard() {
 	h := dashboard.New(dashboard.Config{
 		Password:            a.cfg.AdminPassword,
-		Open:                len(a.cfg.ClientKeys) == 0,
+		Open:                a.cfg.OpenProxy(),
 		TrustForwardedProto: len(a.cfg.TrustedProxies) > 0,
 		IdempotencyTTL:      a.cfg.IdempotencyTTL,
 		Stats:               a.Store,

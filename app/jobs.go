@@ -15,6 +15,11 @@ func (a *App) startJobs() {
 	a.jobs.Add(1)
 	go func() {
 		defer a.jobs.Done()
+		a.Gate.Run(ctx) // keeps every replica's key table within a second of the database
+	}()
+	a.jobs.Add(1)
+	go func() {
+		defer a.jobs.Done()
 		t := time.NewTicker(sweepEvery)
 		defer t.Stop()
 		for {

@@ -7,7 +7,18 @@ import (
 	"github.com/gofiber/fiber/v2/middleware/recover"
 
 	"github.com/openai-idempotent-proxy/proxy/handlers"
+	"github.com/openai-idempotent-proxy/proxy/handlers/admin"
 )
+
+// envKeyNames are the names of PROXY_API_KEYS, shown read-only beside the
+// managed keys.
+func envKeyNames(keys []handlers.ClientKey) []string {
+	names := make([]string, len(keys))
+	for i, k := range keys {
+		names[i] = k.Name
+	}
+	return names
+}
 
 // Headers a browser app may send to /v1: the auth and content headers, the
 // idempotency key, OpenAI's own, and those the official SDKs add.
@@ -40,6 +51,9 @@ func (a *App) routes() {
 	if a.cfg.AdminPassword != "" {
 		a.mountDashboard()
 	}
+	if a.cfg.AdminAPIToken != "" {
+		admin.New(a.Store, a.cfg.AdminAPIToken, envKeyNames(a.cfg.ClientKeys), a.Store.Now, a.logger).Mount(f)
+	}
 
 	v1 := f.Group("/v1")
 	if len(a.cfg.CORSAllowedOrigins) > 0 {
@@ -54,5 +68,8 @@ func (a *App) routes() {
 			MaxAge:        600,
 		}))
 	}
+	// WebSocket upgrades (Realtime, Responses WebSocket mode) first; every
+	// other request falls through to the HTTP proxy.
+	v1.Get("/*", a.WS.Handle)
 	v1.All("/*", a.Proxy.Handle)
 }

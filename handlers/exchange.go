@@ -14,6 +14,7 @@ import (
 	"github.com/gofiber/fiber/v2"
 	"github.com/valyala/fasthttp"
 
+	"github.com/openai-idempotent-proxy/proxy/handlers/access"
 	"github.com/openai-idempotent-proxy/proxy/handlers/scrub"
 	"github.com/openai-idempotent-proxy/proxy/handlers/usage"
 	"github.com/openai-idempotent-proxy/proxy/models"
@@ -46,6 +47,9 @@ type exchange struct {
 	tail      []byte // last bytes of a JSON body, for usage
 
 	claim      *claim // set when this request holds an Idempotency-Key claim
+	caller     access.Caller
+	ask        access.Request // what limits need to know of the request
+	ticket     *access.Ticket // the caller's limits held while forwarding
 	clientGone bool
 
 	hop hop // the round trip's deadline and client watch (upstream.go)
@@ -60,6 +64,7 @@ type recorder struct {
 	metrics *Metrics
 	logger  *slog.Logger
 	mask    *scrub.Masker
+	cost    func(model string, u models.TokenUsage) int64 // in micro-USD, by the price table
 }
 
 // tailKeep is how much of a JSON response's end is kept for usage.
@@ -180,6 +185,7 @@ func (ex *exchange) settleClaim(complete bool, err error) {
 func (ex *exchange) finish(err error) {
 	ex.finishOnce.Do(func() {
 		rec, ttfb := ex.record(err)
+		ex.ticket.Settle(rec.CostMicros, rec.TotalTokens) // the caller's limits, at the actual cost
 		if ex.claim != nil {
 			ex.settleClaim(false, err)
 			ex.claim.end()
@@ -207,6 +213,7 @@ func (ex *exchange) record(err error) (*models.RequestLog, time.Duration) {
 		rec.PromptTokens, rec.CompletionTokens, rec.TotalTokens = u.PromptTokens, u.CompletionTokens, u.TotalTokens
 		rec.CachedTokens, rec.ReasoningTokens = u.CachedTokens, u.ReasoningTokens
 	}
+	rec.CostMicros = ex.out.cost(rec.Model, models.TokenUsage{Input: rec.PromptTokens, CachedInput: rec.CachedTokens, Output: rec.CompletionTokens})
 	if ex.bodyLimit != nil {
 		rec.RequestBytes = ex.bodyLimit.bytesRead()
 	}

@@ -21,7 +21,7 @@ type IdempotencyStore interface {
 	CompleteIdempotency(ctx context.Context, id, owner string, c models.Completion, ttl time.Duration) error
 	ReleaseIdempotency(ctx context.Context, id, owner, reason string, ttl time.Duration) error
 	MarkIdempotencyReplayed(ctx context.Context, id string) error
-	IdempotencyBodyChunk(ctx context.Context, id, owner string, off, n int64) ([]byte, error)
+	IdempotencyBodyChunk(ctx context.Context, id string, attempt int, off, n int64) ([]byte, error)
 }
 
 // ReplayedHeader marks a response answered from a stored record.
@@ -127,7 +127,7 @@ func (p *Proxy) replay(c *fiber.Ctx, ex *exchange, rec *models.IdempotencyRecord
 	}
 	c.Set(ReplayedHeader, "true")
 	c.Status(rec.Status)
-	body := &replayBody{store: p.idem, buffers: p.buffers, id: rec.ID, owner: rec.Owner, size: rec.BodySize, reserved: reserved}
+	body := &replayBody{store: p.idem, buffers: p.buffers, id: rec.ID, attempt: rec.Attempts, size: rec.BodySize, reserved: reserved}
 	c.Response().SetBodyStream(body, int(rec.BodySize))
 	ex.status, ex.outcome, ex.respBytes = rec.Status, models.OutcomeReplayed, rec.BodySize
 	ex.rec.Stream = rec.Stream
@@ -148,7 +148,8 @@ func (p *Proxy) replay(c *fiber.Ctx, ex *exchange, rec *models.IdempotencyRecord
 type replayBody struct {
 	store       IdempotencyStore
 	buffers     *bufferBudget
-	id, owner   string
+	id          string
+	attempt     int // the record version being replayed
 	size, off   int64
 	pending     []byte
 	reserved    int64
@@ -161,7 +162,7 @@ func (r *replayBody) Read(b []byte) (int, error) {
 			return 0, io.EOF
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		chunk, err := r.store.IdempotencyBodyChunk(ctx, r.id, r.owner, r.off, min(replayChunk, r.size-r.off))
+		chunk, err := r.store.IdempotencyBodyChunk(ctx, r.id, r.attempt, r.off, min(replayChunk, r.size-r.off))
 		cancel()
 		if err != nil || len(chunk) == 0 {
 			// Expired, deleted or unreadable mid-replay: cut the response

@@ -31,6 +31,7 @@ type Metrics struct {
 	released       *prometheus.CounterVec
 	streams        prometheus.Gauge
 	tokens         *prometheus.CounterVec
+	cost           *prometheus.CounterVec
 	upstreamConns  *prometheus.CounterVec
 	models         modelLabels
 	upstreamAuth   *prometheus.CounterVec
@@ -79,6 +80,9 @@ func NewMetrics() *Metrics {
 			Help: "Server-sent event streams being relayed now."}),
 		tokens: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "proxy_tokens_total",
 			Help: "Tokens reported by upstream, by kind (prompt, completion)."}, []string{"kind"}),
+		cost: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "proxy_cost_usd_total",
+			Help: "Spend in USD at the price table's rates, by client key name and model (the model label bounded like proxy_requests_total's)."},
+			[]string{"client", "model"}),
 		upstreamConns: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "proxy_upstream_connections_total",
 			Help: "Pooled upstream connections found closed before use (stale), and requests sent again because the upstream provably never read them (resent)."}, []string{"event"}),
 		upstreamAuth: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "proxy_upstream_auth_failures_total",
@@ -115,7 +119,7 @@ func NewMetrics() *Metrics {
 	for _, event := range []string{"stale", "resent"} {
 		m.upstreamConns.WithLabelValues(event)
 	}
-	m.Registry.MustRegister(m.requests, m.duration, m.ttfb, m.upstreamErrors, m.idempotency, m.released, m.streams, m.tokens,
+	m.Registry.MustRegister(m.requests, m.duration, m.ttfb, m.upstreamErrors, m.idempotency, m.released, m.streams, m.tokens, m.cost,
 		m.upstreamAuth, keyRejected, m.upstreamConns,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
@@ -145,7 +149,11 @@ func (m *Metrics) observe(rec *models.RequestLog, ttfb time.Duration) {
 	if rec.Status > 0 {
 		class = strconv.Itoa(rec.Status/100) + "xx"
 	}
-	m.requests.WithLabelValues(route, class, m.models.label(rec.Model, rec.Status), rec.Client, rec.Outcome).Inc()
+	model := m.models.label(rec.Model, rec.Status)
+	m.requests.WithLabelValues(route, class, model, rec.Client, rec.Outcome).Inc()
+	if rec.CostMicros > 0 {
+		m.cost.WithLabelValues(rec.Client, model).Add(float64(rec.CostMicros) / 1e6)
+	}
 	m.duration.WithLabelValues(route).Observe(float64(rec.DurationMs) / 1000)
 	if ttfb > 0 {
 		m.ttfb.WithLabelValues(route).Observe(ttfb.Seconds())
@@ -272,7 +280,7 @@ var routeTemplates = newRouteTree(
 	"/v1/threads/:id/messages", "/v1/threads/:id/messages/:id",
 	"/v1/threads/:id/runs", "/v1/threads/:id/runs/:id", "/v1/threads/:id/runs/:id/cancel",
 	"/v1/threads/:id/runs/:id/submit_tool_outputs", "/v1/threads/:id/runs/:id/steps", "/v1/threads/:id/runs/:id/steps/:id",
-	"/v1/realtime/sessions", "/v1/realtime/transcription_sessions", "/v1/realtime/client_secrets",
+	"/v1/realtime", "/v1/realtime/sessions", "/v1/realtime/transcription_sessions", "/v1/realtime/client_secrets",
 	"/v1/realtime/calls", "/v1/realtime/calls/:id/accept", "/v1/realtime/calls/:id/hangup",
 	"/v1/realtime/calls/:id/refer", "/v1/realtime/calls/:id/reject",
 	"/v1/evals", "/v1/evals/:id", "/v1/evals/:id/runs", "/v1/evals/:id/runs/:id",

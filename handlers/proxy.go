@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"cmp"
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -23,6 +24,7 @@ import (
 	"github.com/valyala/fasthttp"
 	"golang.org/x/time/rate"
 
+	"github.com/openai-idempotent-proxy/proxy/handlers/access"
 	"github.com/openai-idempotent-proxy/proxy/handlers/scrub"
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
@@ -34,11 +36,13 @@ type ProxyConfig struct {
 	Secrets          []string       // every secret to mask in what the proxy sends, stores and logs
 	UpstreamCAs      *x509.CertPool // nil: the system roots
 	ClientKeys       []ClientKey
+	Gate             ClientGate // nil: PROXY_API_KEYS only, no limits
 	AllowOpenProxy   bool
 	MaxBodySize      int64
 	UpstreamTimeout  time.Duration
 	FirstByteTimeout time.Duration
 	IdleTimeout      time.Duration
+	Egress           Egress // HTTPS_PROXY, HTTP_PROXY, NO_PROXY
 
 	IdempotencyTTL     time.Duration
 	IdempotencyLease   time.Duration
@@ -55,6 +59,7 @@ type LogSink interface {
 type Proxy struct {
 	cfg       ProxyConfig
 	auth      *Authenticator
+	gate      ClientGate
 	bearer    string // "Bearer <upstream key>", built once
 	client    *fasthttp.Client
 	transport *upstreamTransport
@@ -95,6 +100,11 @@ func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, 
 	p.claims = claims{store: idem, ttl: cfg.IdempotencyTTL, lease: cfg.IdempotencyLease, maxBody: cfg.IdempotencyMaxBody,
 		buffers: p.buffers, metrics: m, logger: logger, sink: sink, background: &p.background, warn: &p.warnSometimes}
 	m.bufferBytes(p.buffers)
+	if p.gate = cfg.Gate; p.gate == nil {
+		p.gate = access.New(context.Background(), access.Options{Env: p.auth.Authenticate})
+	}
+	p.out.cost = p.gate.CostMicros
+	dial := cfg.Egress.DialFunc(cfg.UpstreamBaseURL.Scheme == "https", 30*time.Second)
 	p.client = &fasthttp.Client{
 		Transport:                p.transport,
 		StreamResponseBody:       true,
@@ -103,7 +113,7 @@ func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, 
 		// No ReadTimeout: it would cut long streams. upstreamConn enforces
 		// the first-byte and idle limits and the call's deadline.
 		Dial: func(addr string) (net.Conn, error) {
-			return dialUpstream(addr, cfg.FirstByteTimeout, cfg.IdleTimeout)
+			return dialUpstream(dial, addr, cfg.FirstByteTimeout, cfg.IdleTimeout)
 		},
 		TLSConfig:          &tls.Config{RootCAs: cfg.UpstreamCAs, MinVersion: tls.VersionTLS12},
 		MaxConnsPerHost:    4096,
@@ -152,14 +162,11 @@ func (p *Proxy) admit(c *fiber.Ctx, ex *exchange) error {
 		ex.rec.Path = truncate(string(c.Request().URI().PathOriginal()), 200)
 	}
 	if !p.cfg.AllowOpenProxy || len(p.cfg.ClientKeys) > 0 {
-		name, err := p.auth.Authenticate(c.Request().Header.Peek("Authorization"))
-		if errors.Is(err, errNoKey) {
-			return errMissingKey
-		}
+		caller, err := p.gate.Authenticate(c.Request().Header.Peek("Authorization"))
+		ex.caller, ex.rec.Client = caller, caller.Name
 		if err != nil {
-			return errInvalidKey
+			return keyError(err)
 		}
-		ex.rec.Client = name
 	} else {
 		ex.rec.Client = "open"
 	}
@@ -206,14 +213,18 @@ func (p *Proxy) admit(c *fiber.Ctx, ex *exchange) error {
 		}
 		ex.rec.Model = truncate(gjson.GetBytes(body, "model").String(), 200)
 		ex.rec.Stream = gjson.GetBytes(body, "stream").Bool()
+		ex.ask = askOf(ex.rec.Model, body, size)
 	}
-	return nil
+	return refusalError(ex.caller.Permits(ex.rec.Model))
 }
 
 // forward sends the request upstream through Fiber's proxy middleware and
 // takes the response over: headers cleaned and masked, the body decoded,
 // masked and teed to the client (an error body read whole first).
 func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
+	if err := p.admitLimits(c, ex); err != nil {
+		return ex.reject(c, err)
+	}
 	req, resp := c.Request(), c.Response()
 	prepareUpstreamRequest(&req.Header, p.bearer)
 	if ex.claim == nil {
@@ -239,6 +250,7 @@ func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
 		}
 	}
 	restoreCORS(&resp.Header, &pre)
+	ex.setRateLimitHeaders(&resp.Header)
 	if err != nil {
 		apiErr := p.upstreamError(c, err, ex)
 		ex.finish(err)

@@ -217,8 +217,8 @@ type upstreamConn struct {
 	keepAlive time.Duration // the upstream's Keep-Alive: timeout, 0 if none
 }
 
-func dialUpstream(addr string, firstByte, idle time.Duration) (net.Conn, error) {
-	conn, err := fasthttp.DialTimeout(addr, 30*time.Second)
+func dialUpstream(dial func(addr string) (net.Conn, error), addr string, firstByte, idle time.Duration) (net.Conn, error) {
+	conn, err := dial(addr) // directly or through the egress proxy (egress.go)
 	if err != nil {
 		return nil, err
 	}

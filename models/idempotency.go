@@ -271,17 +271,18 @@ const recordColumnsSQL = "id, client, method, path, idem_key, fingerprint, state
 	"body_size, stream, replayable, replay_count, last_replay_at, attempts, release_reason, created_at, updated_at, expires_at"
 
 // IdempotencyBodyChunk reads n bytes of a completed record's body from
-// offset off. owner names the attempt that completed it, so a record that
-// expired and was taken over meanwhile is never mixed into a replay: then,
-// or if the record is gone, it returns ErrNotFound.
-func (s *Store) IdempotencyBodyChunk(ctx context.Context, id, owner string, off, n int64) ([]byte, error) {
+// offset off. attempt is the record's Attempts as the replay found it: a
+// record that expired and was run again meanwhile has another, so it is
+// never mixed into a replay; then, or if the record is gone, it returns
+// ErrNotFound.
+func (s *Store) IdempotencyBodyChunk(ctx context.Context, id string, attempt int, off, n int64) ([]byte, error) {
 	expr := "substr(body, ?, ?)" // SQLite: blobs, 1-based
 	if s.dialect == migrations.Postgres {
 		expr = "substring(body from ?::int for ?::int)"
 	}
 	var chunk []byte
 	err := s.db.WithContext(ctx).Model(&IdempotencyRecord{}).Select(expr, off+1, n).
-		Where("id = ? AND owner = ? AND state = ?", id, owner, StateCompleted).Row().Scan(&chunk)
+		Where("id = ? AND attempts = ? AND state = ?", id, attempt, StateCompleted).Row().Scan(&chunk)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, ErrNotFound
 	}

@@ -109,8 +109,11 @@ func TestClaimLifecycle(t *testing.T) {
 			t.Fatalf("complete: %v", err)
 		}
 		_, rec, err := s.ClaimIdempotency(ctx, r)
-		if err != nil || rec.State != models.StateCompleted || string(rec.Body) != string(body) || rec.Attempts != 2 || !rec.Stream {
+		if err != nil || rec.State != models.StateCompleted || rec.BodySize != int64(len(body)) || rec.Attempts != 2 || !rec.Stream {
 			t.Fatalf("stored record: %+v %v", rec, err)
+		}
+		if stored, err := s.IdempotencyBodyChunk(ctx, r.ID, rec.Attempts, 0, rec.BodySize); err != nil || string(stored) != string(body) {
+			t.Fatalf("stored body %q %v", stored, err)
 		}
 		if err := s.MarkIdempotencyReplayed(ctx, r.ID); err != nil {
 			t.Fatal(err)
@@ -285,7 +288,7 @@ func TestIdempotencyBodyChunks(t *testing.T) {
 		}
 		var got []byte
 		for off := int64(0); off < int64(len(body)); off += 65536 {
-			chunk, err := s.IdempotencyBodyChunk(ctx, "chunks", rec.Owner, off, 65536)
+			chunk, err := s.IdempotencyBodyChunk(ctx, "chunks", rec.Attempts, off, 65536)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -294,7 +297,7 @@ func TestIdempotencyBodyChunks(t *testing.T) {
 		if !bytes.Equal(got, body) {
 			t.Fatalf("chunks reassemble to %d bytes, not the body", len(got))
 		}
-		if _, err := s.IdempotencyBodyChunk(ctx, "chunks", "another-attempt", 0, 10); !errors.Is(err, models.ErrNotFound) {
+		if _, err := s.IdempotencyBodyChunk(ctx, "chunks", rec.Attempts+1, 0, 10); !errors.Is(err, models.ErrNotFound) {
 			t.Errorf("chunk of another attempt: %v, want ErrNotFound", err)
 		}
 	})

@@ -38,6 +38,7 @@ type RequestLog struct {
 	TotalTokens       int64
 	CachedTokens      int64
 	ReasoningTokens   int64
+	CostMicros        int64 // USD x 1e6 at the price table's rates; 0 for unknown models
 	UpstreamRequestID string
 	IdempotencyKey    string
 	Error             string

@@ -55,6 +55,7 @@ const (
 	cConflicts
 	cMismatches
 	cUpstreamErrors
+	cCostMicros
 	cLatency                                              // first of len(LatencyBoundsMs)+1 histogram buckets
 	cLatencyUnsplit = cLatency + len(LatencyBoundsMs) + 1 // never added to, see unsplitColumn
 	numCounters     = cLatencyUnsplit + 1
@@ -66,6 +67,7 @@ var counterColumns = func() []string {
 		"requests", "prompt_tokens", "completion_tokens", "total_tokens",
 		"request_bytes", "response_bytes", "duration_ms_sum",
 		"replayed", "idempotency_conflicts", "idempotency_mismatches", "upstream_errors",
+		"cost_micros",
 	}
 	for _, b := range LatencyBoundsMs {
 		cols = append(cols, fmt.Sprintf("lat_le_%d", b))
@@ -85,6 +87,7 @@ func (c *counters) add(r *RequestLog) {
 	c[cRequestBytes] += r.RequestBytes
 	c[cResponseBytes] += r.ResponseBytes
 	c[cDurationMsSum] += r.DurationMs
+	c[cCostMicros] += r.CostMicros
 	switch r.Outcome {
 	case OutcomeReplayed:
 		c[cReplayed]++
@@ -293,6 +296,7 @@ type TrafficPoint struct {
 	PromptTokens         int64
 	CompletionTokens     int64
 	TotalTokens          int64
+	CostMicros           int64 // spend, USD x 1e6
 }
 
 // maxTrafficPoints bounds a chart so a tiny step over a long window cannot
@@ -325,7 +329,7 @@ func (s *Store) Traffic(ctx context.Context, from, to time.Time, step time.Durat
 	where, args := window(scopeTotal, from, to, spans)
 	stepSec := int64(step / time.Second)
 	rows, err := s.db.WithContext(ctx).Raw(
-		"SELECT (bucket - ?) / ? AS slot, status_class, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(total_tokens)"+
+		"SELECT (bucket - ?) / ? AS slot, status_class, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(total_tokens), SUM(cost_micros)"+
 			" FROM request_rollups WHERE "+where+" GROUP BY slot, status_class",
 		append([]any{from.Unix(), stepSec}, args...)...).Rows()
 	if err != nil {
@@ -333,8 +337,8 @@ func (s *Store) Traffic(ctx context.Context, from, to time.Time, step time.Durat
 	}
 	defer rows.Close()
 	for rows.Next() {
-		var slot, class, requests, prompt, completion, total int64
-		if err := rows.Scan(&slot, &class, &requests, &prompt, &completion, &total); err != nil {
+		var slot, class, requests, prompt, completion, total, cost int64
+		if err := rows.Scan(&slot, &class, &requests, &prompt, &completion, &total, &cost); err != nil {
 			return nil, fmt.Errorf("models: traffic: %w", err)
 		}
 		if slot < 0 || slot >= int64(n) {
@@ -346,6 +350,7 @@ func (s *Store) Traffic(ctx context.Context, from, to time.Time, step time.Durat
 		p.PromptTokens += prompt
 		p.CompletionTokens += completion
 		p.TotalTokens += total
+		p.CostMicros += cost
 	}
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("models: traffic: %w", err)
@@ -380,6 +385,7 @@ type Totals struct {
 	// Tokens as reported by the upstream's usage.
 	PromptTokens, CompletionTokens, TotalTokens int64
 	RequestBytes, ResponseBytes                 int64
+	CostMicros                                  int64 // spend, USD x 1e6
 	AvgLatencyMs                                float64
 	// P50 and P95 are the histogram buckets holding them, see LatencyQuantile.
 	P50, P95 LatencyRange
@@ -431,6 +437,7 @@ func newTotals(c *counters, errs int64) Totals {
 		TotalTokens:      c[cTotalTokens],
 		RequestBytes:     c[cRequestBytes],
 		ResponseBytes:    c[cResponseBytes],
+		CostMicros:       c[cCostMicros],
 		P50:              LatencyQuantile(c.latency(), c[cLatencyUnsplit], 0.50),
 		P95:              LatencyQuantile(c.latency(), c[cLatencyUnsplit], 0.95),
 	}
@@ -492,9 +499,10 @@ func LatencyQuantile(hist []int64, unsplit int64, q float64) LatencyRange {
 
 // TopEntry is one row of a top-N table.
 type TopEntry struct {
-	Name     string
-	Requests int64
-	Tokens   int64 // total tokens
+	Name       string
+	Requests   int64
+	Tokens     int64 // total tokens
+	CostMicros int64 // spend, USD x 1e6
 }
 
 // TopModels ranks models by requests in [from, to); limit defaults to 10,
@@ -517,11 +525,36 @@ func (s *Store) top(ctx context.Context, column string, from, to time.Time, limi
 	where, args := window(scopeClientModel, from, to, rollupSpans)
 	var out []TopEntry
 	err := s.db.WithContext(ctx).Raw(
-		"SELECT "+column+" AS name, SUM(requests) AS requests, SUM(total_tokens) AS tokens FROM request_rollups WHERE "+where+
+		"SELECT "+column+" AS name, SUM(requests) AS requests, SUM(total_tokens) AS tokens, SUM(cost_micros) AS cost_micros FROM request_rollups WHERE "+where+
 			" GROUP BY "+column+" ORDER BY SUM(requests) DESC, name LIMIT ?", append(args, limit)...).
 		Scan(&out).Error
 	if err != nil {
 		return nil, fmt.Errorf("models: top %ss: %w", column, err)
+	}
+	return out, nil
+}
+
+// ClientUsage is one client's requests and spend in a window.
+type ClientUsage struct {
+	Requests, Tokens, CostMicros int64
+}
+
+// UsageByClient sums requests, tokens and spend per client over the
+// minutes that start in [from, to), for the client keys page.
+func (s *Store) UsageByClient(ctx context.Context, from, to time.Time) (map[string]ClientUsage, error) {
+	where, args := window(scopeClientModel, from, to, rollupSpans)
+	var rows []struct {
+		Name                         string
+		Requests, Tokens, CostMicros int64
+	}
+	err := s.db.WithContext(ctx).Raw("SELECT client AS name, SUM(requests) AS requests, SUM(total_tokens) AS tokens, SUM(cost_micros) AS cost_micros"+
+		" FROM request_rollups WHERE "+where+" GROUP BY client", args...).Scan(&rows).Error
+	if err != nil {
+		return nil, fmt.Errorf("models: usage by client: %w", err)
+	}
+	out := make(map[string]ClientUsage, len(rows))
+	for _, r := range rows {
+		out[r.Name] = ClientUsage{Requests: r.Requests, Tokens: r.Tokens, CostMicros: r.CostMicros}
 	}
 	return out, nil
 }

@@ -4,12 +4,15 @@
 package models
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -42,6 +45,10 @@ type Options struct {
 	Logger *slog.Logger
 	// Now is the clock; nil means time.Now. Tests inject a fake one.
 	Now func() time.Time
+	// ConnectTimeout bounds each new PostgreSQL connection unless the URL
+	// sets connect_timeout; 0 means 10 s. Without it a database host that
+	// accepts connections but never answers would hang the start for ever.
+	ConnectTimeout time.Duration
 }
 
 // Open connects to the database and applies pending migrations.
@@ -72,7 +79,7 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		dialect   migrations.Dialect
 	)
 	if opts.DatabaseURL != "" {
-		dialector, dialect = postgres.Open(opts.DatabaseURL), migrations.Postgres
+		dialector, dialect = postgres.Open(withConnectTimeout(opts.DatabaseURL, cmp.Or(opts.ConnectTimeout, 10*time.Second))), migrations.Postgres
 	} else {
 		if err := os.MkdirAll(opts.DataDir, 0o750); err != nil {
 			return nil, fmt.Errorf("models: create data directory: %w", err)
@@ -110,6 +117,21 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		return nil, err
 	}
 	return s, nil
+}
+
+// withConnectTimeout adds connect_timeout (whole seconds, at least 1) to a
+// postgres:// URL that has none; other forms are left as they are.
+func withConnectTimeout(dsn string, d time.Duration) string {
+	u, err := url.Parse(dsn)
+	if err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") {
+		return dsn
+	}
+	q := u.Query()
+	if q.Get("connect_timeout") == "" {
+		q.Set("connect_timeout", strconv.Itoa(max(1, int(d.Seconds()))))
+		u.RawQuery = q.Encode()
+	}
+	return u.String()
 }
 
 // slowQuery is the duration above which a statement is logged.

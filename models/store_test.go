@@ -2,8 +2,10 @@ package models_test
 
 import (
 	"context"
+	"net"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/openai-idempotent-proxy/proxy/models"
 	"github.com/openai-idempotent-proxy/proxy/models/testdb"
@@ -43,5 +45,37 @@ func TestMigrationsAreIdempotent(t *testing.T) {
 	}
 	if counts[0] == 0 || counts[1] != counts[0] {
 		t.Fatalf("migrations recorded per open: %v", counts)
+	}
+}
+
+// A database host that accepts connections and never answers fails the
+// start within the connect timeout instead of hanging it.
+func TestOpenGivesUpOnASilentDatabase(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			defer conn.Close() // held open, never answered
+		}
+	}()
+	done := make(chan error, 1)
+	go func() {
+		_, err := models.Open(context.Background(), models.Options{DatabaseURL: "postgres://nobody@" + ln.Addr().String() + "/x?sslmode=disable", ConnectTimeout: time.Second})
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("opened a database that never answered")
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Open still waiting after 20 s for a silent database")
 	}
 }
