@@ -8,7 +8,7 @@ import (
 )
 
 // mountDashboard registers the admin pages under /dashboard (the page
-// table is Dashboard.Mount); without ADMIN_PASSWORD none exist. The
+// table is dashboard.Handler.Mount); without ADMIN_PASSWORD none exist. The
 // sign-in state (signing secret, signed-out sessions, failed sign-ins)
 // lives in the database, shared by every replica.
 func (a *App) mountDashboard() {

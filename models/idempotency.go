@@ -26,7 +26,7 @@ var ErrLeaseLost = errors.New("models: idempotency lease lost")
 
 // IdempotencyRecord is one row of idempotency_records.
 type IdempotencyRecord struct {
-	ID            string // hex SHA-256 of client, method, path and key
+	ID            string // hex SHA-256 of client and key (method and path are in Fingerprint)
 	Client        string
 	Method        string
 	Path          string

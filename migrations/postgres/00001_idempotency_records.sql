@@ -2,7 +2,7 @@
 -- claimed atomically by INSERT ... ON CONFLICT DO NOTHING on the primary key.
 -- +goose Up
 CREATE TABLE idempotency_records (
-    id             TEXT PRIMARY KEY,           -- hex SHA-256 of the scope: client, method, path, key
+    id             TEXT PRIMARY KEY,           -- hex SHA-256 of the scope: client and key
     client         TEXT NOT NULL,
     method         TEXT NOT NULL,
     path           TEXT NOT NULL,
