@@ -34,6 +34,7 @@ import (
 	"time"
 
 	_ "github.com/jackc/pgx/v5/stdlib" // database/sql driver for the accounting queries
+	"github.com/openai-idempotent-proxy/proxy/app/apptest"
 )
 
 const (
@@ -172,25 +173,19 @@ func startProxy(t *testing.T, bin, upstreamURL, dbURL string, extra map[string]s
 			<-p.done
 		}
 	})
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	apptest.Eventually(t, 30*time.Second, func() bool {
 		select {
 		case <-p.done:
 			t.Fatalf("proxy exited during start-up: %v\n%s", p.waitErr, p.logTail(4096))
 		default:
 		}
 		resp, err := http.Get(p.URL + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				break
-			}
+		if err != nil {
+			return false
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("proxy not healthy after 30s\n%s", p.logTail(4096))
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	}, "proxy not healthy (log %s)", p.LogPath)
 	t.Logf("proxy pid %d on %s, log %s", cmd.Process.Pid, p.URL, p.LogPath)
 	return p
 }
