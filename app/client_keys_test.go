@@ -130,8 +130,10 @@ const chatMiniCost = 6
 func TestBudgetHoldsAcrossReplicas(t *testing.T) {
 	eachDatabase(t, nil, func(t *testing.T, p pair) {
 		k := createKey(t, p.a, fmt.Sprintf(`{"name":"budgeted","budget_usd":%g,"budget_period":"day"}`, 50*chatMiniCost/1e6))
-		apptest.Eventually(t, 2*time.Second, func() bool { return call(t, p.b, k.Key, `{"model":"none"}`).status != 401 },
-			"instance B never learnt the new key")
+		for name, in := range map[string]*apptest.Instance{"A": p.a, "B": p.b} { // both serve the burst
+			apptest.Eventually(t, 2*time.Second, func() bool { return call(t, in, k.Key, `{"model":"none"}`).status != 401 },
+				"instance %s never learnt the new key", name)
+		}
 		before := p.up.Calls()
 
 		var wg sync.WaitGroup
