@@ -119,7 +119,7 @@ func (ex *exchange) onHeaders(h *fasthttp.ResponseHeader) {
 		switch size := int64(h.ContentLength()); {
 		case size > ex.p.cfg.IdempotencyMaxBody:
 			ex.dropCapture()
-		case size > 0 && !ex.growCapture(size): // known: one exact buffer
+		case size > 0 && !ex.growCapture(size, true): // known: one exact buffer
 			ex.dropCapture()
 		}
 	}
@@ -208,7 +208,7 @@ func (ex *exchange) observe(p []byte) {
 	}
 	if cl := ex.claim; cl != nil && !cl.overflow {
 		need := int64(len(cl.capture) + len(p))
-		if need > ex.p.cfg.IdempotencyMaxBody || (need > int64(cap(cl.capture)) && !ex.growCapture(need)) {
+		if need > ex.p.cfg.IdempotencyMaxBody || (need > int64(cap(cl.capture)) && !ex.growCapture(need, false)) {
 			ex.dropCapture()
 		} else {
 			cl.capture = append(cl.capture, p...)
@@ -218,10 +218,15 @@ func (ex *exchange) observe(p []byte) {
 
 // growCapture makes room for need bytes of a keyed response, within
 // BUFFER_MEMORY_LIMIT: it reserves what the larger buffer adds (waiting a
-// little, which pauses this stream) and moves the capture into it.
-func (ex *exchange) growCapture(need int64) bool {
+// little, which pauses this stream) and moves the capture into it. exact
+// (the Content-Length is known) allocates need and no more; otherwise the
+// buffer at least doubles, so a long stream is copied a few times only.
+func (ex *exchange) growCapture(need int64, exact bool) bool {
 	cl := ex.claim
-	size := min(max(need, 2*int64(cap(cl.capture)), captureStep), ex.p.cfg.IdempotencyMaxBody)
+	size := need
+	if !exact {
+		size = min(max(need, 2*int64(cap(cl.capture)), captureStep), ex.p.cfg.IdempotencyMaxBody)
+	}
 	if more := size - cl.reserved; more > 0 {
 		if !ex.p.buffers.acquire(more, growWait) {
 			ex.p.logger.Warn("BUFFER_MEMORY_LIMIT reached: a keyed response is delivered but not stored; retries get 410", "key_id", cl.id)
