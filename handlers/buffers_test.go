@@ -2,10 +2,8 @@ package handlers_test
 
 import (
 	"fmt"
-	"io"
 	"net"
 	"net/http"
-	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -81,20 +79,9 @@ func TestBufferMemoryLimit(t *testing.T) {
 	if first.status != 200 || !first.replayed || first.sha() != stored.sha() {
 		t.Fatalf("the replay: %d, replayed %v, same bytes %v", first.status, first.replayed, first.sha() == stored.sha())
 	}
-	u, _ := url.Parse(px.URL)
 	var conns []net.Conn
 	for range 10 {
-		conn, err := net.Dial("tcp", u.Host)
-		if err != nil {
-			t.Fatal(err)
-		}
-		_ = conn.(*net.TCPConn).SetReadBuffer(4 << 10)
-		fmt.Fprintf(conn, "POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nIdempotency-Key: budget-replayed\r\nContent-Length: %d\r\n\r\n%s",
-			u.Host, apptest.ClientKey, len(streamBody), streamBody)
-		if _, err := io.ReadFull(conn, make([]byte, 1024)); err != nil {
-			t.Fatal(err)
-		}
-		conns = append(conns, conn)
+		conns = append(conns, apptest.StalledClient(t, px.URL, apptest.ClientKey, "budget-replayed", streamBody))
 	}
 	held := bufferBytes(t, px)
 	t.Logf("10 stalled replays of a %d KiB record hold %d KiB", len(stored.body)>>10, held>>10)

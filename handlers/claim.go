@@ -138,7 +138,7 @@ func (cl *claim) append(p []byte) {
 		return
 	}
 	need := int64(len(cl.capture) + len(p))
-	if need > cl.set.maxBody || (need > int64(cap(cl.capture)) && !cl.grow(need)) {
+	if need > cl.set.maxBody || (need > int64(cap(cl.capture)) && !cl.grow(need, false)) {
 		cl.drop()
 		return
 	}
@@ -151,17 +151,22 @@ func (cl *claim) expect(size int64) {
 	switch {
 	case size > cl.set.maxBody:
 		cl.drop()
-	case size > 0 && !cl.grow(size):
+	case size > 0 && !cl.grow(size, true):
 		cl.drop()
 	}
 }
 
 // grow makes room for need bytes, within BUFFER_MEMORY_LIMIT: it reserves
 // what the larger buffer adds (waiting a little, which pauses this stream)
-// and moves the capture into it.
-func (cl *claim) grow(need int64) bool {
+// and moves the capture into it. exact (the Content-Length is known)
+// allocates need and no more; otherwise the buffer at least doubles, so a
+// long stream is copied a few times only.
+func (cl *claim) grow(need int64, exact bool) bool {
 	s := cl.set
-	size := min(max(need, 2*int64(cap(cl.capture)), captureStep), s.maxBody)
+	size := need
+	if !exact {
+		size = min(max(need, 2*int64(cap(cl.capture)), captureStep), s.maxBody)
+	}
 	if more := size - cl.reserved; more > 0 {
 		if !s.buffers.acquire(more, growWait) {
 			s.logger.Warn("BUFFER_MEMORY_LIMIT reached: a keyed response is delivered but not stored; retries get 410", "key_id", cl.id)

@@ -11,7 +11,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -312,20 +311,9 @@ func TestCORS(t *testing.T) {
 // cleans the path first.
 func rawRequest(t *testing.T, proxyURL, target, key string) (int, string) {
 	t.Helper()
-	u, _ := url.Parse(proxyURL)
-	conn, err := net.Dial("tcp", u.Host)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	_, _ = io.WriteString(conn, "GET "+target+" HTTP/1.1\r\nHost: "+u.Host+"\r\nAuthorization: Bearer "+key+"\r\nConnection: close\r\n\r\n")
-	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
+	host := strings.TrimPrefix(proxyURL, "http://")
+	resp, body := sendRaw(t, proxyURL, "GET "+target+" HTTP/1.1\r\nHost: "+host+"\r\nAuthorization: Bearer "+key+"\r\nConnection: close\r\n\r\n", false)
+	return resp.StatusCode, body
 }
 
 func TestPathNormalisation(t *testing.T) {

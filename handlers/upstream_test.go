@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -344,20 +343,9 @@ func TestUpstreamResponseHeaders(t *testing.T) {
 func TestStalledReaderReleasesItsKey(t *testing.T) {
 	up := apptest.NewUpstream(t)
 	px := apptest.Start(t, up.URL, map[string]string{"UPSTREAM_TIMEOUT": "2s", "UPSTREAM_FIRST_BYTE_TIMEOUT": "2s", "IDEMPOTENCY_MAX_BODY": "64MiB"})
-	u, _ := url.Parse(px.URL)
-	conn, err := net.Dial("tcp", u.Host)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	_ = conn.(*net.TCPConn).SetReadBuffer(4 << 10)
 	// 40 events of 256 KiB: far more than the sockets buffer, sent at once.
 	body := `{"model":"gpt-4o-mini","stream":true}`
-	fmt.Fprintf(conn, "POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"+
-		"Idempotency-Key: stalled-reader\r\nX-Test-Events: 40\r\nX-Test-Pad-Kib: 256\r\nContent-Length: %d\r\n\r\n%s", u.Host, apptest.ClientKey, len(body), body)
-	if _, err := io.ReadFull(conn, make([]byte, 1024)); err != nil { // it began, then the client stalls
-		t.Fatal(err)
-	}
+	apptest.StalledClient(t, px.URL, apptest.ClientKey, "stalled-reader", body, "X-Test-Events: 40", "X-Test-Pad-Kib: 256")
 	var retry result
 	apptest.Eventually(t, 15*time.Second, func() bool {
 		retry = keyed(t, px.URL+"/v1/chat/completions", apptest.ClientKey, "stalled-reader", body, nil)

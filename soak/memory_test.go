@@ -6,7 +6,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
 	"os"
 	"strings"
 	"sync"
@@ -14,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/openai-idempotent-proxy/proxy/app/apptest"
 	"github.com/openai-idempotent-proxy/proxy/models/testdb"
 )
 
@@ -123,19 +123,9 @@ func TestMemoryBound(t *testing.T) {
 		if s, n := post("mem-replayed", `{"model":"m","stream":true}`, nil); s != 200 || n < 7<<20 {
 			t.Fatalf("the record to replay: %d, %d bytes", s, n)
 		}
-		u, _ := url.Parse(px.URL)
 		var conns []net.Conn
 		for range 40 {
-			conn, err := net.Dial("tcp", u.Host)
-			if err != nil {
-				t.Fatal(err)
-			}
-			_ = conn.(*net.TCPConn).SetReadBuffer(4 << 10)
-			body := `{"model":"m","stream":true}`
-			fmt.Fprintf(conn, "POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nIdempotency-Key: mem-replayed\r\nContent-Length: %d\r\n\r\n%s",
-				u.Host, clientKey, len(body), body)
-			_, _ = io.ReadFull(conn, make([]byte, 1024))
-			conns = append(conns, conn)
+			conns = append(conns, apptest.StalledClient(t, px.URL, clientKey, "mem-replayed", `{"model":"m","stream":true}`))
 		}
 		time.Sleep(3 * time.Second) // the stall itself
 		for _, c := range conns {

@@ -1,0 +1,38 @@
+package apptest
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"strings"
+	"testing"
+)
+
+// StalledClient sends a keyed POST to proxyURL, reads the first KiB of the
+// answer and then stops reading, with a small receive buffer, as a client
+// that stalls does. The connection is closed when the test ends; close it
+// earlier to end the stall. header lines are "Name: value".
+func StalledClient(t testing.TB, proxyURL, clientKey, idemKey, body string, header ...string) net.Conn {
+	t.Helper()
+	u, err := url.Parse(proxyURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := net.Dial("tcp", u.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	_ = conn.(*net.TCPConn).SetReadBuffer(4 << 10)
+	extra := ""
+	if len(header) > 0 {
+		extra = strings.Join(header, "\r\n") + "\r\n"
+	}
+	fmt.Fprintf(conn, "POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"+
+		"Idempotency-Key: %s\r\n%sContent-Length: %d\r\n\r\n%s", u.Host, clientKey, idemKey, extra, len(body), body)
+	if _, err := io.ReadFull(conn, make([]byte, 1024)); err != nil {
+		t.Fatalf("the stalled client's answer did not begin: %v", err)
+	}
+	return conn
+}
