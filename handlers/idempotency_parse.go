@@ -254,15 +254,8 @@ func completeJSON(body []byte, encoding string) bool {
 // raw header block, because parsed headers drop empty values.
 func idempotencyKeyFields(h *fasthttp.RequestHeader) [][]byte {
 	var out [][]byte
-	raw := h.RawHeaders()
-	for len(raw) > 0 {
-		line := raw
-		if i := bytes.IndexByte(raw, '\n'); i >= 0 {
-			line, raw = raw[:i], raw[i+1:]
-		} else {
-			raw = nil
-		}
-		name, value, ok := bytes.Cut(bytes.TrimRight(line, "\r"), []byte(":"))
+	for line := range bytes.Lines(h.RawHeaders()) {
+		name, value, ok := bytes.Cut(bytes.TrimRight(line, "\r\n"), []byte(":"))
 		if ok && bytes.EqualFold(bytes.TrimSpace(name), []byte("Idempotency-Key")) {
 			out = append(out, bytes.TrimSpace(value))
 		}

@@ -91,14 +91,8 @@ func (s *Stream) endEvent() {
 // (SSE allows several), skipping comments and fields it does not know.
 func parseEvent(raw []byte) Event {
 	var ev Event
-	for len(raw) > 0 {
-		line := raw
-		if i := bytes.IndexByte(raw, '\n'); i >= 0 {
-			line, raw = raw[:i], raw[i+1:]
-		} else {
-			raw = nil
-		}
-		line = bytes.TrimSuffix(line, []byte("\r"))
+	for line := range bytes.Lines(raw) {
+		line = bytes.TrimSuffix(bytes.TrimSuffix(line, []byte("\n")), []byte("\r"))
 		if len(line) == 0 || line[0] == ':' {
 			continue
 		}
