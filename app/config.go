@@ -48,10 +48,11 @@ type Config struct {
 	ShutdownGrace        time.Duration // SHUTDOWN_GRACE, default 30s
 	TrustedProxies       []string      // TRUSTED_PROXIES: reverse proxies whose X-Forwarded-For is believed
 
-	IdempotencyTTL     time.Duration // IDEMPOTENCY_TTL, default 24h
-	IdempotencyLease   time.Duration // IDEMPOTENCY_LEASE, default 30s
-	IdempotencyMaxBody int64         // IDEMPOTENCY_MAX_BODY, default 8 MiB: largest response stored for replay
-	BufferMemoryLimit  int64         // BUFFER_MEMORY_LIMIT, default 256 MiB: bytes held for captures, replays and inspected bodies
+	IdempotencyTTL      time.Duration // IDEMPOTENCY_TTL, default 24h
+	IdempotencyLease    time.Duration // IDEMPOTENCY_LEASE, default 30s
+	IdempotencyJoinWait time.Duration // IDEMPOTENCY_JOIN_WAIT, default 10m; 0: a repeat of a running key gets 409
+	IdempotencyMaxBody  int64         // IDEMPOTENCY_MAX_BODY, default 8 MiB: largest response stored for replay
+	BufferMemoryLimit   int64         // BUFFER_MEMORY_LIMIT, default 256 MiB: bytes held for captures, replays and inspected bodies
 
 	LogRetention time.Duration // LOG_RETENTION, default 30d
 	LogQueueSize int           // LOG_QUEUE_SIZE, default 10000
@@ -197,6 +198,14 @@ var settings = []Setting{
 	}},
 	{"IDEMPOTENCY_TTL", "24h", "how long a completed Idempotency-Key is replayed", durationSetting(func(c *Config) *time.Duration { return &c.IdempotencyTTL })},
 	{"IDEMPOTENCY_LEASE", "30s", "how long a crashed holder keeps a key in progress before another replica takes it over", durationSetting(func(c *Config) *time.Duration { return &c.IdempotencyLease })},
+	{"IDEMPOTENCY_JOIN_WAIT", "10m", "how long a repeat of a still-running keyed request waits for its answer (streams are followed while they run); 0 answers 409 at once", func(c *Config, v string) error {
+		d, err := parseDuration(v)
+		if err != nil || d < 0 {
+			return errors.New("must be a duration, 0 or more")
+		}
+		c.IdempotencyJoinWait = d
+		return nil
+	}},
 	{"IDEMPOTENCY_MAX_BODY", "8MiB", "largest response stored for replay (larger ones answer retries with 410)", sizeSetting(func(c *Config) *int64 { return &c.IdempotencyMaxBody })},
 	{"BUFFER_MEMORY_LIMIT", "256MiB", "total memory held for idempotency captures, replays and inspected request bodies; past it new keyed requests wait, then get 503", sizeSetting(func(c *Config) *int64 { return &c.BufferMemoryLimit })},
 	{"LOG_RETENTION", "30d", "how long request log rows are kept", durationSetting(func(c *Config) *time.Duration { return &c.LogRetention })},

@@ -46,6 +46,7 @@ func (a *App) sweep(stop context.Context) {
 		run   func() (int64, error)
 	}{
 		{"expired idempotency keys", false, func() (int64, error) { return a.Store.SweepIdempotency(ctx, 1000) }},
+		{"abandoned running responses", true, func() (int64, error) { return a.Store.SweepLive(ctx) }},
 		{"old request log rows", false, func() (int64, error) {
 			return a.Store.SweepRequestLogs(ctx, a.Store.Now().Add(-a.cfg.LogRetention), 5000)
 		}},

@@ -31,6 +31,12 @@ type claims struct {
 
 	mu      sync.Mutex
 	running map[*claim]struct{}
+	// live holds each attempt of this process by key id until its outcome
+	// is stored, for repeats to join (join.go).
+	live map[string]*claim
+	// relay publishes and follows attempts across replicas; nil on a
+	// store only this process uses (SQLite).
+	relay *relay
 }
 
 // claimState is where a claim is in its life: running until exactly one
@@ -51,8 +57,10 @@ type claim struct {
 	headers   map[string]string
 	capture   []byte
 	overflow  bool // the response outgrew IDEMPOTENCY_MAX_BODY or the memory bound
-	stop      chan struct{}
-	stopOnce  sync.Once
+	// feed is the capture as repeats of the request follow it.
+	feed     feed
+	stop     chan struct{}
+	stopOnce sync.Once
 
 	// row is the request's log row as it stood when the key was claimed,
 	// and start its arrival: what a shutdown logs for an attempt it cuts.
@@ -72,9 +80,10 @@ func (s *claims) hold(id, owner string, row models.RequestLog, start time.Time, 
 	cl := &claim{set: s, id: id, owner: owner, stop: make(chan struct{}), row: row, start: start, reserved: reserved}
 	s.mu.Lock()
 	if s.running == nil {
-		s.running = map[*claim]struct{}{}
+		s.running, s.live = map[*claim]struct{}{}, map[string]*claim{}
 	}
 	s.running[cl] = struct{}{}
+	s.live[id] = cl
 	s.mu.Unlock()
 	go cl.renew()
 	return cl
@@ -112,7 +121,7 @@ func (cl *claim) complete(c models.Completion) {
 	s := cl.set
 	s.persist("store idempotency response", func(ctx context.Context) error {
 		return s.store.CompleteIdempotency(ctx, cl.id, cl.owner, c, s.ttl)
-	}, cl.freeCapture)
+	}, cl.stored)
 }
 
 // release gives the key back, so that a retry executes again, unless the
@@ -125,7 +134,31 @@ func (cl *claim) release(reason string) {
 	s.metrics.releasedClaim(reason)
 	s.persist("release idempotency key", func(ctx context.Context) error {
 		return s.store.ReleaseIdempotency(ctx, cl.id, cl.owner, reason, s.ttl)
-	}, cl.freeCapture)
+	}, cl.stored)
+}
+
+// stored runs once the outcome is written (or given up on): new repeats
+// find it in the store from now on, and the capture's memory is given back
+// once the last joiner has read it.
+func (cl *claim) stored() {
+	s := cl.set
+	s.mu.Lock()
+	if s.live[cl.id] == cl {
+		delete(s.live, cl.id)
+	}
+	s.mu.Unlock()
+	cl.feed.whenIdle(cl.freeCapture)
+}
+
+// liveClaim is this process's running attempt for the key id, if its
+// owner is owner.
+func (s *claims) liveClaim(id, owner string) *claim {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if cl := s.live[id]; cl != nil && cl.owner == owner {
+		return cl
+	}
+	return nil
 }
 
 // end stops renewing the lease; the attempt is over.
@@ -143,6 +176,7 @@ func (cl *claim) append(p []byte) {
 		return
 	}
 	cl.capture = append(cl.capture, p...)
+	cl.feed.grew(cl.capture)
 }
 
 // expect sizes the capture for a response of a known length: one exact
@@ -186,6 +220,7 @@ func (cl *claim) grow(need int64, exact bool) bool {
 // attempt still counts as executed, so retries get 410.
 func (cl *claim) drop() {
 	cl.overflow, cl.capture = true, nil
+	cl.feed.ended(feedLost, nil) // joiners have nothing left to follow
 	cl.freeCapture()
 }
 

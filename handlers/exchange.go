@@ -46,7 +46,8 @@ type exchange struct {
 	stream    usage.Stream
 	tail      []byte // last bytes of a JSON body, for usage
 
-	claim      *claim // set when this request holds an Idempotency-Key claim
+	claim      *claim    // set when this request holds an Idempotency-Key claim
+	failure    *APIError // what the client got when the proxy answered with an error
 	caller     access.Caller
 	ask        access.Request // what limits need to know of the request
 	ticket     *access.Ticket // the caller's limits held while forwarding
@@ -89,6 +90,7 @@ func (p *Proxy) newExchange(c *fiber.Ctx) *exchange {
 // reject answers a request the proxy refuses itself, and logs it.
 func (ex *exchange) reject(c *fiber.Ctx, err error) error {
 	apiErr := AsAPIError(err)
+	ex.failure = apiErr
 	ex.status, ex.outcome, ex.errText = apiErr.Status, apiErr.Outcome, apiErr.Code
 	if ex.outcome == "" {
 		ex.outcome = models.OutcomeRejected
@@ -118,6 +120,7 @@ func (ex *exchange) onHeaders(h *fasthttp.ResponseHeader) {
 			}
 		}
 		cl.expect(int64(h.ContentLength()))
+		cl.feed.answered(feedHead{Status: ex.status, Headers: cl.headers, SSE: ex.sse})
 	}
 }
 
@@ -163,11 +166,15 @@ func (ex *exchange) captureOverflow() bool { return ex.claim != nil && ex.claim.
 func (ex *exchange) settleClaim(complete bool, err error) {
 	cl := ex.claim
 	completion := models.Completion{Status: ex.status, Headers: storedHeaders(cl.headers), BodySize: ex.respBytes, Stream: ex.sse}
+	// How the attempt's joiners end: as its client did.
+	end := feedCut
 	switch {
 	case !storable(ex.status) && (complete || cl.overflow):
 		cl.release("upstream_status_" + strconv.Itoa(ex.status))
+		end = feedClean // the client got the whole error answer; so do joiners
 	case cl.overflow:
 		cl.complete(completion) // executed: answer retries with 410, never run it again
+		end = feedLost
 	case !complete:
 		cl.release(releaseReason(err))
 	case ex.sse && !ex.stream.Terminal():
@@ -177,7 +184,9 @@ func (ex *exchange) settleClaim(complete bool, err error) {
 	default:
 		completion.Body, completion.Replayable = cl.capture, true
 		cl.complete(completion)
+		end = feedClean
 	}
+	cl.feed.ended(end, ex.failure)
 }
 
 // finish ends the exchange once: err is nil for a clean end, a

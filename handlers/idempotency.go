@@ -21,6 +21,7 @@ type IdempotencyStore interface {
 	CompleteIdempotency(ctx context.Context, id, owner string, c models.Completion, ttl time.Duration) error
 	ReleaseIdempotency(ctx context.Context, id, owner, reason string, ttl time.Duration) error
 	MarkIdempotencyReplayed(ctx context.Context, id string) error
+	MarkIdempotencyJoined(ctx context.Context, id string) error
 	IdempotencyBodyChunk(ctx context.Context, id string, attempt int, off, n int64) ([]byte, error)
 }
 
@@ -71,46 +72,53 @@ func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
 	defer func() { p.buffers.release(reserved) }() // what no claim or replay took over
 	id := scopeID(ex.rec.Client, key)
 	owner := randomToken()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	claimed, rec, err := p.idem.ClaimIdempotency(ctx, models.ClaimRequest{
-		ID: id, Client: ex.rec.Client, Method: ex.rec.Method, Path: p.out.mask.String(ex.rec.Path), Key: p.out.mask.String(key),
-		Fingerprint: fingerprint, Owner: owner, Stream: ex.rec.Stream,
-		Lease: p.cfg.IdempotencyLease, TTL: p.cfg.IdempotencyTTL,
-	})
-	cancel()
-	switch {
-	case err != nil:
-		p.warnSometimes.Do(func() { p.out.logger.Warn("idempotency store unavailable", "error", err.Error()) })
-		p.out.metrics.idempotencyResult("unavailable")
-		return ex.reject(c, errKeyUnavailable)
-	case claimed:
-		if rec != nil { // displaced a holder whose lease had lapsed
-			p.out.metrics.idempotencyResult("taken_over")
-			p.out.logger.Info("idempotency key taken over after its lease lapsed", "key_id", id)
+	for tries := 0; ; tries++ {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		claimed, rec, err := p.idem.ClaimIdempotency(ctx, models.ClaimRequest{
+			ID: id, Client: ex.rec.Client, Method: ex.rec.Method, Path: p.out.mask.String(ex.rec.Path), Key: p.out.mask.String(key),
+			Fingerprint: fingerprint, Owner: owner, Stream: ex.rec.Stream,
+			Lease: p.cfg.IdempotencyLease, TTL: p.cfg.IdempotencyTTL,
+		})
+		cancel()
+		switch {
+		case err != nil:
+			p.warnSometimes.Do(func() { p.out.logger.Warn("idempotency store unavailable", "error", err.Error()) })
+			p.out.metrics.idempotencyResult("unavailable")
+			return ex.reject(c, errKeyUnavailable)
+		case claimed:
+			if rec != nil { // displaced a holder whose lease had lapsed
+				p.out.metrics.idempotencyResult("taken_over")
+				p.out.logger.Info("idempotency key taken over after its lease lapsed", "key_id", id)
+			}
+			p.out.metrics.idempotencyResult("executed")
+			row := ex.rec
+			p.out.maskRecord(&row) // logged as it is if a shutdown cuts the request
+			ex.claim = p.claims.hold(id, owner, row, ex.start, reserved)
+			reserved = 0
+			return p.forward(c, ex)
+		case rec.Fingerprint != fingerprint:
+			// Checked before the state: a different request with the key is a
+			// client error to correct (422) even while the first one runs; the
+			// draft's 409 means "retry unchanged", which would not help.
+			p.out.metrics.idempotencyResult("mismatch")
+			return ex.reject(c, errKeyMismatch)
+		case rec.State == models.StateCompleted && !rec.Replayable:
+			p.out.metrics.idempotencyResult("gone")
+			return ex.reject(c, errKeyNotStored)
+		case rec.State == models.StateCompleted:
+			p.out.metrics.idempotencyResult("replayed")
+			reserved = 0
+			return p.replay(c, ex, rec, captureStep)
+		case p.cfg.IdempotencyJoinWait > 0 && tries < 3:
+			if joined, err := p.join(c, ex, rec); joined {
+				return err
+			}
+			// The attempt ended as we looked: its record tells the rest.
+		default:
+			p.out.metrics.idempotencyResult("conflict")
+			c.Set(fiber.HeaderRetryAfter, "1")
+			return ex.reject(c, errKeyInProgress)
 		}
-		p.out.metrics.idempotencyResult("executed")
-		row := ex.rec
-		p.out.maskRecord(&row) // logged as it is if a shutdown cuts the request
-		ex.claim = p.claims.hold(id, owner, row, ex.start, reserved)
-		reserved = 0
-		return p.forward(c, ex)
-	case rec.Fingerprint != fingerprint:
-		// Checked before the state: a different request with the key is a
-		// client error to correct (422) even while the first one runs; the
-		// draft's 409 means "retry unchanged", which would not help.
-		p.out.metrics.idempotencyResult("mismatch")
-		return ex.reject(c, errKeyMismatch)
-	case rec.State == models.StateCompleted && !rec.Replayable:
-		p.out.metrics.idempotencyResult("gone")
-		return ex.reject(c, errKeyNotStored)
-	case rec.State == models.StateCompleted:
-		p.out.metrics.idempotencyResult("replayed")
-		reserved = 0
-		return p.replay(c, ex, rec, captureStep)
-	default:
-		p.out.metrics.idempotencyResult("conflict")
-		c.Set(fiber.HeaderRetryAfter, "1")
-		return ex.reject(c, errKeyInProgress)
 	}
 }
 

@@ -50,7 +50,7 @@ type Metrics struct {
 // The label values of proxy_idempotency_total, _released_total (besides
 // upstream_status_NNN) and proxy_upstream_errors_total.
 var (
-	idempotencyResults = []string{"executed", "taken_over", "replayed", "conflict", "mismatch", "invalid", "gone", "unavailable"}
+	idempotencyResults = []string{"executed", "taken_over", "replayed", "joined", "conflict", "mismatch", "invalid", "gone", "unavailable"}
 	releaseReasons     = []string{"incomplete", "stream_incomplete", "upstream_timeout", "upstream_error", "client_gone"}
 	upstreamErrorKinds = []string{"unreachable", "first_byte_timeout", "cut_mid_response"}
 )
@@ -73,7 +73,7 @@ func NewMetrics() *Metrics {
 		upstreamErrors: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "proxy_upstream_errors_total",
 			Help: "Upstream calls that failed: unreachable, timeout, or cut mid-response."}, []string{"kind"}),
 		idempotency: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "proxy_idempotency_total",
-			Help: "Keyed requests by result: executed, taken_over, replayed, conflict, mismatch, invalid, gone, unavailable."}, []string{"result"}),
+			Help: "Keyed requests by result: executed, taken_over, replayed, joined (a repeat that followed the running attempt), conflict, mismatch, invalid, gone, unavailable."}, []string{"result"}),
 		released: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "proxy_idempotency_released_total",
 			Help: "Idempotency claims given back so a retry executes, by reason."}, []string{"reason"}),
 		streams: prometheus.NewGauge(prometheus.GaugeOpts{Name: "proxy_inflight_streams",

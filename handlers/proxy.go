@@ -47,7 +47,11 @@ type ProxyConfig struct {
 	IdempotencyTTL     time.Duration
 	IdempotencyLease   time.Duration
 	IdempotencyMaxBody int64
-	BufferMemoryLimit  int64 // 0: no bound (tests that build a Proxy by hand)
+	// IdempotencyJoinWait bounds how long a repeat of a running keyed
+	// request waits for its answer (streams follow while it runs); 0
+	// answers 409 at once instead of joining.
+	IdempotencyJoinWait time.Duration
+	BufferMemoryLimit   int64 // 0: no bound (tests that build a Proxy by hand)
 }
 
 // LogSink receives one record per request; Record must never block.
@@ -72,6 +76,7 @@ type Proxy struct {
 	background sync.WaitGroup
 	// warnSometimes keeps a database outage from flooding the log.
 	warnSometimes rate.Sometimes
+	stop          context.CancelFunc // ends the relay's listener
 }
 
 // uncountedBody is the size below which a body read whole is not counted
@@ -100,6 +105,11 @@ func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, 
 	p.claims = claims{store: idem, ttl: cfg.IdempotencyTTL, lease: cfg.IdempotencyLease, maxBody: cfg.IdempotencyMaxBody,
 		buffers: p.buffers, metrics: m, logger: logger, sink: sink, background: &p.background, warn: &p.warnSometimes}
 	m.bufferBytes(p.buffers)
+	var ctx context.Context
+	ctx, p.stop = context.WithCancel(context.Background())
+	if live, ok := idem.(LiveStore); ok && live.Shared() && cfg.IdempotencyJoinWait > 0 {
+		p.claims.relay = newRelay(ctx, live, idem, &p.claims)
+	}
 	if p.gate = cfg.Gate; p.gate == nil {
 		p.gate = access.New(context.Background(), access.Options{Env: p.auth.Authenticate})
 	}
@@ -139,6 +149,7 @@ func (p *Proxy) Wait(stop <-chan struct{}) {
 	case <-stop:
 	}
 	p.claims.releaseInFlight()
+	p.stop()
 }
 
 // Handle serves every /v1/* request.
@@ -253,6 +264,7 @@ func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
 	ex.setRateLimitHeaders(&resp.Header)
 	if err != nil {
 		apiErr := p.upstreamError(c, err, ex)
+		ex.failure = apiErr
 		ex.finish(err)
 		return WriteAPIError(c, apiErr)
 	}

@@ -101,7 +101,7 @@ func TestRequestLogRecordsUsageAndOutcomes(t *testing.T) {
 
 func TestRequestLogOfUnreachableUpstreamAndConflict(t *testing.T) {
 	up := apptest.NewUpstream(t)
-	px := apptest.Start(t, up.URL, nil)
+	px := apptest.Start(t, up.URL, map[string]string{"IDEMPOTENCY_JOIN_WAIT": "0"}) // a 409, not a join
 	done := make(chan struct{})
 	go func() {
 		defer close(done)

@@ -42,6 +42,7 @@ type IdempotencyRecord struct {
 	Stream        bool
 	Replayable    bool
 	ReplayCount   int
+	JoinCount     int // repeats that joined a running attempt
 	LastReplayAt  *time.Time
 	Attempts      int
 	ReleaseReason string
@@ -268,7 +269,7 @@ func (s *Store) DeleteIdempotency(ctx context.Context, id string) error {
 // chunks (IdempotencyBodyChunk), so a retry storm on a large record does
 // not load it once per retry.
 const recordColumnsSQL = "id, client, method, path, idem_key, fingerprint, state, owner, locked_until, status, headers, " +
-	"body_size, stream, replayable, replay_count, last_replay_at, attempts, release_reason, created_at, updated_at, expires_at"
+	"body_size, stream, replayable, replay_count, join_count, last_replay_at, attempts, release_reason, created_at, updated_at, expires_at"
 
 // IdempotencyBodyChunk reads n bytes of a completed record's body from
 // offset off. attempt is the record's Attempts as the replay found it: a

@@ -31,7 +31,7 @@ type IdempotencyPage struct {
 // idempotencyListColumns are the columns the list reads: all but body, which
 // can be megabytes per row.
 const idempotencyListColumns = "id, client, method, path, idem_key, fingerprint, state, owner, locked_until, status, headers," +
-	" body_size, stream, replayable, replay_count, last_replay_at, attempts, release_reason, created_at, updated_at, expires_at"
+	" body_size, stream, replayable, replay_count, join_count, last_replay_at, attempts, release_reason, created_at, updated_at, expires_at"
 
 // ListIdempotency pages through idempotency records newest first, by keyset
 // on (created_at, id), the order of idempotency_records_created_at_idx: a

@@ -6,6 +6,7 @@ import "time"
 const (
 	OutcomeProxied             = "proxied"              // forwarded upstream, response delivered
 	OutcomeReplayed            = "replayed"             // answered from a stored idempotency record
+	OutcomeJoined              = "joined"               // a repeat that followed the running attempt of its key
 	OutcomeIdempotencyConflict = "idempotency_conflict" // 409: the same key is still in progress
 	OutcomeIdempotencyMismatch = "idempotency_mismatch" // 422: the key was used for a different request
 	OutcomeIdempotencyInvalid  = "idempotency_invalid"  // 400: malformed Idempotency-Key

@@ -33,6 +33,7 @@ type Store struct {
 	db      *gorm.DB
 	dialect migrations.Dialect
 	now     func() time.Time
+	dsn     string // PostgreSQL's, for the notification listener
 }
 
 // Options select and tune the database.
@@ -104,6 +105,9 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		sqlDB.SetMaxOpenConns(8)
 	}
 	s := &Store{db: db, dialect: dialect, now: utcNow}
+	if dialect == migrations.Postgres {
+		s.dsn = withConnectTimeout(opts.DatabaseURL, cmp.Or(opts.ConnectTimeout, 10*time.Second))
+	}
 	if err := s.Ping(ctx); err != nil {
 		_ = sqlDB.Close()
 		return nil, err

@@ -44,6 +44,7 @@ type keyRow struct {
 	Left                          string // "23h 59m", or "expired"
 	Expired                       bool
 	Replays                       int
+	Joins                         int    // repeats that followed a running attempt
 	LastReplay                    string // "3m ago", or ""
 	Attempts                      int
 	ReleaseReason                 string // why it was released, e.g. "upstream status 500"
@@ -55,7 +56,7 @@ func newKeyRow(r *models.IdempotencyRecord, now time.Time) keyRow {
 		ID: r.ID, Key: r.IdemKey, Client: r.Client, Method: r.Method, Path: r.Path,
 		Status: r.Status, Size: r.BodySize, Stream: r.Stream, Replayable: r.Replayable,
 		Created: r.CreatedAt, Expires: r.ExpiresAt, Left: formatLeft(r.ExpiresAt.Sub(now)),
-		Expired: !r.ExpiresAt.After(now), Replays: r.ReplayCount, Attempts: r.Attempts, ReleaseReason: strings.ReplaceAll(r.ReleaseReason, "_", " "),
+		Expired: !r.ExpiresAt.After(now), Replays: r.ReplayCount, Joins: r.JoinCount, Attempts: r.Attempts, ReleaseReason: strings.ReplaceAll(r.ReleaseReason, "_", " "),
 	}
 	if r.LastReplayAt != nil {
 		row.LastReplay = formatAgo(now, *r.LastReplayAt)

@@ -39,7 +39,7 @@ const datetimeLayout = "2006-01-02T15:04"
 
 // outcomes offered by the filter form.
 var outcomes = []string{
-	models.OutcomeProxied, models.OutcomeReplayed, models.OutcomeIdempotencyConflict,
+	models.OutcomeProxied, models.OutcomeReplayed, models.OutcomeJoined, models.OutcomeIdempotencyConflict,
 	models.OutcomeIdempotencyMismatch, models.OutcomeIdempotencyInvalid, models.OutcomeIdempotencyGone,
 	models.OutcomeIdempotencyDown, models.OutcomeUnauthorized, models.OutcomeRejected,
 	models.OutcomeUpstreamError, models.OutcomeClientCancelled,
