@@ -147,7 +147,10 @@ func (cl *claim) stored() {
 		delete(s.live, cl.id)
 	}
 	s.mu.Unlock()
-	cl.feed.whenIdle(cl.freeCapture)
+	cl.feed.whenIdle(func() {
+		cl.freeCapture()
+		s.countJoins(cl.id, cl.feed.joined())
+	})
 }
 
 // liveClaim is this process's running attempt for the key id, if its

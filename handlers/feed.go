@@ -22,6 +22,7 @@ type feed struct {
 	failure *APIError     // the attempt failed before any response: what its client got
 	wake    chan struct{} // closed at each change; nil while nobody waits
 	readers int
+	joins   int      // repeats that joined, for the record's join_count
 	idle    []func() // run once the feed has ended and its last reader left
 	idled   bool
 }
@@ -100,15 +101,26 @@ func (f *feed) ended(end feedEnd, failure *APIError) {
 }
 
 // join adds a reader; false once the feed is over and forgotten (its
-// record is in the store by then).
-func (f *feed) join() bool {
+// record is in the store by then). joiner counts it as a repeat that
+// joined (the relay's publisher reads the feed too).
+func (f *feed) join(joiner bool) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.idled {
 		return false
 	}
 	f.readers++
+	if joiner {
+		f.joins++
+	}
 	return true
+}
+
+// joined is how many repeats joined; final once the feed is idle.
+func (f *feed) joined() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.joins
 }
 
 // leave removes a reader.

@@ -65,9 +65,12 @@ const (
 func newRelay(ctx context.Context, store LiveStore, idem IdempotencyStore, cl *claims) *relay {
 	r := &relay{ctx: ctx, store: store, idem: idem, claims: cl, buffers: cl.buffers, logger: cl.logger,
 		warn: rate.Sometimes{Interval: time.Second}, mirrors: map[string]*mirror{}, publishing: map[*claim]bool{}}
+	listening := make(chan struct{})
+	var once sync.Once
 	go store.Listen(ctx, models.Listener{
 		Notify: r.notified,
 		Connected: func() {
+			once.Do(func() { close(listening) })
 			r.mu.Lock()
 			for _, m := range r.mirrors {
 				m.wake()
@@ -76,6 +79,13 @@ func newRelay(ctx context.Context, store LiveStore, idem IdempotencyStore, cl *c
 		},
 		Failed: func(err error) { r.warnf("idempotency notifications: reconnecting", err) },
 	})
+	// Serve once this replica hears join requests, so one that arrives
+	// just after start is not missed; a database that is slow to answer
+	// only delays it (followers ask again).
+	select {
+	case <-listening:
+	case <-time.After(2 * time.Second):
+	}
 	return r
 }
 
@@ -123,7 +133,7 @@ func (r *relay) publish(cl *claim) {
 		r.mu.Unlock()
 	}()
 	f := &cl.feed
-	if !f.join() {
+	if !f.join(false) {
 		return // over and stored: followers find the record
 	}
 	left := false
@@ -202,6 +212,10 @@ type mirror struct {
 	attempts  int
 	poke      chan struct{}
 	reserved  int64 // of BUFFER_MEMORY_LIMIT, for the body
+	// over counts checks that found the attempt released or its lease
+	// lapsed: the holder settles the record before it publishes the end,
+	// so the first such finding waits for the end row one round more.
+	over int
 }
 
 func (m *mirror) wake() {
@@ -221,7 +235,7 @@ func (r *relay) follow(rec *models.IdempotencyRecord) (*feed, func()) {
 		go r.mirror(m)
 	}
 	r.mu.Unlock()
-	if !m.feed.join() {
+	if !m.feed.join(true) {
 		return nil, nil
 	}
 	return &m.feed, m.feed.leave
@@ -235,17 +249,22 @@ func (r *relay) mirror(m *mirror) {
 			delete(r.mirrors, m.id)
 		}
 		r.mu.Unlock()
-		m.feed.whenIdle(func() { r.buffers.release(m.reserved) })
+		m.feed.whenIdle(func() {
+			r.buffers.release(m.reserved)
+			r.claims.countJoins(m.id, m.feed.joined())
+		})
 	}()
 	call := func(fn func(ctx context.Context) error) error {
 		ctx, cancel := context.WithTimeout(r.ctx, 5*time.Second)
 		defer cancel()
 		return fn(ctx)
 	}
-	off, asked, checked := 0, time.Time{}, time.Now()
+	off, asked, checked, asks := 0, time.Time{}, time.Now(), 0
 	for {
-		if time.Since(asked) >= checkEvery {
-			asked = time.Now()
+		// Ask at once, again soon (a holder whose listener was
+		// reconnecting), then every checkEvery while nothing comes.
+		if time.Since(asked) >= min(checkEvery, time.Duration(asks)*pollEvery) {
+			asked, asks = time.Now(), asks+1
 			if err := call(func(ctx context.Context) error { return r.store.AskToPublish(ctx, m.id) }); err != nil {
 				r.warnf("ask to publish a running response", err)
 			}
@@ -325,6 +344,9 @@ func (r *relay) settled(m *mirror, off *int) bool {
 		r.finishFromRecord(m, &st.IdempotencyRecord, off)
 		return true
 	case st.State == models.StateReleased || st.Lapsed:
+		if m.over++; m.over < 2 {
+			return false
+		}
 		m.feed.ended(feedCut, nil)
 		return true
 	}

@@ -21,7 +21,7 @@ type IdempotencyStore interface {
 	CompleteIdempotency(ctx context.Context, id, owner string, c models.Completion, ttl time.Duration) error
 	ReleaseIdempotency(ctx context.Context, id, owner, reason string, ttl time.Duration) error
 	MarkIdempotencyReplayed(ctx context.Context, id string) error
-	MarkIdempotencyJoined(ctx context.Context, id string) error
+	MarkIdempotencyJoined(ctx context.Context, id string, n int) error
 	IdempotencyBodyChunk(ctx context.Context, id string, attempt int, off, n int64) ([]byte, error)
 }
 

@@ -342,7 +342,10 @@ func TestUpstreamResponseHeaders(t *testing.T) {
 // without it, stores it, and the retry is a replay.
 func TestStalledReaderReleasesItsKey(t *testing.T) {
 	up := apptest.NewUpstream(t)
-	px := apptest.Start(t, up.URL, map[string]string{"UPSTREAM_TIMEOUT": "2s", "UPSTREAM_FIRST_BYTE_TIMEOUT": "2s", "IDEMPOTENCY_MAX_BODY": "64MiB"})
+	// Strict mode: the retries poll for the stored record rather than join
+	// the stretched attempt under a 2 s UPSTREAM_TIMEOUT of their own.
+	px := apptest.Start(t, up.URL, map[string]string{"UPSTREAM_TIMEOUT": "2s", "UPSTREAM_FIRST_BYTE_TIMEOUT": "2s", "IDEMPOTENCY_MAX_BODY": "64MiB",
+		"IDEMPOTENCY_JOIN_WAIT": "0"})
 	// 40 events of 256 KiB: far more than the sockets buffer, sent at once.
 	body := `{"model":"gpt-4o-mini","stream":true}`
 	apptest.StalledClient(t, px.URL, apptest.ClientKey, "stalled-reader", body, "X-Test-Events: 40", "X-Test-Pad-Kib: 256")

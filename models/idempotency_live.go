@@ -115,10 +115,10 @@ func (s *Store) IdempotencyAttempt(ctx context.Context, id string) (AttemptState
 	return row, nil
 }
 
-// MarkIdempotencyJoined counts one repeat that joined a running attempt.
-func (s *Store) MarkIdempotencyJoined(ctx context.Context, id string) error {
+// MarkIdempotencyJoined counts n repeats that joined a running attempt.
+func (s *Store) MarkIdempotencyJoined(ctx context.Context, id string, n int) error {
 	err := s.db.WithContext(ctx).Model(&IdempotencyRecord{}).Where("id = ?", id).
-		Update("join_count", gorm.Expr("join_count + 1")).Error
+		Update("join_count", gorm.Expr("join_count + ?", n)).Error
 	if err != nil {
 		return fmt.Errorf("models: count idempotency join: %w", err)
 	}
