@@ -77,18 +77,11 @@ type ClaimRequest struct {
 func (s *Store) ClaimIdempotency(ctx context.Context, r ClaimRequest) (claimed bool, existing *IdempotencyRecord, err error) {
 	free, lapsed := s.claimConditions(r.Fingerprint)
 	for range 3 {
-		now := s.sqlNow(0)
-		res := s.db.WithContext(ctx).Model(&IdempotencyRecord{}).Clauses(clause.OnConflict{DoNothing: true}).
-			Create(map[string]any{
-				"id": r.ID, "client": r.Client, "method": r.Method, "path": r.Path, "idem_key": r.Key,
-				"fingerprint": r.Fingerprint, "state": StateInProgress, "owner": r.Owner,
-				"locked_until": s.sqlNow(r.Lease), "headers": "{}", "stream": r.Stream, "replayable": true,
-				"attempts": 1, "created_at": now, "updated_at": now, "expires_at": s.sqlNow(r.TTL),
-			})
-		if res.Error != nil {
-			return false, nil, fmt.Errorf("models: claim idempotency key: %w", res.Error)
+		inserted, insertErr := s.insertClaim(ctx, r)
+		if insertErr != nil {
+			return false, nil, fmt.Errorf("models: claim idempotency key: %w", insertErr)
 		}
-		if res.RowsAffected == 1 {
+		if inserted {
 			return true, nil, nil
 		}
 		// The row exists: read it with the database's judgement of it, and
@@ -195,14 +188,14 @@ type Completion struct {
 
 // CompleteIdempotency stores the attempt's response. The TTL runs from now.
 func (s *Store) CompleteIdempotency(ctx context.Context, id, owner string, c Completion, ttl time.Duration) error {
-	res := s.db.WithContext(ctx).Model(&IdempotencyRecord{}).
-		Where("id = ? AND owner = ? AND state = ?", id, owner, StateInProgress).
-		Updates(map[string]any{
-			"state": StateCompleted, "owner": "", "status": c.Status, "headers": c.Headers,
-			"body": c.Body, "body_size": c.BodySize, "stream": c.Stream, "replayable": c.Replayable,
-			"release_reason": "", "updated_at": s.sqlNow(0), "expires_at": s.sqlNow(ttl),
-		})
-	return leaseResult(res, "complete idempotency key")
+	n, err := s.updateCompletion(ctx, id, owner, c, ttl)
+	if err != nil {
+		return fmt.Errorf("models: complete idempotency key: %w", err)
+	}
+	if n != 1 {
+		return ErrLeaseLost
+	}
+	return nil
 }
 
 // ReleaseIdempotency gives the key back after a retryable failure, so the

@@ -4,14 +4,11 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 	"unicode/utf8"
-
-	"gorm.io/gorm"
 )
 
 // LogWriterOptions tune a LogWriter. Zero values select the defaults.
@@ -225,35 +222,11 @@ func (w *LogWriter) writeOnce(batch []RequestLog) error {
 	return w.store.insertRequestLogs(ctx, batch)
 }
 
-// rowsPerStatement bounds the rows of one INSERT. Far below the bind
-// variable limits (SQLite 32766, PostgreSQL 65535), because the SQLite
+// rowsPerStatement bounds the rows of one roll-up upsert. Far below the
+// bind variable limits (SQLite 32766, PostgreSQL 65535), because the SQLite
 // driver matches each parameter by a linear search of all arguments:
 // binding costs grow with the square of the parameters per statement.
 const rowsPerStatement = 100
-
-// insertRequestLogs writes a batch and its roll-ups in one transaction, so
-// the roll-ups always equal the sums of the raw rows.
-func (s *Store) insertRequestLogs(ctx context.Context, batch []RequestLog) error {
-	// A failed earlier attempt may have filled in IDs from RETURNING; GORM
-	// would then insert those IDs explicitly.
-	for i := range batch {
-		batch[i].ID = 0
-	}
-	rollups := aggregateRollups(batch)
-	err := s.db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
-		// Chunks share batch's array, so GORM fills in the IDs in place.
-		for chunk := range slices.Chunk(batch, rowsPerStatement) {
-			if err := tx.Create(chunk).Error; err != nil {
-				return err
-			}
-		}
-		return upsertRollups(tx, rollups)
-	})
-	if err != nil {
-		return fmt.Errorf("models: write request logs: %w", err)
-	}
-	return nil
-}
 
 // maxTextBytes caps each text field of a record, so one huge header or
 // error message cannot fill memory or disk.
