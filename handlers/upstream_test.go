@@ -343,14 +343,16 @@ func TestUpstreamResponseHeaders(t *testing.T) {
 func TestStalledReaderReleasesItsKey(t *testing.T) {
 	up := apptest.NewUpstream(t)
 	// Strict mode: the retries poll for the stored record rather than join
-	// the stretched attempt under a 2 s UPSTREAM_TIMEOUT of their own.
-	px := apptest.Start(t, up.URL, map[string]string{"UPSTREAM_TIMEOUT": "2s", "UPSTREAM_FIRST_BYTE_TIMEOUT": "2s", "IDEMPOTENCY_MAX_BODY": "64MiB",
+	// the stretched attempt under an UPSTREAM_TIMEOUT of their own. The
+	// timeout also bounds the delivery of the 10 MiB replay, which under
+	// -race on a loaded machine took more than 2 s.
+	px := apptest.Start(t, up.URL, map[string]string{"UPSTREAM_TIMEOUT": "5s", "UPSTREAM_FIRST_BYTE_TIMEOUT": "2s", "IDEMPOTENCY_MAX_BODY": "64MiB",
 		"IDEMPOTENCY_JOIN_WAIT": "0"})
 	// 40 events of 256 KiB: far more than the sockets buffer, sent at once.
 	body := `{"model":"gpt-4o-mini","stream":true}`
 	apptest.StalledClient(t, px.URL, apptest.ClientKey, "stalled-reader", body, "X-Test-Events: 40", "X-Test-Pad-Kib: 256")
 	var retry result
-	apptest.Eventually(t, 15*time.Second, func() bool {
+	apptest.Eventually(t, 20*time.Second, func() bool {
 		retry = keyed(t, px.URL+"/v1/chat/completions", apptest.ClientKey, "stalled-reader", body, nil)
 		return retry.status == 200
 	}, "the key of a stalled reader was not settled")
