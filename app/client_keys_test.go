@@ -95,7 +95,18 @@ type callResult struct {
 
 func call(t *testing.T, in *apptest.Instance, key, body string, headers ...string) callResult {
 	t.Helper()
-	req, _ := http.NewRequest("POST", in.URL+"/v1/chat/completions", strings.NewReader(body))
+	return callSteered(t, in, "", key, body, headers...)
+}
+
+// callSteered is call with a query that steers the fake upstream
+// ("test_delay_ms=20").
+func callSteered(t *testing.T, in *apptest.Instance, query, key, body string, headers ...string) callResult {
+	t.Helper()
+	target := in.URL + "/v1/chat/completions"
+	if query != "" {
+		target += "?" + query
+	}
+	req, _ := http.NewRequest("POST", target, strings.NewReader(body))
 	req.Header.Set("Authorization", "Bearer "+key)
 	req.Header.Set("Content-Type", "application/json")
 	for i := 0; i+1 < len(headers); i += 2 {
@@ -146,7 +157,7 @@ func TestBudgetHoldsAcrossReplicas(t *testing.T) {
 				if i%2 == 1 {
 					in = p.b
 				}
-				r := call(t, in, k.Key, chatMini, "X-Test-Delay-Ms", "20")
+				r := callSteered(t, in, "test_delay_ms=20", k.Key, chatMini)
 				switch {
 				case r.status == 200:
 					ok.Add(1)
@@ -187,7 +198,7 @@ func TestBudgetHoldsAcrossReplicas(t *testing.T) {
 func TestRPMHoldsAcrossReplicas(t *testing.T) {
 	eachDatabase(t, nil, func(t *testing.T, p pair) {
 		k := createKey(t, p.a, `{"name":"paced","rpm":60}`)
-		apptest.Eventually(t, 2*time.Second, func() bool { return call(t, p.b, k.Key, `{"model":"none"}`, "X-Test-Status", "418").status != 401 },
+		apptest.Eventually(t, 2*time.Second, func() bool { return callSteered(t, p.b, "test_status=418", k.Key, `{"model":"none"}`).status != 401 },
 			"instance B never learnt the new key")
 		// That probe took one request already.
 		start := time.Now()

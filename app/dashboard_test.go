@@ -732,11 +732,10 @@ var latencyTileRe = regexp.MustCompile(`<dd class="big">([^<]*) <small>p50</smal
 func TestDashboardReleasedKeyAndStatusFilter(t *testing.T) {
 	up := apptest.NewUpstream(t)
 	px := apptest.Start(t, up.URL, map[string]string{"ADMIN_PASSWORD": adminPassword})
-	req, _ := http.NewRequest("POST", px.URL+"/v1/chat/completions", strings.NewReader(`{"model":"gpt-4o-mini"}`))
+	req, _ := http.NewRequest("POST", px.URL+"/v1/chat/completions?test_status=500", strings.NewReader(`{"model":"gpt-4o-mini"}`))
 	req.Header.Set("Authorization", "Bearer "+apptest.ClientKey)
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Idempotency-Key", "released-by-500")
-	req.Header.Set("X-Test-Status", "500")
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
@@ -779,9 +778,9 @@ func TestDashboardBannerWhenUpstreamRefusesTheKey(t *testing.T) {
 	if page := b.page("/dashboard"); strings.Contains(page, banner) {
 		t.Fatal("banner shown before any refusal")
 	}
-	req, _ := http.NewRequest("POST", px.URL+"/v1/chat/completions", strings.NewReader(`{"model":"m"}`))
+	// The upstream answers 401 invalid_api_key.
+	req, _ := http.NewRequest("POST", px.URL+"/v1/chat/completions?test_echo_auth=1", strings.NewReader(`{"model":"m"}`))
 	req.Header.Set("Authorization", "Bearer "+apptest.ClientKey)
-	req.Header.Set("X-Test-Echo-Auth", "1") // the upstream answers 401 invalid_api_key
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)

@@ -138,22 +138,22 @@ func runAuditSession(t *testing.T, rec *recorder, px *apptest.Instance, up *appt
 	rec.do(t, "POST", base+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chat), with("Idempotency-Key", "audit-1"))
 	rec.do(t, "POST", base+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chat), with("Idempotency-Key", "audit-1"))
 	rec.do(t, "POST", base+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(`{"other":1}`), with("Idempotency-Key", "audit-1"))
-	rec.do(t, "POST", base+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(stream), with("Idempotency-Key", "audit-2", "X-Test-Status", "500"))
-	rec.do(t, "POST", base+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chat), with("X-Test-Echo-Auth", "1"))
-	rec.do(t, "POST", base+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chat), with("X-Test-Echo-Auth", "1", "Idempotency-Key", "audit-echo"))
+	rec.do(t, "POST", base+"/v1/chat/completions?test_status=500", apptest.ClientKey, strings.NewReader(stream), with("Idempotency-Key", "audit-2"))
+	rec.do(t, "POST", base+"/v1/chat/completions?test_echo_auth=1", apptest.ClientKey, strings.NewReader(chat), js)
+	rec.do(t, "POST", base+"/v1/chat/completions?test_echo_auth=1", apptest.ClientKey, strings.NewReader(chat), with("Idempotency-Key", "audit-echo"))
 	// An upstream that echoes our key in headers, the request id and 200
 	// bodies: JSON and SSE (the key split across reads), plain and gzip,
 	// first answers and their replays.
 	for _, body := range []string{chat, stream} {
 		for _, gz := range []string{"", "1"} {
-			hdr := with("X-Test-Echo-All", "1", "X-Test-Gzip", gz)
-			if status, got := rec.do(t, "POST", base+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(body), hdr); status != 200 || !strings.Contains(got, "you sent Bearer ****") && !strings.Contains(got, `"0 Bearer ****`) {
+			echoAll := base + "/v1/chat/completions?test_echo_all=1&test_gzip=" + gz
+			if status, got := rec.do(t, "POST", echoAll, apptest.ClientKey, strings.NewReader(body), js); status != 200 || !strings.Contains(got, "you sent Bearer ****") && !strings.Contains(got, `"0 Bearer ****`) {
 				t.Fatalf("echo-all (gzip %q): %d %s", gz, status, got)
 			}
 			key := fmt.Sprintf("audit-echo-all-%d%s", len(body), gz)
-			hdr = with("X-Test-Echo-All", "1", "X-Test-Gzip", gz, "Idempotency-Key", key)
-			first, _ := rec.do(t, "POST", base+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(body), hdr)
-			again, _ := rec.do(t, "POST", base+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(body), hdr)
+			hdr := with("Idempotency-Key", key)
+			first, _ := rec.do(t, "POST", echoAll, apptest.ClientKey, strings.NewReader(body), hdr)
+			again, _ := rec.do(t, "POST", echoAll, apptest.ClientKey, strings.NewReader(body), hdr)
 			if first != 200 || again != 200 {
 				t.Fatalf("echo-all keyed (gzip %q): %d then %d", gz, first, again)
 			}
@@ -172,7 +172,7 @@ func runAuditSession(t *testing.T, rec *recorder, px *apptest.Instance, up *appt
 	if status, _ := rec.do(t, "GET", base+"/v1/models", apptest.ClientKey, nil, with("Idempotency-Key", "x")); status != 200 {
 		t.Fatalf("models: %d", status)
 	}
-	if status, body := rec.do(t, "POST", base+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chat), with("X-Test-Echo-Auth", "1")); status != 401 || !strings.Contains(body, "Bearer ****") {
+	if status, body := rec.do(t, "POST", base+"/v1/chat/completions?test_echo_auth=1", apptest.ClientKey, strings.NewReader(chat), js); status != 401 || !strings.Contains(body, "Bearer ****") {
 		t.Fatalf("echoing upstream: %d %s", status, body)
 	}
 

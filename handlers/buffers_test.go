@@ -53,14 +53,15 @@ func TestBufferMemoryLimit(t *testing.T) {
 		}
 	}()
 	// Six streams of about 3 MiB (48 events of 64 KiB), 18 MiB in all.
-	hdr := map[string]string{"X-Test-Events": "48", "X-Test-Pad-Kib": "64", "X-Test-Interval-Ms": "5"}
+	steer := "test_events=48&test_pad_kib=64&test_interval_ms=5"
+	url := px.URL + "/v1/chat/completions?" + steer
 	var wg sync.WaitGroup
 	results := make([]result, 6)
 	for i := range results {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			results[i] = keyed(t, px.URL+"/v1/chat/completions", apptest.ClientKey, fmt.Sprintf("budget-%d", i), streamBody, hdr)
+			results[i] = keyed(t, url, apptest.ClientKey, fmt.Sprintf("budget-%d", i), streamBody, nil)
 		}()
 	}
 	wg.Wait()
@@ -70,10 +71,10 @@ func TestBufferMemoryLimit(t *testing.T) {
 		}
 	}
 	// Ten clients stall on the replay of a 3 MiB record.
-	stored := keyed(t, px.URL+"/v1/chat/completions", apptest.ClientKey, "budget-replayed", streamBody, hdr)
+	stored := keyed(t, url, apptest.ClientKey, "budget-replayed", streamBody, nil)
 	var first result
 	apptest.Eventually(t, 10*time.Second, func() bool {
-		first = keyed(t, px.URL+"/v1/chat/completions", apptest.ClientKey, "budget-replayed", streamBody, hdr)
+		first = keyed(t, url, apptest.ClientKey, "budget-replayed", streamBody, nil)
 		return first.status != http.StatusConflict
 	}, "the record stayed in progress")
 	if first.status != 200 || !first.replayed || first.sha() != stored.sha() {
@@ -81,7 +82,7 @@ func TestBufferMemoryLimit(t *testing.T) {
 	}
 	var conns []net.Conn
 	for range 10 {
-		conns = append(conns, apptest.StalledClient(t, px.URL, apptest.ClientKey, "budget-replayed", streamBody))
+		conns = append(conns, apptest.StalledClient(t, px.URL, apptest.ClientKey, "budget-replayed", streamBody, steer))
 	}
 	held := bufferBytes(t, px)
 	t.Logf("10 stalled replays of a %d KiB record hold %d KiB", len(stored.body)>>10, held>>10)
@@ -107,7 +108,7 @@ func TestKeyedRequestsWaitThenGet503AtTheMemoryLimit(t *testing.T) {
 	px := apptest.Start(t, up.URL, map[string]string{"BUFFER_MEMORY_LIMIT": "256KiB", "IDEMPOTENCY_MAX_BODY": "256KiB"})
 	held := make(chan result, 1)
 	go func() {
-		held <- keyed(t, px.URL+"/v1/chat/completions", apptest.ClientKey, "holds-the-budget", chatBody, map[string]string{"X-Test-Block": "1"})
+		held <- keyed(t, px.URL+"/v1/chat/completions?test_block=1", apptest.ClientKey, "holds-the-budget", chatBody, nil)
 	}()
 	waitForCalls(t, up, 1)
 	r := keyed(t, px.URL+"/v1/chat/completions", apptest.ClientKey, "finds-no-memory", chatBody, nil)

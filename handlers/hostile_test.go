@@ -59,8 +59,8 @@ func TestHostileRequests(t *testing.T) {
 	host := strings.TrimPrefix(px.URL, "http://")
 
 	t.Run("a second Authorization never reaches upstream", func(t *testing.T) {
-		resp, body := sendRaw(t, px.URL, "POST /v1/echo HTTP/1.1\r\nHost: "+host+"\r\nAuthorization: Bearer "+apptest.ClientKey+
-			"\r\nAuthorization: Bearer "+apptest.ClientKey2+"\r\nX-Test-Id: two-auth\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}", false)
+		resp, body := sendRaw(t, px.URL, "POST /v1/echo?test_id=two-auth HTTP/1.1\r\nHost: "+host+"\r\nAuthorization: Bearer "+apptest.ClientKey+
+			"\r\nAuthorization: Bearer "+apptest.ClientKey2+"\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}", false)
 		if resp.StatusCode != 200 {
 			t.Fatalf("%d %s", resp.StatusCode, body)
 		}

@@ -67,9 +67,8 @@ func TestIdempotentReplayIsByteIdentical(t *testing.T) {
 			}
 		})
 		t.Run("sse", func(t *testing.T) {
-			hdr := map[string]string{"X-Test-Events": "20"}
-			first := keyed(t, url, apptest.ClientKey, "sse-1", streamBody, hdr)
-			second := keyed(t, url, apptest.ClientKey, "sse-1", streamBody, hdr)
+			first := keyed(t, url+"?test_events=20", apptest.ClientKey, "sse-1", streamBody, nil)
+			second := keyed(t, url+"?test_events=20", apptest.ClientKey, "sse-1", streamBody, nil)
 			if first.status != 200 || !bytes.Contains(first.body, []byte("data: [DONE]")) {
 				t.Fatalf("first: %d %s", first.status, first.body)
 			}
@@ -96,17 +95,17 @@ func TestIncompleteStreamsAreNeverReplayed(t *testing.T) {
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, env)
 		url := px.URL + "/v1/chat/completions"
-		for _, tc := range []struct {
-			name string
-			hdr  map[string]string
-		}{
-			{"no terminal event", map[string]string{"X-Test-No-Done": "1"}},
-			{"connection dropped", map[string]string{"X-Test-Cut-After": "2", "X-Test-Events": "5"}},
+		for _, tc := range []struct{ name, fault string }{
+			{"no terminal event", "test_no_done=1"},
+			{"connection dropped", "test_cut_after=2&test_events=5"},
 		} {
 			t.Run(tc.name, func(t *testing.T) {
 				key := "cut-" + strings.ReplaceAll(tc.name, " ", "-")
+				// The fault hits the first attempt only: the retry repeats
+				// the query, part of the request's fingerprint.
+				url := url + "?test_once=1&test_id=" + key + "&" + tc.fault
 				before := up.Calls()
-				keyedStreamIgnoringErrors(t, url, key, tc.hdr)
+				keyedStreamIgnoringErrors(t, url, key)
 				// The retry, without the fault, executes and is stored.
 				retry := keyed(t, url, apptest.ClientKey, key, streamBody, nil)
 				if retry.replayed || retry.status != 200 || !bytes.Contains(retry.body, []byte("[DONE]")) {
@@ -124,9 +123,9 @@ func TestIncompleteStreamsAreNeverReplayed(t *testing.T) {
 }
 
 // keyedStreamIgnoringErrors reads a keyed stream to whatever end it has.
-func keyedStreamIgnoringErrors(t *testing.T, url, key string, hdr map[string]string) {
+func keyedStreamIgnoringErrors(t *testing.T, url, key string) {
 	t.Helper()
-	req := chatRequest(t, url, streamBody, hdr)
+	req := chatRequest(t, url, streamBody, nil)
 	req.Header.Set("Idempotency-Key", key)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -159,9 +158,10 @@ func TestKeyMismatchIsRejected(t *testing.T) {
 			})
 		}
 		// The conflict path: the key is in progress and the body differs.
+		url += "?test_block=1"
 		done := make(chan result)
 		go func() {
-			done <- keyed(t, url, apptest.ClientKey, "k-2", chatBody, map[string]string{"X-Test-Block": "1"})
+			done <- keyed(t, url, apptest.ClientKey, "k-2", chatBody, nil)
 		}()
 		waitForCalls(t, up, 2)
 		resp, b := do(t, "POST", url, apptest.ClientKey, strings.NewReader(`{"model":"other"}`),
@@ -278,7 +278,9 @@ func TestRetryableFailuresAreReleased(t *testing.T) {
 		url := px.URL + "/v1/chat/completions"
 		for _, status := range []string{"500", "429", "503", "401"} {
 			key := "fail-" + status
-			r := keyed(t, url, apptest.ClientKey, key, chatBody, map[string]string{"X-Test-Status": status})
+			// Only the first attempt fails; the retry repeats the query.
+			url := url + "?test_once=1&test_id=" + key + "&test_status=" + status
+			r := keyed(t, url, apptest.ClientKey, key, chatBody, nil)
 			if fmt.Sprint(r.status) != status {
 				t.Fatalf("status %d, want %s", r.status, status)
 			}
@@ -292,8 +294,8 @@ func TestRetryableFailuresAreReleased(t *testing.T) {
 			}
 		}
 		// A deterministic 4xx is stored and replayed.
-		r := keyed(t, url, apptest.ClientKey, "bad-request", chatBody, map[string]string{"X-Test-Status": "400"})
-		again := keyed(t, url, apptest.ClientKey, "bad-request", chatBody, nil)
+		r := keyed(t, url+"?test_status=400", apptest.ClientKey, "bad-request", chatBody, nil)
+		again := keyed(t, url+"?test_status=400", apptest.ClientKey, "bad-request", chatBody, nil)
 		if r.status != 400 || again.status != 400 || !again.replayed || again.sha() != r.sha() {
 			t.Fatalf("400 not replayed: %d %d %v", r.status, again.status, again.replayed)
 		}
@@ -317,10 +319,9 @@ func TestKeyedStreamRunsToTheEndWithoutItsClient(t *testing.T) {
 	apptest.EachDB(t, nil, func(t *testing.T, env map[string]string) {
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, env)
-		url := px.URL + "/v1/chat/completions"
-		hdr := map[string]string{"X-Test-Events": "30", "X-Test-Interval-Ms": "20"}
+		url := px.URL + "/v1/chat/completions?test_events=30&test_interval_ms=20"
 
-		req := chatRequest(t, url, streamBody, hdr)
+		req := chatRequest(t, url, streamBody, nil)
 		req.Header.Set("Idempotency-Key", "gone-1")
 		abandonAfterEvents(t, req, 2) // the client gives up after two events
 
@@ -335,7 +336,7 @@ func TestKeyedStreamRunsToTheEndWithoutItsClient(t *testing.T) {
 		// The retry replays the whole stream once it is stored.
 		var retry result
 		apptest.Eventually(t, 10*time.Second, func() bool {
-			retry = keyed(t, url, apptest.ClientKey, "gone-1", streamBody, hdr)
+			retry = keyed(t, url, apptest.ClientKey, "gone-1", streamBody, nil)
 			return retry.status != 409
 		}, "retry: still 409, the stream was never stored")
 		if !retry.replayed || !bytes.Contains(retry.body, []byte("tok29")) || !bytes.HasSuffix(retry.body, []byte("data: [DONE]\n\n")) {
@@ -369,11 +370,10 @@ func TestExactlyOnceAcrossTwoInstances(t *testing.T) {
 				if i%2 == 1 {
 					target = b.URL
 				}
-				req, _ := http.NewRequest("POST", target+"/v1/chat/completions", strings.NewReader(chatBody))
+				req, _ := http.NewRequest("POST", target+"/v1/chat/completions?test_delay_ms=30", strings.NewReader(chatBody))
 				req.Header.Set("Authorization", "Bearer "+apptest.ClientKey)
 				req.Header.Set("Content-Type", "application/json")
 				req.Header.Set("Idempotency-Key", key)
-				req.Header.Set("X-Test-Delay-Ms", "30")
 				<-start
 				resp, err := client.Do(req)
 				if err != nil {
@@ -422,7 +422,8 @@ func TestLeaseTakeoverAfterHolderCrash(t *testing.T) {
 	env := map[string]string{"DATABASE_URL": dbURL, "IDEMPOTENCY_LEASE": "2s", "IDEMPOTENCY_JOIN_WAIT": "0"}
 	holder := apptest.Start(t, up.URL, env)
 	other := apptest.Start(t, up.URL, env)
-	url := "/v1/chat/completions"
+	// The holder's call blocks; the takeover's, a second call, does not.
+	url := "/v1/chat/completions?test_block=1&test_once=1&test_id=crash-1"
 
 	go func() {
 		// The holder's client gets no answer: the holder dies mid-request.
@@ -432,7 +433,6 @@ func TestLeaseTakeoverAfterHolderCrash(t *testing.T) {
 		req.Header.Set("Authorization", "Bearer "+apptest.ClientKey)
 		req.Header.Set("Content-Type", "application/json")
 		req.Header.Set("Idempotency-Key", "crash-1")
-		req.Header.Set("X-Test-Block", "1")
 		if resp, err := http.DefaultClient.Do(req); err == nil {
 			resp.Body.Close()
 		}
@@ -512,12 +512,12 @@ func TestResponsesTooLargeToStoreAreNeverRunTwice(t *testing.T) {
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, env)
 		url := px.URL + "/v1/chat/completions"
-		hdr := map[string]string{"X-Test-Events": "100"} // ~17 KiB of SSE
-		first := keyed(t, url, apptest.ClientKey, "huge-1", streamBody, hdr)
+		huge := url + "?test_events=100" // ~17 KiB of SSE
+		first := keyed(t, huge, apptest.ClientKey, "huge-1", streamBody, nil)
 		if first.status != 200 || !bytes.HasSuffix(first.body, []byte("data: [DONE]\n\n")) || len(first.body) < 4<<10 {
 			t.Fatalf("first client: %d, %d bytes", first.status, len(first.body))
 		}
-		retry := keyed(t, url, apptest.ClientKey, "huge-1", streamBody, hdr)
+		retry := keyed(t, huge, apptest.ClientKey, "huge-1", streamBody, nil)
 		if retry.status != 410 || !strings.Contains(string(retry.body), "idempotency_response_not_stored") {
 			t.Fatalf("retry: %d %s", retry.status, retry.body)
 		}
@@ -543,10 +543,10 @@ func TestOutageDuringAKeyedRequest(t *testing.T) {
 	dbURL, fwd := testdb.ThroughForwarder(t, testdb.PostgresURL(t))
 	up := apptest.NewUpstream(t)
 	px := apptest.Start(t, up.URL, map[string]string{"DATABASE_URL": dbURL})
-	url := px.URL + "/v1/chat/completions"
+	url := px.URL + "/v1/chat/completions?test_block=1"
 	done := make(chan result)
 	go func() {
-		done <- keyed(t, url, apptest.ClientKey, "outage-1", chatBody, map[string]string{"X-Test-Block": "1"})
+		done <- keyed(t, url, apptest.ClientKey, "outage-1", chatBody, nil)
 	}()
 	waitForCalls(t, up, 1)
 	fwd.Down()
@@ -579,10 +579,9 @@ func TestShortTTLNeverRunsARunningCallTwice(t *testing.T) {
 		env["IDEMPOTENCY_TTL"] = "1s"
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, env)
-		url := px.URL + "/v1/chat/completions"
-		hdr := map[string]string{"X-Test-Events": "30", "X-Test-Interval-Ms": "100"} // about 3 s
+		url := px.URL + "/v1/chat/completions?test_events=30&test_interval_ms=100" // about 3 s
 
-		req := chatRequest(t, url, streamBody, hdr)
+		req := chatRequest(t, url, streamBody, nil)
 		req.Header.Set("Idempotency-Key", "short-ttl")
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
@@ -603,7 +602,7 @@ func TestShortTTLNeverRunsARunningCallTwice(t *testing.T) {
 			}
 		}
 		// The retry joins the running call: the whole stream, not executed.
-		retry := keyed(t, url, apptest.ClientKey, "short-ttl", streamBody, hdr)
+		retry := keyed(t, url, apptest.ClientKey, "short-ttl", streamBody, nil)
 		if retry.status != 200 || !retry.replayed {
 			t.Errorf("retry past the TTL of a running call: %d replayed=%v, want it joined", retry.status, retry.replayed)
 		}
@@ -616,7 +615,7 @@ func TestShortTTLNeverRunsARunningCallTwice(t *testing.T) {
 			t.Fatal(err)
 		}
 		first.Write(rest)
-		if again := keyed(t, url, apptest.ClientKey, "short-ttl", streamBody, hdr); !again.replayed || again.sha() != sha256.Sum256(first.Bytes()) {
+		if again := keyed(t, url, apptest.ClientKey, "short-ttl", streamBody, nil); !again.replayed || again.sha() != sha256.Sum256(first.Bytes()) {
 			t.Errorf("after the end: %d replayed=%v", again.status, again.replayed)
 		}
 		if retry.sha() != sha256.Sum256(first.Bytes()) {
@@ -638,8 +637,9 @@ func TestShutdownSettlesKeyedCallsStillRunning(t *testing.T) {
 		env["SHUTDOWN_GRACE"] = "1s"
 		up := apptest.NewUpstream(t)
 		first := apptest.Start(t, up.URL, env)
-		hdr := map[string]string{"X-Test-Events": "100", "X-Test-Interval-Ms": "100"} // about 10 s
-		req := chatRequest(t, first.URL+"/v1/chat/completions", streamBody, hdr)
+		// About 10 s, for the first call only: the retry repeats the query.
+		steer := "?test_events=100&test_interval_ms=100&test_once=1&test_id=sigterm-1"
+		req := chatRequest(t, first.URL+"/v1/chat/completions"+steer, streamBody, nil)
 		req.Header.Set("Idempotency-Key", "sigterm-1")
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
@@ -664,7 +664,7 @@ func TestShutdownSettlesKeyedCallsStillRunning(t *testing.T) {
 			t.Errorf("log rows after shutdown: %+v, want one naming the shutdown", logged)
 		}
 		// The retry executes at once: no 409 while a dead lease runs out.
-		retry := keyed(t, next.URL+"/v1/chat/completions", apptest.ClientKey, "sigterm-1", streamBody, nil)
+		retry := keyed(t, next.URL+"/v1/chat/completions"+steer, apptest.ClientKey, "sigterm-1", streamBody, nil)
 		if retry.status != 200 || retry.replayed || !bytes.Contains(retry.body, []byte("data: [DONE]")) {
 			t.Fatalf("retry after shutdown: %d replayed=%v", retry.status, retry.replayed)
 		}

@@ -20,7 +20,7 @@ func TestMetrics(t *testing.T) {
 	px := apptest.Start(t, up.URL, map[string]string{"METRICS_TOKEN": "metrics-token-123"})
 	do(t, "POST", px.URL+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chatBody), map[string]string{"Content-Type": "application/json", "Idempotency-Key": "m-1"})
 	do(t, "POST", px.URL+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chatBody), map[string]string{"Content-Type": "application/json", "Idempotency-Key": "m-1"})
-	do(t, "POST", px.URL+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(streamBody), map[string]string{"Content-Type": "application/json", "X-Test-Status": "503", "Idempotency-Key": "m-2"})
+	do(t, "POST", px.URL+"/v1/chat/completions?test_status=503", apptest.ClientKey, strings.NewReader(streamBody), map[string]string{"Content-Type": "application/json", "Idempotency-Key": "m-2"})
 	do(t, "GET", px.URL+"/v1/files/file-abc123", apptest.ClientKey, nil, nil)
 	do(t, "GET", px.URL+"/v1/models", "pk-wrong-00000000", nil, nil)
 

@@ -61,16 +61,15 @@ type LogSink interface {
 
 // Proxy forwards /v1/* to the upstream API.
 type Proxy struct {
-	cfg       ProxyConfig
-	auth      *Authenticator
-	gate      ClientGate
-	bearer    string // "Bearer <upstream key>", built once
-	client    *fasthttp.Client
-	transport *upstreamTransport
-	buffers   *bufferBudget
-	idem      IdempotencyStore // nil disables Idempotency-Key handling
-	claims    claims           // the keys claimed by requests in flight
-	out       recorder         // where finished exchanges go
+	cfg     ProxyConfig
+	auth    *Authenticator
+	gate    ClientGate
+	bearer  string           // "Bearer <upstream key>", built once
+	clients *upstreamClients // lent to proxy.Do, one per request
+	buffers *bufferBudget
+	idem    IdempotencyStore // nil disables Idempotency-Key handling
+	claims  claims           // the keys claimed by requests in flight
+	out     recorder         // where finished exchanges go
 	// background counts keyed requests finishing without their client,
 	// and deferred writes.
 	background sync.WaitGroup
@@ -99,7 +98,6 @@ func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, 
 		idem:          idem,
 		warnSometimes: rate.Sometimes{Interval: time.Second},
 		buffers:       newBufferBudget(cmp.Or(cfg.BufferMemoryLimit, 1<<62)),
-		transport:     &upstreamTransport{metrics: m},
 		out:           recorder{sink: sink, metrics: m, logger: logger, mask: scrub.New(append([]string{cfg.UpstreamAPIKey}, cfg.Secrets...)...)},
 	}
 	p.claims = claims{store: idem, ttl: cfg.IdempotencyTTL, lease: cfg.IdempotencyLease, maxBody: cfg.IdempotencyMaxBody,
@@ -114,19 +112,18 @@ func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, 
 		p.gate = access.New(context.Background(), access.Options{Env: p.auth.Authenticate})
 	}
 	p.out.cost = p.gate.CostMicros
-	dial := cfg.Egress.DialFunc(cfg.UpstreamBaseURL.Scheme == "https", 30*time.Second)
-	p.client = &fasthttp.Client{
-		Transport:                p.transport,
-		StreamResponseBody:       true,
-		NoDefaultUserAgentHeader: true,
-		DisablePathNormalizing:   true,
+	isTLS := cfg.UpstreamBaseURL.Scheme == "https"
+	dial := cfg.Egress.DialFunc(isTLS, 30*time.Second)
+	pool := &fasthttp.HostClient{
+		Addr:  fasthttp.AddMissingPort(cfg.UpstreamBaseURL.Host, isTLS),
+		IsTLS: isTLS,
 		// No ReadTimeout: it would cut long streams. upstreamConn enforces
 		// the first-byte and idle limits and the call's deadline.
 		Dial: func(addr string) (net.Conn, error) {
 			return dialUpstream(dial, addr, cfg.FirstByteTimeout, cfg.IdleTimeout)
 		},
 		TLSConfig:          &tls.Config{RootCAs: cfg.UpstreamCAs, MinVersion: tls.VersionTLS12},
-		MaxConnsPerHost:    4096,
+		MaxConns:           4096,
 		MaxConnWaitTimeout: 30 * time.Second,
 		// Most recently used first: the connection least likely to have
 		// been closed by the upstream. Stale ones are found before use
@@ -136,6 +133,7 @@ func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, 
 		ReadBufferSize:      16 << 10, // larger header blocks get a larger buffer
 		WriteBufferSize:     16 << 10,
 	}
+	p.clients = &upstreamClients{pool: pool, metrics: m}
 	return p
 }
 
@@ -247,9 +245,11 @@ func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
 	var pre fasthttp.ResponseHeader
 	resp.Header.CopyTo(&pre)
 
-	returned := p.transport.lend(req, &ex.hop)
-	err := proxy.Do(c, target, p.client)
-	returned()
+	// proxy.Do's round trip sends with this request's hop (its deadline,
+	// the client to watch): the client lent here carries it.
+	cli := p.clients.lend(&ex.hop)
+	err := proxy.Do(c, target, &cli.Client)
+	p.clients.giveBack(cli)
 	up := takeUpstream(resp) // nil without a body stream (HEAD, 204, 304)
 	var src io.Reader
 	var decoder io.Closer

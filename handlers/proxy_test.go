@@ -202,8 +202,7 @@ func TestStreamingDeliversEventsAsTheyAreProduced(t *testing.T) {
 	up := apptest.NewUpstream(t)
 	px := apptest.Start(t, up.URL, nil)
 
-	req := chatRequest(t, px.URL+"/v1/chat/completions", `{"model":"gpt-4o-mini","stream":true,"messages":[]}`,
-		map[string]string{"X-Test-Events": "10", "X-Test-Interval-Ms": "100"})
+	req := chatRequest(t, px.URL+"/v1/chat/completions?test_events=10&test_interval_ms=100", `{"model":"gpt-4o-mini","stream":true,"messages":[]}`, nil)
 	start := time.Now()
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -240,8 +239,7 @@ func TestUnkeyedClientDisconnectCancelsUpstream(t *testing.T) {
 	up := apptest.NewUpstream(t)
 	px := apptest.Start(t, up.URL, nil)
 
-	req := chatRequest(t, px.URL+"/v1/chat/completions", `{"model":"m","stream":true}`,
-		map[string]string{"X-Test-Events": "200", "X-Test-Interval-Ms": "50"})
+	req := chatRequest(t, px.URL+"/v1/chat/completions?test_events=200&test_interval_ms=50", `{"model":"m","stream":true}`, nil)
 	abandonAfterEvents(t, req, 2)
 	seen := up.Requests()[0]
 	select {
@@ -370,7 +368,7 @@ func TestUpstreamFailures(t *testing.T) {
 	t.Run("no first byte in time", func(t *testing.T) {
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, map[string]string{"UPSTREAM_FIRST_BYTE_TIMEOUT": "300ms"})
-		resp, body := do(t, "GET", px.URL+"/v1/models", apptest.ClientKey, nil, map[string]string{"X-Test-Block": "1"})
+		resp, body := do(t, "GET", px.URL+"/v1/models?test_block=1", apptest.ClientKey, nil, nil)
 		assertAPIError(t, resp, body, 504, "upstream_timeout")
 		select {
 		case <-up.Requests()[0].Ended:
@@ -381,8 +379,7 @@ func TestUpstreamFailures(t *testing.T) {
 	t.Run("silent mid-stream", func(t *testing.T) {
 		up := apptest.NewUpstream(t)
 		px := apptest.Start(t, up.URL, map[string]string{"UPSTREAM_IDLE_TIMEOUT": "300ms"})
-		req := chatRequest(t, px.URL+"/v1/chat/completions", `{"stream":true}`,
-			map[string]string{"X-Test-Events": "3", "X-Test-Interval-Ms": "2000"})
+		req := chatRequest(t, px.URL+"/v1/chat/completions?test_events=3&test_interval_ms=2000", `{"stream":true}`, nil)
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)

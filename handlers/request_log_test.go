@@ -45,12 +45,12 @@ func TestRequestLogRecordsUsageAndOutcomes(t *testing.T) {
 		with := func(h map[string]string, k, v string) map[string]string { h[k] = v; return h }
 
 		do(t, "POST", px.URL+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chatBody), ua("json"))
-		do(t, "POST", px.URL+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(streamBody), with(ua("sse"), "X-Test-Events", "4"))
-		do(t, "POST", px.URL+"/v1/responses", apptest.ClientKey2, strings.NewReader(`{"model":"gpt-4.1","stream":true,"input":"x"}`), with(ua("responses"), "X-Test-Events", "6"))
+		do(t, "POST", px.URL+"/v1/chat/completions?test_events=4", apptest.ClientKey, strings.NewReader(streamBody), ua("sse"))
+		do(t, "POST", px.URL+"/v1/responses?test_events=6", apptest.ClientKey2, strings.NewReader(`{"model":"gpt-4.1","stream":true,"input":"x"}`), ua("responses"))
 		do(t, "POST", px.URL+"/v1/embeddings", apptest.ClientKey, strings.NewReader(`{"model":"text-embedding-3-small","input":"x"}`), ua("embeddings"))
-		do(t, "POST", px.URL+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chatBody), with(ua("gzip"), "X-Test-Gzip", "1"))
+		do(t, "POST", px.URL+"/v1/chat/completions?test_gzip=1", apptest.ClientKey, strings.NewReader(chatBody), ua("gzip"))
 		do(t, "POST", px.URL+"/v1/chat/completions", "pk-nobody-000000", strings.NewReader(chatBody), ua("unauthorized"))
-		do(t, "POST", px.URL+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chatBody), with(ua("upstream500"), "X-Test-Status", "500"))
+		do(t, "POST", px.URL+"/v1/chat/completions?test_status=500", apptest.ClientKey, strings.NewReader(chatBody), ua("upstream500"))
 		do(t, "POST", px.URL+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chatBody), with(ua("keyed"), "Idempotency-Key", "log-1"))
 		do(t, "POST", px.URL+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chatBody), with(ua("replay"), "Idempotency-Key", "log-1"))
 		do(t, "POST", px.URL+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(`{"model":"x"}`), with(ua("mismatch"), "Idempotency-Key", "log-1"))
@@ -105,10 +105,11 @@ func TestRequestLogOfUnreachableUpstreamAndConflict(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		do(t, "POST", px.URL+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chatBody), map[string]string{"User-Agent": "holder", "Idempotency-Key": "c-1", "X-Test-Block": "1", "Content-Type": "application/json"})
+		do(t, "POST", px.URL+"/v1/chat/completions?test_block=1", apptest.ClientKey, strings.NewReader(chatBody), map[string]string{"User-Agent": "holder", "Idempotency-Key": "c-1", "Content-Type": "application/json"})
 	}()
 	waitForCalls(t, up, 1)
-	do(t, "POST", px.URL+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chatBody), map[string]string{"User-Agent": "conflict", "Idempotency-Key": "c-1", "Content-Type": "application/json"})
+	// The same request (query included: part of the fingerprint) while it runs.
+	do(t, "POST", px.URL+"/v1/chat/completions?test_block=1", apptest.ClientKey, strings.NewReader(chatBody), map[string]string{"User-Agent": "conflict", "Idempotency-Key": "c-1", "Content-Type": "application/json"})
 	up.Release()
 	<-done
 

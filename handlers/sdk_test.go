@@ -35,7 +35,7 @@ func TestOfficialSDKThroughTheProxy(t *testing.T) {
 	}
 
 	params.StreamOptions = openai.ChatCompletionStreamOptionsParam{IncludeUsage: openai.Bool(true)}
-	stream := client.Chat.Completions.NewStreaming(ctx, params, option.WithHeader("X-Test-Events", "8"))
+	stream := client.Chat.Completions.NewStreaming(ctx, params, option.WithQuery("test_events", "8"))
 	var acc openai.ChatCompletionAccumulator
 	chunks := 0
 	for stream.Next() {

@@ -16,7 +16,7 @@ import (
 func TestGracefulShutdownLetsStreamsFinish(t *testing.T) {
 	up := apptest.NewUpstream(t)
 	px := apptest.Start(t, up.URL, map[string]string{"SHUTDOWN_GRACE": "10s"})
-	req := chatRequest(t, px.URL+"/v1/chat/completions", streamBody, map[string]string{"X-Test-Events": "10", "X-Test-Interval-Ms": "100"})
+	req := chatRequest(t, px.URL+"/v1/chat/completions?test_events=10&test_interval_ms=100", streamBody, nil)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)

@@ -4,38 +4,74 @@ import (
 	"errors"
 	"io"
 	"sync"
+	"time"
 
 	"github.com/valyala/fasthttp"
 )
 
-// upstreamTransport is the round trip under proxy.Do, and only that: it
-// sends the request on a pooled connection (sendUpstream) and leaves the
-// response for the handler, its body still on the connection in an
-// upstreamBody. Everything done with the response — headers cleaned and
-// masked, the body decoded, masked and teed — happens in Proxy.forward.
-type upstreamTransport struct {
+// upstreamClients lends each request, for its proxy.Do, a fasthttp.Client
+// whose round trip carries that request's hop (deadline, client watch).
+// Every lent client sends on the one shared pool of upstream connections,
+// so reuse, limits and the dial wrapper are those of a single client.
+type upstreamClients struct {
+	pool    *fasthttp.HostClient // the upstream connections, shared
 	metrics *Metrics
-	// hops holds the deadline and client watch of each request in a round
-	// trip, lent by forward around proxy.Do (keyed by the request, which
-	// proxy.Do passes through unchanged).
-	hops sync.Map // *fasthttp.Request → *hop
+	mu      sync.Mutex
+	free    []*upstreamClient // grows to the peak of concurrent requests
 }
 
-// lend gives the round trip of req its hop until the returned func runs.
-func (t *upstreamTransport) lend(req *fasthttp.Request, h *hop) (done func()) {
-	t.hops.Store(req, h)
-	return func() { t.hops.Delete(req) }
+// upstreamClient is the round trip under proxy.Do, and only that: it sends
+// the request on a pooled connection (sendUpstream) and leaves the response
+// for the handler, its body still on the connection in an upstreamBody.
+// Everything done with the response — headers cleaned and masked, the body
+// decoded, masked and teed — happens in Proxy.forward.
+type upstreamClient struct {
+	fasthttp.Client // its Transport is the client itself
+	from            *upstreamClients
+	hop             *hop // of the request it is lent to
 }
 
-func (t *upstreamTransport) RoundTrip(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp.Response) (bool, error) {
-	h, ok := t.hops.Load(req)
-	if !ok {
-		return false, errors.New("proxy: round trip without a hop")
+// lend gives a client that sends with h until it is given back.
+func (cs *upstreamClients) lend(h *hop) *upstreamClient {
+	var c *upstreamClient
+	cs.mu.Lock()
+	if n := len(cs.free); n > 0 {
+		c, cs.free = cs.free[n-1], cs.free[:n-1]
+	}
+	cs.mu.Unlock()
+	if c == nil {
+		c = &upstreamClient{from: cs, Client: fasthttp.Client{
+			StreamResponseBody:       true,
+			NoDefaultUserAgentHeader: true,
+			DisablePathNormalizing:   true,
+			// The HostClient fasthttp keeps for this client holds no
+			// connections; it is dropped after this long unused and remade.
+			MaxIdleConnDuration: 10 * time.Second,
+		}}
+		c.Transport = c
+	}
+	c.hop = h
+	return c
+}
+
+// giveBack ends a lend; the body stream, if any, keeps the connection.
+func (cs *upstreamClients) giveBack(c *upstreamClient) {
+	c.hop = nil
+	cs.mu.Lock()
+	cs.free = append(cs.free, c)
+	cs.mu.Unlock()
+}
+
+// RoundTrip sends on the shared pool, not on the HostClient fasthttp made
+// for this client.
+func (c *upstreamClient) RoundTrip(_ *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp.Response) (bool, error) {
+	if c.hop == nil {
+		return false, errors.New("proxy: round trip of a client not lent")
 	}
 	up := fasthttp.AcquireResponse()
 	up.StreamBody = resp.StreamBody
 	up.SkipBody = resp.SkipBody
-	release, err := sendUpstream(hc, req, up, h.(*hop), t.metrics)
+	release, err := sendUpstream(c.from.pool, req, up, c.hop, c.from.metrics)
 	if err != nil {
 		fasthttp.ReleaseResponse(up)
 		return false, err // retries, where safe, happened in sendUpstream

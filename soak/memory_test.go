@@ -125,7 +125,7 @@ func TestMemoryBound(t *testing.T) {
 		}
 		var conns []net.Conn
 		for range 40 {
-			conns = append(conns, apptest.StalledClient(t, px.URL, clientKey, "mem-replayed", `{"model":"m","stream":true}`))
+			conns = append(conns, apptest.StalledClient(t, px.URL, clientKey, "mem-replayed", `{"model":"m","stream":true}`, ""))
 		}
 		time.Sleep(3 * time.Second) // the stall itself
 		for _, c := range conns {

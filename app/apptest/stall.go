@@ -5,15 +5,15 @@ import (
 	"io"
 	"net"
 	"net/url"
-	"strings"
 	"testing"
 )
 
 // StalledClient sends a keyed POST to proxyURL, reads the first KiB of the
 // answer and then stops reading, with a small receive buffer, as a client
 // that stalls does. The connection is closed when the test ends; close it
-// earlier to end the stall. header lines are "Name: value".
-func StalledClient(t testing.TB, proxyURL, clientKey, idemKey, body string, header ...string) net.Conn {
+// earlier to end the stall. query, if any, steers the upstream
+// ("test_events=40&test_pad_kib=256"); a retry must repeat it.
+func StalledClient(t testing.TB, proxyURL, clientKey, idemKey, body, query string) net.Conn {
 	t.Helper()
 	u, err := url.Parse(proxyURL)
 	if err != nil {
@@ -25,12 +25,12 @@ func StalledClient(t testing.TB, proxyURL, clientKey, idemKey, body string, head
 	}
 	t.Cleanup(func() { conn.Close() })
 	_ = conn.(*net.TCPConn).SetReadBuffer(4 << 10)
-	extra := ""
-	if len(header) > 0 {
-		extra = strings.Join(header, "\r\n") + "\r\n"
+	target := "/v1/chat/completions"
+	if query != "" {
+		target += "?" + query
 	}
-	fmt.Fprintf(conn, "POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"+
-		"Idempotency-Key: %s\r\n%sContent-Length: %d\r\n\r\n%s", u.Host, clientKey, idemKey, extra, len(body), body)
+	fmt.Fprintf(conn, "POST %s HTTP/1.1\r\nHost: %s\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"+
+		"Idempotency-Key: %s\r\nContent-Length: %d\r\n\r\n%s", target, u.Host, clientKey, idemKey, len(body), body)
 	if _, err := io.ReadFull(conn, make([]byte, 1024)); err != nil {
 		t.Fatalf("the stalled client's answer did not begin: %v", err)
 	}

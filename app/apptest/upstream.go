@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -18,22 +19,29 @@ import (
 )
 
 // Upstream is a fake OpenAI API over real HTTP, speaking JSON and SSE.
-// Tests steer it with request headers, which the proxy forwards:
+// Tests steer it with query parameters, which the proxy forwards as they
+// are (request headers are left to tests of header handling):
 //
-//	X-Test-Status: 500          answer with this status (an OpenAI error body)
-//	X-Test-Delay-Ms: 200        wait before answering
-//	X-Test-Events: 10           number of SSE content events
-//	X-Test-Interval-Ms: 100     pause between SSE events
-//	X-Test-Cut-After: 3         drop the connection after this many events
-//	X-Test-No-Done: 1           end the stream without its terminal event
-//	X-Test-Gzip: 1              gzip the JSON body regardless of Accept-Encoding
-//	X-Test-Block: 1             wait until the request is cancelled or Release
-//	X-Test-Echo-Auth: 1         answer 401 echoing the Authorization it received
-//	X-Test-Header-Kib: 40       add a response header of this many KiB
-//	X-Test-Pad-Kib: 64          pad each SSE content event by this many KiB
-//	X-Test-Echo-All: 1          a 200 that echoes the Authorization it received in a
-//	                            header, the request id and the body (JSON, or each
-//	                            SSE event, written in two halves that split the key)
+//	test_status=500         answer with this status (an OpenAI error body)
+//	test_delay_ms=200       wait before answering
+//	test_events=10          number of SSE content events
+//	test_interval_ms=100    pause between SSE events
+//	test_cut_after=3        drop the connection after this many events
+//	test_no_done=1          end the stream without its terminal event
+//	test_gzip=1             gzip the JSON body regardless of Accept-Encoding
+//	test_block=1            wait until the request is cancelled or Release
+//	test_echo_auth=1        answer 401 echoing the Authorization it received
+//	test_header_kib=40      add a response header of this many KiB
+//	test_pad_kib=64         pad each SSE content event by this many KiB
+//	test_echo_all=1         a 200 that echoes the Authorization it received in a
+//	                        header, the request id and the body (JSON, or each
+//	                        SSE event, written in two halves that split the key)
+//	test_id=abc             a name for the request, to find it among Requests()
+//	test_once=1             steer only the first request with this test_id; later
+//	                        ones get the plain answer. A keyed retry must repeat
+//	                        its first attempt's query (it is part of the
+//	                        request's fingerprint), so this is how a first
+//	                        attempt fails and its retry succeeds.
 type Upstream struct {
 	*httptest.Server
 	calls     atomic.Int64 // requests that reached a handler
@@ -44,11 +52,13 @@ type Upstream struct {
 	release   chan struct{}
 	releaseMu sync.Once
 	seq       atomic.Int64
+	steered   map[string]bool // test_id values whose test_once steering was used
 }
 
 // Seen is what the upstream saw of one request.
 type Seen struct {
 	Method, Path, Query string
+	ID                  string // its test_id
 	Header              http.Header
 	BodySHA             string
 	BodyLen             int
@@ -62,7 +72,7 @@ func NewUpstream(t testing.TB) *Upstream { return NewUpstreamWith(t, nil) }
 // NewUpstreamWith starts a fake upstream after configure has set up its
 // server (idle timeouts, connection hooks, a wrapping handler).
 func NewUpstreamWith(t testing.TB, configure func(*httptest.Server)) *Upstream {
-	u := &Upstream{release: make(chan struct{})}
+	u := &Upstream{release: make(chan struct{}), steered: map[string]bool{}}
 	u.Server = httptest.NewUnstartedServer(http.HandlerFunc(u.serve))
 	if configure != nil {
 		configure(u.Server)
@@ -81,7 +91,7 @@ func (u *Upstream) Cancelled() int64 { return u.cancelled.Load() }
 // Completed counts responses written to their end.
 func (u *Upstream) Completed() int64 { return u.completed.Load() }
 
-// Release unblocks every X-Test-Block request.
+// Release unblocks every test_block request.
 func (u *Upstream) Release() { u.releaseMu.Do(func() { close(u.release) }) }
 
 // Requests returns what the upstream has seen so far.
@@ -91,11 +101,38 @@ func (u *Upstream) Requests() []Seen {
 	return append([]Seen(nil), u.requests...)
 }
 
+// steering is what a request's query asks of the upstream.
+type steering struct {
+	status, delayMs, events, intervalMs, cutAfter, headerKib, padKib int
+	noDone, gzip, block, echoAuth, echoAll                           bool
+}
+
+// steeringOf reads the test_* parameters; a test_once request whose
+// test_id was seen before gets none.
+func (u *Upstream) steeringOf(q url.Values) steering {
+	if q.Get("test_once") != "" {
+		u.mu.Lock()
+		seen := u.steered[q.Get("test_id")]
+		u.steered[q.Get("test_id")] = true
+		u.mu.Unlock()
+		if seen {
+			return steering{}
+		}
+	}
+	n := func(name string) int { v, _ := strconv.Atoi(q.Get(name)); return v }
+	on := func(name string) bool { return q.Get(name) != "" }
+	return steering{status: n("test_status"), delayMs: n("test_delay_ms"), events: n("test_events"), intervalMs: n("test_interval_ms"),
+		cutAfter: n("test_cut_after"), headerKib: n("test_header_kib"), padKib: n("test_pad_kib"),
+		noDone: on("test_no_done"), gzip: on("test_gzip"), block: on("test_block"), echoAuth: on("test_echo_auth"), echoAll: on("test_echo_all")}
+}
+
 func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
 	u.calls.Add(1)
+	q := r.URL.Query()
+	st := u.steeringOf(q)
 	body, _ := io.ReadAll(r.Body)
 	sum := sha256.Sum256(body)
-	seen := Seen{Method: r.Method, Path: r.URL.Path, Query: r.URL.RawQuery, Header: r.Header.Clone(),
+	seen := Seen{Method: r.Method, Path: r.URL.Path, Query: r.URL.RawQuery, ID: q.Get("test_id"), Header: r.Header.Clone(),
 		BodySHA: hex.EncodeToString(sum[:]), BodyLen: len(body), Ended: make(chan struct{})}
 	u.mu.Lock()
 	u.requests = append(u.requests, seen)
@@ -111,17 +148,17 @@ func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
 		close(seen.Ended)
 	}()
 
-	if ms := intHeader(r, "X-Test-Delay-Ms"); ms > 0 {
+	if ms := st.delayMs; ms > 0 {
 		select {
 		case <-time.After(time.Duration(ms) * time.Millisecond):
 		case <-r.Context().Done():
 			return
 		}
 	}
-	if n := intHeader(r, "X-Test-Header-Kib"); n > 0 {
+	if n := st.headerKib; n > 0 {
 		w.Header().Set("X-Large", strings.Repeat("h", n<<10))
 	}
-	if r.Header.Get("X-Test-Block") != "" {
+	if st.block {
 		select {
 		case <-u.release:
 		case <-r.Context().Done():
@@ -132,7 +169,7 @@ func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Openai-Processing-Ms", "12")
 	w.Header().Set("X-Ratelimit-Remaining-Requests", "99")
 	w.Header().Set("Set-Cookie", "__cf_bm=upstream-cookie; Path=/")
-	if echo := r.Header.Get("Authorization"); r.Header.Get("X-Test-Echo-All") != "" {
+	if echo := r.Header.Get("Authorization"); st.echoAll {
 		// A misbehaving upstream that puts what it received everywhere.
 		w.Header().Set("X-Echo-Authorization", echo)
 		w.Header().Set("X-Request-Id", "req_"+echo)
@@ -140,13 +177,13 @@ func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
 		var req struct{ Stream bool }
 		_ = json.Unmarshal(body, &req)
 		if !req.Stream {
-			writeJSON(w, r, 200, map[string]any{"id": "chatcmpl-echo", "object": "chat.completion", "model": "gpt-4o-mini", "echo": echo,
+			writeJSON(w, st, 200, map[string]any{"id": "chatcmpl-echo", "object": "chat.completion", "model": "gpt-4o-mini", "echo": echo,
 				"choices": []any{map[string]any{"index": 0, "message": map[string]any{"role": "assistant", "content": "you sent " + echo}}}})
 		} else {
 			w.Header().Set("Content-Type", "text/event-stream")
 			var out io.Writer = w
 			var zw *gzip.Writer
-			if r.Header.Get("X-Test-Gzip") != "" {
+			if st.gzip {
 				w.Header().Set("Content-Encoding", "gzip")
 				zw = gzip.NewWriter(w)
 				out = zw
@@ -173,16 +210,16 @@ func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
 		u.completed.Add(1)
 		return
 	}
-	if r.Header.Get("X-Test-Echo-Auth") != "" {
+	if st.echoAuth {
 		// A misbehaving upstream that echoes the credentials it received.
 		w.Header().Set("X-Echo-Authorization", r.Header.Get("Authorization"))
-		writeJSON(w, r, 401, map[string]any{"error": map[string]any{
+		writeJSON(w, st, 401, map[string]any{"error": map[string]any{
 			"message": "Incorrect API key provided: " + r.Header.Get("Authorization"), "type": "invalid_request_error", "param": nil, "code": "invalid_api_key"}})
 		u.completed.Add(1)
 		return
 	}
-	if status := intHeader(r, "X-Test-Status"); status >= 400 {
-		writeJSON(w, r, status, map[string]any{"error": map[string]any{
+	if status := st.status; status >= 400 {
+		writeJSON(w, st, status, map[string]any{"error": map[string]any{
 			"message": "forced failure", "type": "server_error", "param": nil, "code": strconv.Itoa(status)}})
 		u.completed.Add(1)
 		return
@@ -194,28 +231,28 @@ func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
 	_ = json.Unmarshal(body, &req)
 	switch {
 	case r.URL.Path == "/chat/completions" && req.Stream:
-		u.streamChat(w, r, req.Model)
+		u.streamChat(w, r, st, req.Model)
 		if r.Context().Err() != nil {
 			return
 		}
 	case r.URL.Path == "/chat/completions":
-		writeJSON(w, r, 200, chatCompletion(req.Model, u.seq.Load()))
+		writeJSON(w, st, 200, chatCompletion(req.Model, u.seq.Load()))
 	case r.URL.Path == "/responses" && req.Stream:
-		u.streamResponses(w, r, req.Model)
+		u.streamResponses(w, r, st, req.Model)
 		if r.Context().Err() != nil {
 			return
 		}
 	case r.URL.Path == "/embeddings":
-		writeJSON(w, r, 200, map[string]any{"object": "list", "model": req.Model,
+		writeJSON(w, st, 200, map[string]any{"object": "list", "model": req.Model,
 			"data":  []any{map[string]any{"object": "embedding", "index": 0, "embedding": []float64{0.1, -0.2, 0.3}}},
 			"usage": map[string]any{"prompt_tokens": 8, "total_tokens": 8}})
 	case r.URL.Path == "/files" && r.Method == http.MethodPost:
-		u.uploadFile(w, r, body)
+		u.uploadFile(w, r, st, body)
 	case r.URL.Path == "/models":
-		writeJSON(w, r, 200, map[string]any{"object": "list", "data": []any{map[string]any{"id": "gpt-4o-mini", "object": "model", "created": 1, "owned_by": "openai"}}})
+		writeJSON(w, st, 200, map[string]any{"object": "list", "data": []any{map[string]any{"id": "gpt-4o-mini", "object": "model", "created": 1, "owned_by": "openai"}}})
 	default:
 		// Echo: what arrived, for forwarding tests.
-		writeJSON(w, r, 200, map[string]any{"method": r.Method, "path": r.URL.Path, "query": r.URL.RawQuery,
+		writeJSON(w, st, 200, map[string]any{"method": r.Method, "path": r.URL.Path, "query": r.URL.RawQuery,
 			"body_sha256": seen.BodySHA, "body_len": len(body)})
 	}
 	u.completed.Add(1)
@@ -232,8 +269,8 @@ func chatCompletion(model string, n int64) map[string]any {
 	}
 }
 
-func (u *Upstream) streamChat(w http.ResponseWriter, r *http.Request, model string) {
-	events, interval := streamShape(r)
+func (u *Upstream) streamChat(w http.ResponseWriter, r *http.Request, st steering, model string) {
+	events, interval := st.streamShape()
 	id := fmt.Sprintf("chatcmpl-%d", u.seq.Load())
 	send := func(data string) bool {
 		if _, err := fmt.Fprintf(w, "data: %s\n\n", data); err != nil {
@@ -245,8 +282,8 @@ func (u *Upstream) streamChat(w http.ResponseWriter, r *http.Request, model stri
 	w.Header().Set("Content-Type", "text/event-stream; charset=utf-8")
 	w.WriteHeader(200)
 	w.(http.Flusher).Flush()
-	cut := intHeader(r, "X-Test-Cut-After")
-	pad := strings.Repeat("p", intHeader(r, "X-Test-Pad-Kib")<<10)
+	cut := st.cutAfter
+	pad := strings.Repeat("p", st.padKib<<10)
 	for i := 0; i < events; i++ {
 		if cut > 0 && i == cut {
 			panic(http.ErrAbortHandler) // drop the connection mid-stream
@@ -258,13 +295,13 @@ func (u *Upstream) streamChat(w http.ResponseWriter, r *http.Request, model stri
 	}
 	send(fmt.Sprintf(`{"id":%q,"object":"chat.completion.chunk","created":1,"model":%q,"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}`, id, model))
 	send(fmt.Sprintf(`{"id":%q,"object":"chat.completion.chunk","created":1,"model":%q,"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":%d,"total_tokens":%d}}`, id, model, events, events+5))
-	if r.Header.Get("X-Test-No-Done") == "" {
+	if !st.noDone {
 		send("[DONE]")
 	}
 }
 
-func (u *Upstream) streamResponses(w http.ResponseWriter, r *http.Request, model string) {
-	events, interval := streamShape(r)
+func (u *Upstream) streamResponses(w http.ResponseWriter, r *http.Request, st steering, model string) {
+	events, interval := st.streamShape()
 	w.Header().Set("Content-Type", "text/event-stream")
 	w.WriteHeader(200)
 	send := func(typ, data string) bool {
@@ -280,35 +317,35 @@ func (u *Upstream) streamResponses(w http.ResponseWriter, r *http.Request, model
 			return
 		}
 	}
-	if r.Header.Get("X-Test-No-Done") == "" {
+	if !st.noDone {
 		send("response.completed", fmt.Sprintf(`{"type":"response.completed","response":{"id":"resp_1","model":%q,"status":"completed","usage":{"input_tokens":9,"output_tokens":%d,"total_tokens":%d,"input_tokens_details":{"cached_tokens":4},"output_tokens_details":{"reasoning_tokens":1}}}}`, model, events, events+9))
 	}
 }
 
-func (u *Upstream) uploadFile(w http.ResponseWriter, r *http.Request, body []byte) {
+func (u *Upstream) uploadFile(w http.ResponseWriter, r *http.Request, st steering, body []byte) {
 	r.Body = io.NopCloser(strings.NewReader(string(body)))
 	if err := r.ParseMultipartForm(1 << 20); err != nil {
-		writeJSON(w, r, 400, map[string]any{"error": map[string]any{"message": err.Error(), "type": "invalid_request_error"}})
+		writeJSON(w, st, 400, map[string]any{"error": map[string]any{"message": err.Error(), "type": "invalid_request_error"}})
 		return
 	}
 	f, h, err := r.FormFile("file")
 	if err != nil {
-		writeJSON(w, r, 400, map[string]any{"error": map[string]any{"message": err.Error(), "type": "invalid_request_error"}})
+		writeJSON(w, st, 400, map[string]any{"error": map[string]any{"message": err.Error(), "type": "invalid_request_error"}})
 		return
 	}
 	defer f.Close()
 	content, _ := io.ReadAll(f)
 	sum := sha256.Sum256(content)
-	writeJSON(w, r, 200, map[string]any{"id": "file-" + hex.EncodeToString(sum[:6]), "object": "file", "bytes": len(content),
+	writeJSON(w, st, 200, map[string]any{"id": "file-" + hex.EncodeToString(sum[:6]), "object": "file", "bytes": len(content),
 		"created_at": time.Now().Unix(), "filename": h.Filename, "purpose": r.FormValue("purpose"), "status": "processed"})
 }
 
-func streamShape(r *http.Request) (events int, interval time.Duration) {
+func (st steering) streamShape() (events int, interval time.Duration) {
 	events = 5
-	if n := intHeader(r, "X-Test-Events"); n > 0 {
-		events = n
+	if st.events > 0 {
+		events = st.events
 	}
-	return events, time.Duration(intHeader(r, "X-Test-Interval-Ms")) * time.Millisecond
+	return events, time.Duration(st.intervalMs) * time.Millisecond
 }
 
 // pause waits between events; false when the client went away.
@@ -324,10 +361,10 @@ func pause(r *http.Request, d time.Duration) bool {
 	}
 }
 
-func writeJSON(w http.ResponseWriter, r *http.Request, status int, v any) {
+func writeJSON(w http.ResponseWriter, st steering, status int, v any) {
 	b, _ := json.Marshal(v)
 	w.Header().Set("Content-Type", "application/json")
-	if r.Header.Get("X-Test-Gzip") != "" {
+	if st.gzip {
 		w.Header().Set("Content-Encoding", "gzip")
 		w.WriteHeader(status)
 		zw := gzip.NewWriter(w)
@@ -338,9 +375,4 @@ func writeJSON(w http.ResponseWriter, r *http.Request, status int, v any) {
 	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
 	w.WriteHeader(status)
 	_, _ = w.Write(b)
-}
-
-func intHeader(r *http.Request, name string) int {
-	n, _ := strconv.Atoi(r.Header.Get(name))
-	return n
 }
