@@ -133,7 +133,7 @@ type clientKeyForm struct {
 	layout
 	ID, Hint, State                                        string
 	Name, Expires, RPM, TPM, Budget, Period, Models, Notes string
-	Error                                                  string
+	Notice, Error                                          string
 }
 
 const expiresLayout = "2006-01-02T15:04"

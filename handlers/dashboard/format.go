@@ -214,12 +214,12 @@ func trimZero(s string) string {
 	return s
 }
 
-// formatUSD shows micro-dollars as dollars: cents, or four decimals under
-// a cent so small spends do not read "$0.00".
+// formatUSD shows micro-dollars as dollars: cents, or every digit under
+// a cent in full so small spends do not read "$0.00".
 func formatUSD(micros int64) string {
 	usd := float64(micros) / 1e6
 	if micros != 0 && usd < 0.01 && usd > -0.01 {
-		return fmt.Sprintf("$%.4f", usd)
+		return "$" + strconv.FormatFloat(usd, 'f', -1, 64)
 	}
 	return "$" + humanize.CommafWithDigits(math.Round(usd*100)/100, 2)
 }
