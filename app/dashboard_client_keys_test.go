@@ -94,7 +94,7 @@ func TestDashboardClientKeys(t *testing.T) {
 			list = b.page("/dashboard/client-keys")
 			return strings.Count(list, want) >= 3 // today, this period, the budget meter
 		}, "the list shows the spend "+want)
-		contains(t, "list", list, "dash-ci", hint, `class="state ck-active"`, "budget / day", "/ $5.00", "rpm", "models: gpt-4o-mini")
+		contains(t, "list", list, "dash-ci", hint, `class="state ck-active"`, "/ $5.00 a day", "rpm", "models: gpt-4o-mini")
 		over := b.page("/dashboard?window=1h")
 		contains(t, "overview", over, "Top models by spend", "Top clients by spend", "Spend over time in USD", want)
 
@@ -114,7 +114,7 @@ func TestDashboardClientKeys(t *testing.T) {
 		if resp, _ := b.post("/dashboard/client-keys/"+id, url.Values{"_csrf": {csrf}, "rpm": {"-1"}}); resp.StatusCode != http.StatusBadRequest {
 			t.Fatalf("a negative rpm: %d, want 400", resp.StatusCode)
 		}
-		contains(t, "list", b.page("/dashboard/client-keys?saved=1"), "settings were saved", "2099-01-31 18:00", "budget / month", "/ $2.50", "/ 9000")
+		contains(t, "list", b.page("/dashboard/client-keys?saved=1"), "settings were saved", "2099-01-31 18:00", "/ $2.50 a month", "/ 9,000")
 
 		// Revoke: asked first, then refused by the proxy.
 		if resp, _ := b.post("/dashboard/client-keys/"+id+"/revoke", url.Values{"confirm": {"yes"}}); resp.StatusCode != http.StatusForbidden {

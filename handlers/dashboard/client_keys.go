@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/dustin/go-humanize"
 	"github.com/gofiber/fiber/v2"
 
 	"github.com/openai-idempotent-proxy/proxy/models"
@@ -111,15 +112,15 @@ func (h *Handler) ClientKeyList(c *fiber.Ctx) error {
 			row.Period, row.PeriodName = thisMonth[k.Name], "this month"
 		}
 		if k.RPM > 0 {
-			row.Limits = append(row.Limits, meter("rpm", lastMinute[k.Name].Requests, k.RPM, countText))
+			row.Limits = append(row.Limits, meter("rpm", lastMinute[k.Name].Requests, k.RPM, humanize.Comma))
 		}
 		if k.TPM > 0 {
-			row.Limits = append(row.Limits, meter("tpm", lastMinute[k.Name].Tokens, k.TPM, countText))
+			row.Limits = append(row.Limits, meter("tpm", lastMinute[k.Name].Tokens, k.TPM, humanize.Comma))
 		}
 		if k.BudgetMicros > 0 {
 			b := budgets[k.ID]
 			m := meter("budget", b.SpentMicros+b.ReservedMicros, k.BudgetMicros, formatUSD)
-			m.Name = "budget / " + k.BudgetPeriod
+			m.Limit += " a " + k.BudgetPeriod
 			row.Limits = append(row.Limits, m)
 		}
 		p.Rows = append(p.Rows, row)
