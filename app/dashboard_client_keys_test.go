@@ -13,7 +13,7 @@ import (
 	"github.com/openai-idempotent-proxy/proxy/app/apptest"
 )
 
-var newKeyRe = regexp.MustCompile(`id="new-key" class="mono newkey" value="([^"]+)"`)
+var newKeyRe = regexp.MustCompile(`<code id="new-key" class="newkey"[^>]*>([^<]+)</code>`)
 
 // usdText is how the dashboard writes a spend under a cent: every digit.
 func usdText(micros int64) string {

@@ -123,6 +123,32 @@ func TestDashboardTablesFit(t *testing.T) {
 				t.Errorf("%s at %d px:\n%s", pg.name, width, strings.ReplaceAll(problems, "\n", "\n  "))
 			}
 		}
+		// The one-time answer to a new client key: the key must fit its
+		// field and the page must not scroll sideways.
+		if err := chromedp.Do(ctx, chromedp.EmulateViewport(width, 900), chromedp.Navigate(px.URL+"/dashboard/client-keys/new"),
+			chromedp.WaitVisible(chromedp.ID("ck-name")), chromedp.SendKeys(chromedp.ID("ck-name"), fmt.Sprintf("browser-made-%d", width)),
+			chromedp.Submit(chromedp.ID("ck-name")), chromedp.WaitVisible(chromedp.ID("new-key"))); err != nil {
+			t.Fatalf("create a client key at %d px: %v", width, err)
+		}
+		problems, err := chromedp.Run(ctx, chromedp.Evaluate[string](layoutProblems+` + (() => {
+  const k = document.getElementById("new-key");
+  return k.getBoundingClientRect().right > document.documentElement.clientWidth + 1 ? "\nthe key field leaves the screen" : "";
+})()`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		png, err := chromedp.Run(ctx, chromedp.CaptureScreenshot())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range dirs {
+			if err := os.WriteFile(filepath.Join(d, fmt.Sprintf("fit-%d-client-key-created.png", width)), png, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if problems != "" {
+			t.Errorf("client key created at %d px:\n%s", width, problems)
+		}
 	}
 }
 
