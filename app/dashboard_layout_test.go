@@ -67,6 +67,7 @@ func TestDashboardTablesFit(t *testing.T) {
 	seedLogs(t, px, wideTraffic(now))
 	seedBrowserKeys(t, px, now)
 	seedWideKeys(t, px, now)
+	ckID := seedWideClientKeys(t, px, now)
 
 	alloc, cancelAlloc := chromedp.NewExecAllocator(context.Background(),
 		chromedp.ExecPath(chrome), chromedp.Headless, chromedp.NoSandbox, chromedp.DisableGPU, chromedp.NoFirstRun,
@@ -89,6 +90,9 @@ func TestDashboardTablesFit(t *testing.T) {
 		{"requests", "/dashboard/requests"},
 		{"keys", "/dashboard/keys"},
 		{"key", "/dashboard/keys/" + fmt.Sprintf("%064x", 0xe2e002)},
+		{"client-keys", "/dashboard/client-keys"},
+		{"client-key", "/dashboard/client-keys/" + ckID},
+		{"client-key-new", "/dashboard/client-keys/new"},
 	}
 	for _, width := range []int64{1366, 390} {
 		for _, pg := range pages {
@@ -118,6 +122,32 @@ func TestDashboardTablesFit(t *testing.T) {
 			if problems != "" {
 				t.Errorf("%s at %d px:\n%s", pg.name, width, strings.ReplaceAll(problems, "\n", "\n  "))
 			}
+		}
+		// The one-time answer to a new client key: the key must fit its
+		// field and the page must not scroll sideways.
+		if err := chromedp.Do(ctx, chromedp.EmulateViewport(width, 900), chromedp.Navigate(px.URL+"/dashboard/client-keys/new"),
+			chromedp.WaitVisible(chromedp.ID("ck-name")), chromedp.SendKeys(chromedp.ID("ck-name"), fmt.Sprintf("browser-made-%d", width)),
+			chromedp.Submit(chromedp.ID("ck-name")), chromedp.WaitVisible(chromedp.ID("new-key"))); err != nil {
+			t.Fatalf("create a client key at %d px: %v", width, err)
+		}
+		problems, err := chromedp.Run(ctx, chromedp.Evaluate[string](layoutProblems+` + (() => {
+  const k = document.getElementById("new-key");
+  return k.getBoundingClientRect().right > document.documentElement.clientWidth + 1 ? "\nthe key field leaves the screen" : "";
+})()`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		png, err := chromedp.Run(ctx, chromedp.CaptureScreenshot())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range dirs {
+			if err := os.WriteFile(filepath.Join(d, fmt.Sprintf("fit-%d-client-key-created.png", width)), png, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if problems != "" {
+			t.Errorf("client key created at %d px:\n%s", width, problems)
 		}
 	}
 }
@@ -162,4 +192,50 @@ func seedWideKeys(t *testing.T, px *apptest.Instance, now time.Time) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// seedWideClientKeys creates managed client keys with the widest values
+// the Client keys page shows (a long name, every limit, a near-full
+// budget, a revoked one) and traffic that spends; it returns the wide
+// key's id.
+func seedWideClientKeys(t *testing.T, px *apptest.Instance, now time.Time) string {
+	t.Helper()
+	exp := now.Add(90 * 24 * time.Hour)
+	wide, _, err := px.App.Store.CreateClientKey(t.Context(), "billing-reconciliation-nightly-batch@eu-west",
+		models.ClientKeyLimits{ExpiresAt: &exp, RPM: 1200, TPM: 2_000_000, BudgetMicros: 250_000_000, BudgetPeriod: models.PeriodMonth,
+			Models: []string{"gpt-4o-mini", "gpt-4.1-2025-04-14", "text-embedding-3-small"}, Notes: "owned by finance"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	small, _, err := px.App.Store.CreateClientKey(t.Context(), "ci", models.ClientKeyLimits{RPM: 60, BudgetMicros: 1_000_000, BudgetPeriod: models.PeriodDay})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old, _, err := px.App.Store.CreateClientKey(t.Context(), "retired-laptop", models.ClientKeyLimits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := px.App.Store.RevokeClientKey(t.Context(), old.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := px.App.Store.ReserveBudget(t.Context(), small.ID, models.PeriodStart(models.PeriodDay, now), 930_000, small.BudgetMicros); err != nil {
+		t.Fatal(err)
+	}
+	month := models.PeriodStart(models.PeriodMonth, now)
+	if _, _, err := px.App.Store.ReserveBudget(t.Context(), wide.ID, month, 144_000_000, wide.BudgetMicros); err != nil {
+		t.Fatal(err)
+	}
+	if err := px.App.Store.SettleBudget(t.Context(), wide.ID, month, 144_000_000, 144_000_000); err != nil {
+		t.Fatal(err)
+	}
+	var logs []models.RequestLog
+	for i := range 40 {
+		logs = append(logs, models.RequestLog{CreatedAt: now.Add(-time.Duration(i) * 20 * time.Second), Client: wide.Name, Method: "POST",
+			Path: "/v1/chat/completions", Model: "gpt-4o-mini", Status: 200, Outcome: models.OutcomeProxied, DurationMs: 300,
+			PromptTokens: 12000, CompletionTokens: 3000, TotalTokens: 15000, CostMicros: 3_600_000})
+	}
+	logs = append(logs, models.RequestLog{CreatedAt: now.Add(-time.Minute), Client: "ci", Method: "POST", Path: "/v1/chat/completions",
+		Model: "in-house-finetune-unpriced", Status: 200, Outcome: models.OutcomeProxied, DurationMs: 200, TotalTokens: 50})
+	seedLogs(t, px, logs)
+	return wide.ID
 }

@@ -60,7 +60,13 @@ type Config struct {
 	Stats Stats
 	Logs  Logs
 	Keys  Keys
-	DB    handlers.Pinger
+	// ClientKeys manages client keys; EnvKeyNames are the PROXY_API_KEYS
+	// names, listed read-only.
+	ClientKeys  ClientKeys
+	EnvKeyNames []string
+	// Prices flags models without a price on the overview; nil: none.
+	Prices *models.Prices
+	DB     handlers.Pinger
 	// Dropped counts request log records lost (LogWriter.Dropped); nil: none.
 	Dropped func() uint64
 	// KeyRejectedAt is when the upstream last refused OPENAI_API_KEY
@@ -170,7 +176,7 @@ func markCookiesSecure(h *fasthttp.ResponseHeader) {
 // layout is what base.html needs on every page.
 type layout struct {
 	Title    string
-	Nav      string // "overview", "requests" or "keys": the current section
+	Nav      string // "overview", "requests", "keys" or "clientkeys": the current section
 	CSRF     string // token for the page's POST forms
 	SignedIn bool
 	Open     bool  // the proxy runs without client keys
@@ -329,4 +335,10 @@ func (h *Handler) Mount(r fiber.Router) {
 	d.Get("/keys", h.RequireLogin, q, h.Keys)
 	d.Get("/keys/:id", h.RequireLogin, q, h.Key)
 	d.Post("/keys/:id/delete", h.RequireLogin, h.CheckCSRF, q, h.DeleteKey)
+	d.Get("/client-keys", h.RequireLogin, q, h.ClientKeyList)
+	d.Get("/client-keys/new", h.RequireLogin, h.NewClientKeyForm)
+	d.Post("/client-keys", h.RequireLogin, h.CheckCSRF, q, h.CreateClientKey)
+	d.Get("/client-keys/:id", h.RequireLogin, q, h.EditClientKeyForm)
+	d.Post("/client-keys/:id", h.RequireLogin, h.CheckCSRF, q, h.UpdateClientKey)
+	d.Post("/client-keys/:id/revoke", h.RequireLogin, h.CheckCSRF, q, h.RevokeClientKey)
 }

@@ -23,6 +23,7 @@ import (
 func Funcs() template.FuncMap {
 	return template.FuncMap{
 		"num":         func(n int64) string { return humanize.Comma(n) },
+		"usd":         formatUSD,
 		"bytes":       formatBytes,
 		"ms":          formatMs,
 		"latency":     formatLatency,
@@ -211,4 +212,14 @@ func trimZero(s string) string {
 		s = strings.TrimRight(strings.TrimRight(s, "0"), ".")
 	}
 	return s
+}
+
+// formatUSD shows micro-dollars as dollars: cents, or every digit under
+// a cent in full so small spends do not read "$0.00".
+func formatUSD(micros int64) string {
+	usd := float64(micros) / 1e6
+	if micros != 0 && usd < 0.01 && usd > -0.01 {
+		return "$" + strconv.FormatFloat(usd, 'f', -1, 64)
+	}
+	return "$" + humanize.CommafWithDigits(math.Round(usd*100)/100, 2)
 }

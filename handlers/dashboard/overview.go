@@ -1,8 +1,10 @@
 package dashboard
 
 import (
+	"cmp"
 	"fmt"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -53,7 +55,12 @@ type overviewPage struct {
 	Totals     models.Totals
 	Requests   stackedChart
 	Tokens     stackedChart
+	Spend      stackedChart
 	Tops       []topTable // Top models, then Top clients
+	SpendTops  []topTable // the same by spend
+	// Unpriced are the models with requests but no price in the table:
+	// their cost counts as 0, so the spend shown is incomplete.
+	Unpriced []models.TopEntry
 }
 
 // topRow is one line of a top-N table.
@@ -61,6 +68,7 @@ type overviewPage struct {
 type topTable struct {
 	ID, Title, Column string
 	Filter            string // the request log filter a name links to
+	BySpend           bool   // ranked and shared by spend, not requests
 	Rows              []topRow
 }
 
@@ -68,7 +76,8 @@ type topRow struct {
 	Name     string
 	Requests int64
 	Tokens   int64
-	Share    float64 // of all requests in the window, 0..100
+	Spend    int64   // micro-dollars
+	Share    float64 // of all requests (or spend) in the window, 0..100
 }
 
 // Overview shows traffic, errors, latency, tokens, idempotency replays and
@@ -120,16 +129,29 @@ func (h *Handler) Overview(c *fiber.Ctx) error {
 		var topModels, clients []models.TopEntry
 		run(func() (err error) { points, err = h.cfg.Stats.Traffic(ctx, p.From, now, win.Step); return })
 		run(func() (err error) { p.Totals, err = h.cfg.Stats.Totals(ctx, p.From, now); return })
-		run(func() (err error) { topModels, err = h.cfg.Stats.TopModels(ctx, p.From, now, 8); return })
-		run(func() (err error) { clients, err = h.cfg.Stats.TopClients(ctx, p.From, now, 8); return })
+		// 100 rows: the top 8 by requests and by spend, and every model
+		// without a price, from one query each.
+		run(func() (err error) { topModels, err = h.cfg.Stats.TopModels(ctx, p.From, now, 100); return })
+		run(func() (err error) { clients, err = h.cfg.Stats.TopClients(ctx, p.From, now, 100); return })
 		wg.Wait()
 		for _, err := range errs {
 			h.cfg.Logger.Error("dashboard: overview query failed", "error", err.Error())
 			p.LoadFailed = true
 		}
 		p.Tops = []topTable{
-			{ID: "models", Title: "Top models", Column: "Model", Filter: "model", Rows: topRows(topModels, p.Totals.Requests)},
-			{ID: "clients", Title: "Top clients", Column: "Client", Filter: "client", Rows: topRows(clients, p.Totals.Requests)},
+			{ID: "models", Title: "Top models", Column: "Model", Filter: "model", Rows: topRows(topModels[:min(8, len(topModels))], p.Totals.Requests)},
+			{ID: "clients", Title: "Top clients", Column: "Client", Filter: "client", Rows: topRows(clients[:min(8, len(clients))], p.Totals.Requests)},
+		}
+		p.SpendTops = []topTable{
+			{ID: "spend-models", Title: "Top models by spend", Column: "Model", Filter: "model", BySpend: true, Rows: spendRows(topModels, p.Totals.CostMicros)},
+			{ID: "spend-clients", Title: "Top clients by spend", Column: "Client", Filter: "client", BySpend: true, Rows: spendRows(clients, p.Totals.CostMicros)},
+		}
+		if h.cfg.Prices != nil {
+			for _, m := range topModels {
+				if _, ok := h.cfg.Prices.Lookup(m.Name); m.Name != "" && !ok {
+					p.Unpriced = append(p.Unpriced, m)
+				}
+			}
 		}
 	}
 	if len(points) == 0 {
@@ -139,6 +161,7 @@ func (h *Handler) Overview(c *fiber.Ctx) error {
 		}
 	}
 	p.Requests, p.Tokens = trafficCharts(points, win, p.Totals)
+	p.Spend = spendChart(points, win, p.Totals)
 	return render(c, http.StatusOK, "overview", p)
 }
 
@@ -152,6 +175,38 @@ func topRows(entries []models.TopEntry, total int64) []topRow {
 		rows = append(rows, r)
 	}
 	return rows
+}
+
+// spendRows ranks entries by spend, the 8 that spent anything.
+func spendRows(entries []models.TopEntry, total int64) []topRow {
+	sorted := slices.Clone(entries)
+	slices.SortStableFunc(sorted, func(a, b models.TopEntry) int { return cmp.Compare(b.CostMicros, a.CostMicros) })
+	var rows []topRow
+	for _, e := range sorted {
+		if e.CostMicros <= 0 || len(rows) == 8 {
+			break
+		}
+		r := topRow{Name: e.Name, Requests: e.Requests, Tokens: e.Tokens, Spend: e.CostMicros}
+		if total > 0 {
+			r.Share = min(100, float64(e.CostMicros)*100/float64(total))
+		}
+		rows = append(rows, r)
+	}
+	return rows
+}
+
+// spendChart is the spend over time, in USD.
+func spendChart(points []models.TrafficPoint, win statsWindow, totals models.Totals) stackedChart {
+	usd := chartSeries{Name: "spend", Class: "tprompt", Values: make([]float64, len(points))}
+	labels, axis := make([]string, len(points)), make([]string, len(points))
+	for i, pt := range points {
+		labels[i] = pt.Time.Format(win.tooltip) + " UTC"
+		axis[i] = win.axis(pt.Time)
+		usd.Values[i] = float64(pt.CostMicros) / 1e6
+	}
+	return stackedChart{ID: "chart-spend", Title: "Spend over time in USD",
+		Summary: fmt.Sprintf("%s spent in the %s, at the price table.", formatUSD(totals.CostMicros), lower(win.Label)),
+		Unit:    "USD", Labels: labels, Axis: axis, Series: []chartSeries{usd}}
 }
 
 // trafficCharts turns the traffic points into the two overview charts.
