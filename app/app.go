@@ -129,6 +129,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 		IdempotencyMaxBody:  cfg.IdempotencyMaxBody,
 		IdempotencyJoinWait: cfg.IdempotencyJoinWait,
 		BufferMemoryLimit:   cfg.BufferMemoryLimit,
+		StreamUsageOff:      cfg.StreamUsageOff,
 	}, store, a.Logs, a.Metrics, logger)
 	a.WS = wsproxy.New(wsproxy.Config{
 		UpstreamBaseURL: cfg.UpstreamBaseURL,
