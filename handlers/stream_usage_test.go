@@ -176,3 +176,24 @@ func TestStreamUsageKeepsMasking(t *testing.T) {
 		t.Fatal("usage was not asked for")
 	}
 }
+
+// TestStreamUsageJoinerSeesWhatTheClientSaw: a repeat that joins the
+// running attempt follows the capture, which is what the first client got.
+func TestStreamUsageJoinerSeesWhatTheClientSaw(t *testing.T) {
+	up := apptest.NewUpstream(t)
+	px := apptest.Start(t, up.URL, nil)
+	url := px.URL + "/v1/chat/completions"
+	slow := map[string]string{"X-Test-Events": "10", "X-Test-Interval-Ms": "50"}
+	firstDone := make(chan result, 1)
+	go func() { firstDone <- keyed(t, url, apptest.ClientKey, "usage-join", unaskedStream, slow) }()
+	apptest.Eventually(t, 5*time.Second, func() bool { return up.Calls() == 1 }, "the first request did not reach upstream")
+	joined := keyed(t, url, apptest.ClientKey, "usage-join", unaskedStream, slow)
+	first := <-firstDone
+	want := upstreamStream(first.header.Get("X-Request-Id"), false)
+	if string(first.body) != want || string(joined.body) != want || !joined.replayed {
+		t.Fatalf("first:\n%s\njoined (replayed=%v):\n%s\nwant:\n%s", first.body, joined.replayed, joined.body, want)
+	}
+	if n := up.Calls(); n != 1 {
+		t.Fatalf("upstream calls = %d, want 1", n)
+	}
+}

@@ -136,7 +136,7 @@ func (h *hider) split(b []byte) {
 		h.lineLen, b = 0, b[i+1:]
 		if blank {
 			if !h.passing {
-				h.out = append(h.out, withoutUsage(h.event)...)
+				h.out = appendWithoutUsage(h.out, h.event)
 			}
 			h.event, h.passing = h.event[:0], false
 		}
@@ -154,17 +154,17 @@ func (h *hider) hold(b []byte) {
 	}
 }
 
-// withoutUsage returns one whole event as the client would have had it
-// without asking for usage: nothing for the usage-only chunk, the chunk
+// appendWithoutUsage appends one whole event as the client would have had
+// it without asking for usage: nothing for the usage-only chunk, the chunk
 // without its "usage":null member, or the event unchanged.
-func withoutUsage(event []byte) []byte {
+func appendWithoutUsage(dst, event []byte) []byte {
 	if !bytes.Contains(event, []byte(`"usage"`)) {
-		return event // the common case: a content delta
+		return append(dst, event...) // not ours: a content delta without usage, a comment
 	}
 	// OpenAI's chunks are one data line; anything else passes unchanged.
 	start := bytes.Index(event, []byte("data:"))
 	if start < 0 || (start > 0 && event[start-1] != '\n') || bytes.Contains(event[start+5:], []byte("\ndata:")) {
-		return event
+		return append(dst, event...)
 	}
 	start += 5
 	if start < len(event) && event[start] == ' ' {
@@ -175,22 +175,30 @@ func withoutUsage(event []byte) []byte {
 		end--
 	}
 	data := event[start:end]
+	// OpenAI puts "usage":null last: in JSON, that suffix can only be the
+	// top-level object's last member (its quote follows a comma, so it
+	// opens a key). Every delta takes this path, without parsing.
+	if null := []byte(`,"usage":null}`); bytes.HasSuffix(data, null) {
+		dst = append(dst, event[:end-len(null)]...)
+		return append(dst, event[end-1:]...)
+	}
 	obj := gjson.ParseBytes(data)
 	if !obj.IsObject() {
-		return event
+		return append(dst, event...)
 	}
 	u := obj.Get("usage")
 	if choices := obj.Get("choices"); u.IsObject() && choices.IsArray() && len(choices.Array()) == 0 {
-		return nil
+		return dst // the usage-only chunk
 	}
 	if u.Type != gjson.Null || !u.Exists() || !at(data, u) {
-		return event
+		return append(dst, event...)
 	}
 	from, to, ok := memberSpan(data, u)
 	if !ok {
-		return event
+		return append(dst, event...)
 	}
-	return slices.Concat(event[:start+from], event[start+to:])
+	dst = append(dst, event[:start+from]...)
+	return append(dst, event[start+to:]...)
 }
 
 // memberSpan finds the bytes to delete for the member whose value is v:

@@ -103,3 +103,69 @@ func TestHideStreamUsagePassesEachEventAtOnce(t *testing.T) {
 	}
 	pw.Close()
 }
+
+// benchStream is a 100-delta chat stream as OpenAI sends it with
+// include_usage.
+func benchStream() []byte {
+	var b bytes.Buffer
+	for range 100 {
+		b.WriteString(`data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4.1","choices":[{"index":0,"delta":{"content":"token "},"finish_reason":null}],"usage":null}` + "\n\n")
+	}
+	b.WriteString(`data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4.1","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":100,"total_tokens":105}}` + "\n\n")
+	b.WriteString("data: [DONE]\n\n")
+	return b.Bytes()
+}
+
+// eventReader hands out one event per Read, as an upstream's flushes do.
+type eventReader struct{ events [][]byte }
+
+func (r *eventReader) Read(p []byte) (int, error) {
+	if len(r.events) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p, r.events[0])
+	r.events = r.events[1:]
+	return n, nil
+}
+
+func events(b []byte) [][]byte {
+	var out [][]byte
+	for len(b) > 0 {
+		i := bytes.Index(b, []byte("\n\n")) + 2
+		out, b = append(out, b[:i]), b[i:]
+	}
+	return out
+}
+
+// BenchmarkStreamParse is what every stream costs today: the usage parser.
+func BenchmarkStreamParse(b *testing.B) {
+	evs, buf := events(benchStream()), make([]byte, 32<<10)
+	b.ReportAllocs()
+	for b.Loop() {
+		var s Stream
+		r := &eventReader{evs}
+		for {
+			n, err := r.Read(buf)
+			_, _ = s.Write(buf[:n])
+			if err != nil {
+				break
+			}
+		}
+	}
+}
+
+// BenchmarkHideStreamUsage is the same stream through the parser and the
+// hider, for a client that did not ask for usage.
+func BenchmarkHideStreamUsage(b *testing.B) {
+	evs, buf := events(benchStream()), make([]byte, 32<<10)
+	b.ReportAllocs()
+	for b.Loop() {
+		var s Stream
+		h := HideStreamUsage(&eventReader{evs}, &s)
+		for {
+			if _, err := h.Read(buf); err != nil {
+				break
+			}
+		}
+	}
+}
