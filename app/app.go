@@ -129,6 +129,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 		IdempotencyMaxBody:  cfg.IdempotencyMaxBody,
 		IdempotencyJoinWait: cfg.IdempotencyJoinWait,
 		BufferMemoryLimit:   cfg.BufferMemoryLimit,
+		StreamUsageOff:      cfg.StreamUsageOff,
 	}, store, a.Logs, a.Metrics, logger)
 	a.WS = wsproxy.New(wsproxy.Config{
 		UpstreamBaseURL: cfg.UpstreamBaseURL,
@@ -136,15 +137,12 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 		Secrets:         cfg.Secrets(),
 		UpstreamCAs:     cfg.UpstreamCAs,
 		ClientKeys:      cfg.ClientKeys,
-		Authenticate: func(authorization []byte) (string, error) {
-			caller, err := a.Gate.Authenticate(authorization)
-			return caller.Name, err
-		},
-		AllowOpenProxy: cfg.AllowOpenProxy,
-		AllowedOrigins: cfg.CORSAllowedOrigins,
-		MaxMessageSize: cfg.WSMaxMessageSize,
-		IdleTimeout:    cfg.WSIdleTimeout,
-		Egress:         cfg.Egress,
+		Gate:            a.Gate, // managed keys, their revocation, expiry and limits
+		AllowOpenProxy:  cfg.AllowOpenProxy,
+		AllowedOrigins:  cfg.CORSAllowedOrigins,
+		MaxMessageSize:  cfg.WSMaxMessageSize,
+		IdleTimeout:     cfg.WSIdleTimeout,
+		Egress:          cfg.Egress,
 	}, a.Logs, a.Metrics, a.Metrics.Registry, logger)
 	a.Fiber = fiber.New(fiber.Config{
 		AppName:               "openai-proxy",

@@ -63,6 +63,9 @@ type Config struct {
 
 	Prices        *models.Prices // PRICE_FILE over the embedded price table
 	ReserveTokens int64          // BUDGET_RESERVE_TOKENS, default 4096
+	// StreamUsageOff: STREAM_USAGE=off (default inject) forwards streamed
+	// chat completions without asking upstream for their usage.
+	StreamUsageOff bool
 
 	LogLevel  string // LOG_LEVEL: debug, info, warn, error (default info)
 	LogFormat string // LOG_FORMAT: text or json (default text)
@@ -259,6 +262,14 @@ var settings = []Setting{
 		}
 		c.ReserveTokens = n
 		return nil
+	}},
+	{"STREAM_USAGE", "inject", "inject: ask upstream for the usage of streamed chat completions and hide it from clients that did not ask; off: forward them as sent (unpriced unless the client asks)", func(c *Config, v string) error {
+		switch strings.ToLower(v) {
+		case "inject", "off":
+			c.StreamUsageOff = strings.ToLower(v) == "off"
+			return nil
+		}
+		return errors.New("want inject or off")
 	}},
 	{"LOG_LEVEL", "info", "debug, info, warn or error", func(c *Config, v string) error {
 		switch strings.ToLower(v) {

@@ -126,6 +126,13 @@ type ClientGate interface {
 func (p *Proxy) admitLimits(c *fiber.Ctx, ex *exchange) error {
 	t, err := p.gate.Admit(c.UserContext(), ex.caller, ex.ask)
 	ex.ticket = t
+	return LimitRefusal(c, err)
+}
+
+// LimitRefusal sets the Retry-After and x-ratelimit-* headers of a refusal
+// by the gate's Admit and returns the error to answer in OpenAI's shape;
+// nil stays nil. The WebSocket proxy uses it before upgrading.
+func LimitRefusal(c *fiber.Ctx, err error) error {
 	var r *access.Refusal
 	if errors.As(err, &r) {
 		for _, h := range r.RateLimitHead {

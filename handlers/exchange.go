@@ -46,6 +46,11 @@ type exchange struct {
 	stream    usage.Stream
 	tail      []byte // last bytes of a JSON body, for usage
 
+	// usageAsked: the proxy asked upstream for this stream's usage;
+	// usageHidden: it is hidden from what the client gets, and stream is
+	// fed before the hiding (stream_usage.go).
+	usageAsked, usageHidden bool
+
 	claim      *claim    // set when this request holds an Idempotency-Key claim
 	failure    *APIError // what the client got when the proxy answered with an error
 	caller     access.Caller
@@ -135,7 +140,9 @@ func (ex *exchange) observe(p []byte) {
 	ex.respBytes += int64(len(p))
 	switch {
 	case ex.sse:
-		_, _ = ex.stream.Write(p)
+		if !ex.usageHidden { // else the stream saw the bytes before they were hidden
+			_, _ = ex.stream.Write(p)
+		}
 	case ex.json && ex.claim == nil:
 		ex.tail = append(ex.tail, p...)
 		if len(ex.tail) > 2*tailKeep {

@@ -52,6 +52,9 @@ type ProxyConfig struct {
 	// answers 409 at once instead of joining.
 	IdempotencyJoinWait time.Duration
 	BufferMemoryLimit   int64 // 0: no bound (tests that build a Proxy by hand)
+	// StreamUsageOff (STREAM_USAGE=off) forwards streamed chat completions
+	// as sent, for upstreams that refuse stream_options (stream_usage.go).
+	StreamUsageOff bool
 }
 
 // LogSink receives one record per request; Record must never block.
@@ -236,6 +239,7 @@ func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
 	}
 	req, resp := c.Request(), c.Response()
 	prepareUpstreamRequest(&req.Header, p.bearer)
+	p.askStreamUsage(req, ex)
 	if ex.claim == nil {
 		ex.hop.client = watchClientOf(c.Context().Conn())
 	}
@@ -287,10 +291,10 @@ func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
 		ex.finish(nil)
 		return nil
 	}
-	size := max(resp.Header.ContentLength(), -1)
 	// Every byte the client, the capture, the log or a page will see has
 	// passed the mask: an upstream that echoes a key sends it nowhere.
-	t := &tee{src: p.out.mask.Reader(src), decoder: decoder, release: up.release, up: up.up, ex: ex, size: int64(size)}
+	body, size := ex.withoutAskedUsage(p.out.mask.Reader(src), max(resp.Header.ContentLength(), -1))
+	t := &tee{src: body, decoder: decoder, release: up.release, up: up.up, ex: ex, size: int64(size)}
 	if resp.StatusCode() >= 400 {
 		// Error bodies are small: read them whole, so a key echoed in
 		// one is masked before anything is sent.

@@ -62,6 +62,7 @@ type Seen struct {
 	Header              http.Header
 	BodySHA             string
 	BodyLen             int
+	Body                []byte        // the body itself, when at most 64 KiB
 	Ended               chan struct{} // closed when the handler returns
 	Cancelled           bool
 }
@@ -134,6 +135,9 @@ func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
 	sum := sha256.Sum256(body)
 	seen := Seen{Method: r.Method, Path: r.URL.Path, Query: r.URL.RawQuery, ID: q.Get("test_id"), Header: r.Header.Clone(),
 		BodySHA: hex.EncodeToString(sum[:]), BodyLen: len(body), Ended: make(chan struct{})}
+	if len(body) <= 64<<10 {
+		seen.Body = body
+	}
 	u.mu.Lock()
 	u.requests = append(u.requests, seen)
 	idx := len(u.requests) - 1
@@ -225,13 +229,16 @@ func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var req struct {
-		Model  string `json:"model"`
-		Stream bool   `json:"stream"`
+		Model         string `json:"model"`
+		Stream        bool   `json:"stream"`
+		StreamOptions struct {
+			IncludeUsage bool `json:"include_usage"`
+		} `json:"stream_options"`
 	}
 	_ = json.Unmarshal(body, &req)
 	switch {
 	case r.URL.Path == "/chat/completions" && req.Stream:
-		u.streamChat(w, r, st, req.Model)
+		u.streamChat(w, r, st, req.Model, req.StreamOptions.IncludeUsage)
 		if r.Context().Err() != nil {
 			return
 		}
@@ -269,11 +276,14 @@ func chatCompletion(model string, n int64) map[string]any {
 	}
 }
 
-func (u *Upstream) streamChat(w http.ResponseWriter, r *http.Request, st steering, model string) {
+// streamChat answers like OpenAI: with include_usage, every chunk carries
+// "usage":null and a usage-only chunk comes before [DONE]; without it,
+// neither.
+func (u *Upstream) streamChat(w http.ResponseWriter, r *http.Request, st steering, model string, includeUsage bool) {
 	events, interval := st.streamShape()
 	id := fmt.Sprintf("chatcmpl-%d", u.seq.Load())
-	send := func(data string) bool {
-		if _, err := fmt.Fprintf(w, "data: %s\n\n", data); err != nil {
+	send := func(event string) bool {
+		if _, err := io.WriteString(w, event); err != nil {
 			return false
 		}
 		w.(http.Flusher).Flush()
@@ -284,20 +294,41 @@ func (u *Upstream) streamChat(w http.ResponseWriter, r *http.Request, st steerin
 	w.(http.Flusher).Flush()
 	cut := st.cutAfter
 	pad := strings.Repeat("p", st.padKib<<10)
-	for i := 0; i < events; i++ {
-		if cut > 0 && i == cut {
+	stream := ChatStream(id, model, events, pad, includeUsage)
+	for i, event := range stream {
+		if cut > 0 && i == cut && i < events {
 			panic(http.ErrAbortHandler) // drop the connection mid-stream
 		}
-		chunk := fmt.Sprintf(`{"id":%q,"object":"chat.completion.chunk","created":1,"model":%q,"choices":[{"index":0,"delta":{"content":"tok%d %s"},"finish_reason":null}]}`, id, model, i, pad)
-		if !send(chunk) || !pause(r, interval) {
+		if event == ChatStreamDone && st.noDone {
+			return
+		}
+		if !send(event) || (i < events && !pause(r, interval)) {
 			return
 		}
 	}
-	send(fmt.Sprintf(`{"id":%q,"object":"chat.completion.chunk","created":1,"model":%q,"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}`, id, model))
-	send(fmt.Sprintf(`{"id":%q,"object":"chat.completion.chunk","created":1,"model":%q,"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":%d,"total_tokens":%d}}`, id, model, events, events+5))
-	if !st.noDone {
-		send("[DONE]")
+}
+
+// ChatStreamDone is the terminal event of a chat completion stream.
+const ChatStreamDone = "data: [DONE]\n\n"
+
+// ChatStream returns the events the fake upstream streams for a chat
+// completion with this id and model: events content chunks (each padded
+// with pad), the finish chunk, with includeUsage the usage chunk (prompt
+// 5, completion events tokens), and [DONE].
+func ChatStream(id, model string, events int, pad string, includeUsage bool) []string {
+	usage := ""
+	if includeUsage {
+		usage = `,"usage":null`
 	}
+	var out []string
+	for i := range events {
+		out = append(out, fmt.Sprintf(`data: {"id":%q,"object":"chat.completion.chunk","created":1,"model":%q,"choices":[{"index":0,"delta":{"content":"tok%d %s"},"finish_reason":null}]%s}`+"\n\n", id, model, i, pad, usage))
+	}
+	out = append(out, fmt.Sprintf(`data: {"id":%q,"object":"chat.completion.chunk","created":1,"model":%q,"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]%s}`+"\n\n", id, model, usage))
+	if includeUsage {
+		out = append(out, fmt.Sprintf(`data: {"id":%q,"object":"chat.completion.chunk","created":1,"model":%q,"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":%d,"total_tokens":%d}}`+"\n\n", id, model, events, events+5))
+	}
+	return append(out, ChatStreamDone)
 }
 
 func (u *Upstream) streamResponses(w http.ResponseWriter, r *http.Request, st steering, model string) {

@@ -121,6 +121,22 @@ func (t *Ticket) Settle(costMicros, tokens int64) {
 		return
 	}
 	t.settled = true
+	t.write(t.reserved, costMicros, tokens)
+}
+
+// Charge counts usage known before the ticket is settled — a response
+// within a WebSocket session — as spent and against TPM, and keeps the
+// reservation held until Settle. Not safe for concurrent use with Settle.
+func (t *Ticket) Charge(costMicros, tokens int64) {
+	if t == nil || t.settled || (costMicros <= 0 && tokens <= 0) {
+		return
+	}
+	t.write(0, costMicros, tokens)
+}
+
+// write releases reserved of the budget reservation, spends costMicros
+// and charges tokens to TPM, in the background.
+func (t *Ticket) write(reserved, costMicros, tokens int64) {
 	g := t.g
 	g.pending.Add(1)
 	go func() {
@@ -128,7 +144,7 @@ func (t *Ticket) Settle(costMicros, tokens int64) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		if t.budget {
-			if err := g.opts.Store.SettleBudget(ctx, t.key.ID, t.period, t.reserved, costMicros); err != nil {
+			if err := g.opts.Store.SettleBudget(ctx, t.key.ID, t.period, reserved, costMicros); err != nil {
 				g.opts.Logger.Warn("client keys: budget settle failed; the reservation stays held until the period ends",
 					"key", t.key.Name, "error", err.Error())
 			}

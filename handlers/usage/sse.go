@@ -120,8 +120,12 @@ func (s *Stream) observe(data []byte) {
 		s.terminal = true
 		return
 	}
-	if !bytes.Contains(data, []byte(`"usage"`)) && !bytes.Contains(data, []byte(`"response.`)) {
-		return // the common case: a content delta, not worth parsing
+	if !bytes.Contains(data, []byte(`"response.`)) &&
+		(!bytes.Contains(data, []byte(`"usage"`)) || bytes.HasSuffix(data, []byte(`,"usage":null}`))) {
+		// The common case, not worth parsing: a content delta, without
+		// usage or with the "usage":null that include_usage puts last in
+		// every chunk but the usage chunk.
+		return
 	}
 	obj := gjson.ParseBytes(data)
 	switch obj.Get("type").String() {

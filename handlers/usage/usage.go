@@ -1,6 +1,8 @@
 // Package usage reads token usage and the end of a stream out of OpenAI
 // responses: plain JSON bodies, chat/completions SSE streams and Responses
-// API streams. It never blocks or alters the bytes it is shown.
+// API streams. Its parsers never block or alter the bytes they are shown;
+// AskForStreamUsage and HideStreamUsage (inject.go) ask upstream for a
+// stream's usage the client did not ask for, and hide it again.
 package usage
 
 import (

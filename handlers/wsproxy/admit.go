@@ -43,7 +43,7 @@ func (p *Proxy) admit(c *fiber.Ctx, s *session) error {
 		if len(authorization) == 0 {
 			return errMissingKey
 		}
-		name, err := p.auth(authorization)
+		name, err := p.authenticate(authorization, s)
 		if err != nil {
 			return errInvalidKey
 		}
@@ -62,7 +62,7 @@ func (p *Proxy) admit(c *fiber.Ctx, s *session) error {
 		return errBadHandshake
 	}
 	s.rec.Model = truncate(string(c.Request().URI().QueryArgs().Peek("model")), 200)
-	return nil
+	return p.admitLimits(c, s)
 }
 
 // credentials returns the Authorization value to check ("Bearer <key>")

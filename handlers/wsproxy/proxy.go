@@ -42,7 +42,10 @@ type Config struct {
 	// Authenticate checks a client's "Bearer <key>" and names it; nil:
 	// ClientKeys only. The app passes the access gate's, so managed keys
 	// (and their revocation and expiry) hold for sessions too.
-	Authenticate   func(authorization []byte) (name string, err error)
+	Authenticate func(authorization []byte) (name string, err error)
+	// Gate, when set, authenticates sessions in place of Authenticate and
+	// counts them against their key's limits (limits.go).
+	Gate           handlers.ClientGate
 	AllowOpenProxy bool
 	AllowedOrigins []string // CORS_ALLOWED_ORIGINS: browser origins allowed to open sessions, or "*"
 	MaxMessageSize int64    // WS_MAX_MESSAGE_SIZE, each direction

@@ -45,6 +45,7 @@ type session struct {
 	ending  ending
 	usage   usage.Usage
 	model   string // from the usage event, when the query named none
+	limits  limits // the caller's key, its ticket and the session's cost
 	once    sync.Once
 }
 
@@ -193,6 +194,7 @@ func (s *session) finish() {
 }
 
 func (s *session) log() {
+	s.settleLimits()
 	if s.rec.TTFBMs == 0 && !s.handshakeDone.IsZero() {
 		s.rec.TTFBMs = s.handshakeDone.Sub(s.start).Milliseconds()
 	}
@@ -350,6 +352,7 @@ func (s *session) observe(ins *inspector) {
 	if s.model == "" {
 		s.model = truncate(model, 200)
 	}
+	s.charge(u, model)
 	s.mu.Unlock()
 }
 

@@ -1,0 +1,106 @@
+package app_test
+
+import (
+	"encoding/json"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fasthttp/websocket"
+
+	"github.com/openai-idempotent-proxy/proxy/app/apptest"
+)
+
+// realtimeCost is one fake response.done at gpt-4o-realtime-preview's
+// rates ($5 in, $2.50 cached, $20 out per 1M): 6 input, 4 cached, 20 output.
+const realtimeCost int64 = 6*5 + 4*2.5 + 20*20
+
+// wsSession opens a Realtime session with key, runs n responses and
+// closes it; a refused upgrade returns its status and error code.
+func wsSession(t *testing.T, in *apptest.Instance, key string, n int) (int, string, http.Header) {
+	t.Helper()
+	c, resp, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(in.URL, "http")+"/v1/realtime?model=gpt-4o-realtime-preview",
+		http.Header{"Authorization": {"Bearer " + key}})
+	if err != nil {
+		if resp == nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		var e struct{ Error struct{ Code string } }
+		_ = json.Unmarshal(b, &e)
+		return resp.StatusCode, e.Error.Code, resp.Header
+	}
+	defer c.Close()
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for range n {
+		if err := c.WriteMessage(websocket.TextMessage, []byte(`{"type":"response.create"}`)); err != nil {
+			t.Fatal(err)
+		}
+		for {
+			_, msg, err := c.ReadMessage()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if strings.Contains(string(msg), `"response.done"`) {
+				break
+			}
+		}
+	}
+	_ = c.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(websocket.CloseNormalClosure, ""), time.Now().Add(time.Second))
+	for {
+		if _, _, err := c.ReadMessage(); err != nil {
+			break
+		}
+	}
+	return resp.StatusCode, "", resp.Header
+}
+
+func TestWebSocketSessionsCountAgainstKeyLimits(t *testing.T) {
+	up := apptest.NewWSUpstream(t)
+	px := apptest.Start(t, up.URL+"/v1", map[string]string{"ADMIN_API_TOKEN": adminToken, "DATA_DIR": t.TempDir(), "BUDGET_RESERVE_TOKENS": "10"})
+	upstreamSessions := func() int { return len(up.Sessions()) }
+
+	// RPM: a session start is a request; the second is refused before
+	// the upgrade, in OpenAI's shape, and never reaches upstream.
+	k := createKey(t, px, `{"name":"ws-rpm","rpm":1}`)
+	apptest.Eventually(t, 5*time.Second, func() bool { return call(t, px, k.Key, `{"model":"x"}`).status != 401 }, "key unknown")
+	// That call took the one request of the minute: the session is refused.
+	if status, code, h := wsSession(t, px, k.Key, 1); status != 429 || code != "rate_limit_exceeded" || h.Get("Retry-After") == "" {
+		t.Fatalf("session over rpm: %d %q Retry-After %q", status, code, h.Get("Retry-After"))
+	}
+	if n := upstreamSessions(); n != 0 {
+		t.Fatalf("a refused session reached upstream (%d sessions)", n)
+	}
+
+	// Budget: each response is priced and spent as it is reported; once
+	// spent, new sessions are refused.
+	b := createKey(t, px, `{"name":"ws-budget","budget_usd":0.001,"budget_period":"day"}`)
+	apptest.Eventually(t, 5*time.Second, func() bool {
+		status, _, _ := wsSession(t, px, b.Key, 2)
+		return status == 101
+	}, "budgeted session not admitted")
+	var row struct{ CostMicros, TotalTokens int64 }
+	apptest.Eventually(t, 5*time.Second, func() bool {
+		px.App.Store.DB().Raw("SELECT cost_micros, total_tokens FROM request_logs WHERE client = 'ws-budget' AND status = 101").Scan(&row)
+		return row.TotalTokens > 0
+	}, "no row for the session")
+	if row.CostMicros != 2*realtimeCost {
+		t.Fatalf("session cost %d µ$, want %d", row.CostMicros, 2*realtimeCost)
+	}
+	var budget struct{ SpentMicros, ReservedMicros int64 }
+	apptest.Eventually(t, 5*time.Second, func() bool {
+		px.App.Store.DB().Raw("SELECT spent_micros, reserved_micros FROM client_key_budgets WHERE key_id = ?", b.ID).Scan(&budget)
+		return budget.SpentMicros == 2*realtimeCost && budget.ReservedMicros == 0
+	}, "budget: %+v, want %d spent and nothing reserved", budget, 2*realtimeCost)
+	// $0.001 = 1000 µ$: 880 spent leaves less than a session's estimate
+	// (10 output tokens at $20 per 1M: 200 µ$).
+	before := upstreamSessions()
+	if status, code, _ := wsSession(t, px, b.Key, 1); status != 429 || code != "budget_exceeded" {
+		t.Fatalf("session over budget: %d %q", status, code)
+	}
+	if n := upstreamSessions(); n != before {
+		t.Fatal("a session over budget reached upstream")
+	}
+}
