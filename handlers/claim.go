@@ -37,6 +37,11 @@ type claims struct {
 	// relay publishes and follows attempts across replicas; nil on a
 	// store only this process uses (SQLite).
 	relay *relay
+	// renewing holds each claim whose lease is kept, with when it was
+	// last renewed (or won); renewLoop says the one loop that renews
+	// them all runs (renewLeases).
+	renewing  map[*claim]time.Time
+	renewLoop bool
 }
 
 // claimState is where a claim is in its life: running until exactly one
@@ -59,7 +64,6 @@ type claim struct {
 	overflow  bool // the response outgrew IDEMPOTENCY_MAX_BODY or the memory bound
 	// feed is the capture as repeats of the request follow it.
 	feed     feed
-	stop     chan struct{}
 	stopOnce sync.Once
 
 	// row is the request's log row as it stood when the key was claimed,
@@ -77,15 +81,19 @@ type claim struct {
 // hold registers a claim won in the store and keeps its lease renewed
 // until it ends. reserved is the memory already taken for its capture.
 func (s *claims) hold(id, owner string, row models.RequestLog, start time.Time, reserved int64) *claim {
-	cl := &claim{set: s, id: id, owner: owner, stop: make(chan struct{}), row: row, start: start, reserved: reserved}
+	cl := &claim{set: s, id: id, owner: owner, row: row, start: start, reserved: reserved}
 	s.mu.Lock()
 	if s.running == nil {
-		s.running, s.live = map[*claim]struct{}{}, map[string]*claim{}
+		s.running, s.live, s.renewing = map[*claim]struct{}{}, map[string]*claim{}, map[*claim]time.Time{}
 	}
 	s.running[cl] = struct{}{}
 	s.live[id] = cl
+	s.renewing[cl] = time.Now()
+	if !s.renewLoop {
+		s.renewLoop = true
+		go s.renewLeases()
+	}
 	s.mu.Unlock()
-	go cl.renew()
 	return cl
 }
 
@@ -165,7 +173,13 @@ func (s *claims) liveClaim(id, owner string) *claim {
 }
 
 // end stops renewing the lease; the attempt is over.
-func (cl *claim) end() { cl.stopOnce.Do(func() { close(cl.stop) }) }
+func (cl *claim) end() {
+	cl.stopOnce.Do(func() {
+		cl.set.mu.Lock()
+		delete(cl.set.renewing, cl)
+		cl.set.mu.Unlock()
+	})
+}
 
 // append adds response bytes to the capture, growing it within
 // IDEMPOTENCY_MAX_BODY and BUFFER_MEMORY_LIMIT, or gives the capture up.
@@ -236,28 +250,56 @@ func (cl *claim) freeCapture() {
 	cl.set.buffers.release(n)
 }
 
-// renew keeps the claim alive while the attempt runs, so a long stream is
-// never taken over by another replica.
-func (cl *claim) renew() {
-	s := cl.set
-	t := time.NewTicker(s.lease / 3)
+// renewLeases keeps the leases of every running claim alive, so a long
+// stream is never taken over by another replica: one loop for all of them
+// (a request shorter than a quarter lease is never renewed), which ends
+// when none is left. Each claim is renewed a quarter to a third of a lease
+// after its last renewal; the renewals due at once run side by side, each
+// bounded by a third of a lease.
+func (s *claims) renewLeases() {
+	tick := s.lease / 12
+	t := time.NewTicker(tick)
 	defer t.Stop()
-	for {
-		select {
-		case <-cl.stop:
+	for range t.C {
+		s.mu.Lock()
+		if len(s.renewing) == 0 {
+			s.renewLoop = false
+			s.mu.Unlock()
 			return
-		case <-t.C:
-			ctx, cancel := context.WithTimeout(context.Background(), s.lease/3)
-			err := s.store.RenewIdempotencyLease(ctx, cl.id, cl.owner, s.lease)
-			cancel()
-			if errors.Is(err, models.ErrLeaseLost) {
-				s.logger.Warn("idempotency lease lost to another attempt", "id", cl.id)
-				return
-			}
-			if err != nil {
-				s.logger.Warn("renew idempotency lease", "error", err.Error())
+		}
+		now := time.Now()
+		var due []*claim
+		for cl, at := range s.renewing {
+			if now.Sub(at) >= s.lease/3-tick {
+				due = append(due, cl)
+				s.renewing[cl] = now
 			}
 		}
+		s.mu.Unlock()
+		var wg sync.WaitGroup
+		for _, cl := range due {
+			wg.Go(cl.renew)
+		}
+		wg.Wait()
+	}
+}
+
+// renew extends the claim's lease once; a claim whose lease another
+// attempt took is renewed no more.
+func (cl *claim) renew() {
+	s := cl.set
+	ctx, cancel := context.WithTimeout(context.Background(), s.lease/3)
+	err := s.store.RenewIdempotencyLease(ctx, cl.id, cl.owner, s.lease)
+	cancel()
+	if errors.Is(err, models.ErrLeaseLost) {
+		s.logger.Warn("idempotency lease lost to another attempt", "id", cl.id)
+		s.mu.Lock()
+		delete(s.renewing, cl)
+		s.mu.Unlock()
+		return
+	}
+	if err != nil {
+		s.logger.Warn("renew idempotency lease", "error", err.Error())
 	}
 }
 

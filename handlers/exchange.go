@@ -273,6 +273,9 @@ func (ex *exchange) emit(rec *models.RequestLog, ttfb time.Duration) {
 	if rec.Outcome == models.OutcomeUpstreamError || rec.Status >= 500 {
 		level = slog.LevelWarn
 	}
+	if !ex.out.logger.Enabled(context.Background(), level) {
+		return // the attributes below cost allocations even when not logged
+	}
 	ex.out.logger.Log(context.Background(), level, "request",
 		slog.String("method", rec.Method), slog.String("path", rec.Path), slog.Int("status", rec.Status),
 		slog.String("outcome", rec.Outcome), slog.String("client", rec.Client), slog.Int64("ms", rec.DurationMs),

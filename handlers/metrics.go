@@ -35,6 +35,10 @@ type Metrics struct {
 	upstreamConns  *prometheus.CounterVec
 	models         modelLabels
 	upstreamAuth   *prometheus.CounterVec
+	// byRoute and byRequest cache the series observe finds by label
+	// values, so a request does no label hashing: every label is bounded.
+	byRoute   sync.Map // route → *routeSeries
+	byRequest sync.Map // requestLabels → prometheus.Counter
 
 	// Logger receives the upstream key warnings; nil: slog.Default().
 	Logger *slog.Logger
@@ -140,6 +144,14 @@ func (m *Metrics) Handler(token string) fiber.Handler {
 	}
 }
 
+// routeSeries are the series of one route label.
+type routeSeries struct{ duration, ttfb prometheus.Observer }
+
+// requestLabels are proxy_requests_total's label values.
+type requestLabels struct{ route, class, model, client, outcome string }
+
+var statusClasses = [...]string{"0xx", "1xx", "2xx", "3xx", "4xx", "5xx", "6xx", "7xx", "8xx", "9xx"}
+
 func (m *Metrics) observe(rec *models.RequestLog, ttfb time.Duration) {
 	if m == nil {
 		return
@@ -147,16 +159,30 @@ func (m *Metrics) observe(rec *models.RequestLog, ttfb time.Duration) {
 	route := routeLabel(rec.Path)
 	class := "none"
 	if rec.Status > 0 {
-		class = strconv.Itoa(rec.Status/100) + "xx"
+		if c := rec.Status / 100; c < len(statusClasses) {
+			class = statusClasses[c]
+		} else {
+			class = strconv.Itoa(c) + "xx"
+		}
 	}
 	model := m.models.label(rec.Model, rec.Status)
-	m.requests.WithLabelValues(route, class, model, rec.Client, rec.Outcome).Inc()
+	labels := requestLabels{route, class, model, rec.Client, rec.Outcome}
+	requests, ok := m.byRequest.Load(labels)
+	if !ok {
+		requests, _ = m.byRequest.LoadOrStore(labels, m.requests.WithLabelValues(route, class, model, rec.Client, rec.Outcome))
+	}
+	requests.(prometheus.Counter).Inc()
 	if rec.CostMicros > 0 {
 		m.cost.WithLabelValues(rec.Client, model).Add(float64(rec.CostMicros) / 1e6)
 	}
-	m.duration.WithLabelValues(route).Observe(float64(rec.DurationMs) / 1000)
+	series, ok := m.byRoute.Load(route)
+	if !ok {
+		series, _ = m.byRoute.LoadOrStore(route, &routeSeries{duration: m.duration.WithLabelValues(route), ttfb: m.ttfb.WithLabelValues(route)})
+	}
+	rs := series.(*routeSeries)
+	rs.duration.Observe(float64(rec.DurationMs) / 1000)
 	if ttfb > 0 {
-		m.ttfb.WithLabelValues(route).Observe(ttfb.Seconds())
+		rs.ttfb.Observe(ttfb.Seconds())
 	}
 	if rec.PromptTokens > 0 || rec.CompletionTokens > 0 {
 		m.tokens.WithLabelValues("prompt").Add(float64(rec.PromptTokens))
@@ -314,16 +340,20 @@ func newRouteTree(templates ...string) *routeTree {
 	return root
 }
 
-func (n *routeTree) match(segs []string) string {
-	if len(segs) == 0 {
+// match matches the segments of rest, the path after its leading "/";
+// done says none are left.
+func (n *routeTree) match(rest string, done bool) string {
+	if done {
 		return n.template
 	}
-	for _, key := range []string{segs[0], ":id"} {
-		if child := n.children[key]; child != nil && (key != ":id" || segs[0] != "") {
-			if tpl := child.match(segs[1:]); tpl != "" {
-				return tpl
-			}
+	seg, after, more := strings.Cut(rest, "/")
+	if child := n.children[seg]; child != nil {
+		if tpl := child.match(after, !more); tpl != "" {
+			return tpl
 		}
+	}
+	if child := n.children[":id"]; child != nil && seg != "" {
+		return child.match(after, !more)
 	}
 	return ""
 }
@@ -334,7 +364,7 @@ func routeLabel(path string) string {
 	if path == "" {
 		return "none"
 	}
-	if tpl := routeTemplates.match(strings.Split(strings.TrimPrefix(path, "/"), "/")); tpl != "" {
+	if tpl := routeTemplates.match(strings.TrimPrefix(path, "/"), false); tpl != "" {
 		return tpl
 	}
 	return "other"

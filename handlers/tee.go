@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/valyala/fasthttp"
+
+	"github.com/openai-idempotent-proxy/proxy/handlers/scrub"
 )
 
 // tee is the body stream Fiber writes to the client. It implements only
@@ -104,6 +106,7 @@ func (t *tee) close(err error) {
 	if t.decoder != nil {
 		_ = t.decoder.Close()
 	}
+	scrub.Release(t.src) // nothing reads it after this
 	fasthttp.ReleaseResponse(t.up)
 	t.release(err == nil && t.eof)
 	switch {

@@ -29,6 +29,7 @@ package scrub
 import (
 	"bytes"
 	"encoding/binary"
+	"sync"
 	"unsafe"
 )
 
@@ -62,6 +63,8 @@ type Masker struct {
 	prefixes map[uint64]struct{} // their prefixes shorter than keyLen, tagged with their length
 	bits     [1 << filterBits / 64]uint64
 	first    [256]bool // bytes a secret starts with
+
+	buffers sync.Pool // *[]byte of maxLen-1+readChunk, for Readers
 }
 
 // span is the half-open range [s, e) of one or more overlapping occurrences.

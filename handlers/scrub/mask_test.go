@@ -259,3 +259,22 @@ func TestReplacePerReadLeaks(t *testing.T) {
 		t.Fatalf("Reader gave %q, %v", got, err)
 	}
 }
+
+// A released reader fails instead of reading a buffer another reader now uses.
+func TestReaderRelease(t *testing.T) {
+	m := New("sk-secret-0123456789")
+	r := m.Reader(strings.NewReader("data: sk-secret-0123456789 and more\n\n"))
+	var p [4]byte
+	if _, err := r.Read(p[:]); err != nil {
+		t.Fatal(err)
+	}
+	Release(r)
+	if n, err := r.Read(p[:]); n != 0 || err == nil {
+		t.Fatalf("read after Release: %d, %v", n, err)
+	}
+	Release(r) // twice is harmless
+	next := m.Reader(strings.NewReader("sk-secret-0123456789"))
+	if b, err := io.ReadAll(next); err != nil || string(b) != strings.Repeat("*", 20) {
+		t.Fatalf("reader after a release: %q %v", b, err)
+	}
+}

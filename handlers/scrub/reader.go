@@ -1,6 +1,9 @@
 package scrub
 
-import "io"
+import (
+	"errors"
+	"io"
+)
 
 // readChunk bounds one read from the source. Reads are also bounded by the
 // caller's buffer, so each Read maps to one source read.
@@ -12,7 +15,7 @@ type reader struct {
 	src io.Reader
 	err error // the source's error, returned once the held bytes are out
 
-	buf  []byte // out, then held; allocated once
+	buf  []byte // out, then held; from m.buffers until Release
 	out  []byte // masked bytes not yet returned
 	held []byte // original bytes that may start a secret
 	// heldMask is how many leading bytes of held an occurrence already
@@ -23,14 +26,34 @@ type reader struct {
 
 // Reader returns a reader that yields src with every secret masked, with
 // exactly as many bytes as src. It holds back only a tail that could still
-// grow into a secret, so it adds no latency otherwise; it allocates its
-// buffer once. Use one per stream: it is not safe for concurrent use. With
-// no secrets it returns src.
+// grow into a secret, so it adds no latency otherwise. Its buffer comes
+// from a pool: pass the reader to Release once it is no longer read, or
+// leave it to the garbage collector. Use one per stream: it is not safe for
+// concurrent use. With no secrets it returns src.
 func (m *Masker) Reader(src io.Reader) io.Reader {
 	if m == nil || len(m.secrets) == 0 {
 		return src
 	}
-	return &reader{m: m, src: src, buf: make([]byte, m.maxLen-1+readChunk)}
+	buf, _ := m.buffers.Get().(*[]byte)
+	if buf == nil {
+		b := make([]byte, m.maxLen-1+readChunk)
+		buf = &b
+	}
+	return &reader{m: m, src: src, buf: *buf}
+}
+
+var errReleased = errors.New("scrub: read after Release")
+
+// Release gives the buffer of a reader from Masker.Reader back for another
+// one; the reader then fails every Read. Any other reader is left alone.
+func Release(r io.Reader) {
+	rd, ok := r.(*reader)
+	if !ok || rd.buf == nil {
+		return
+	}
+	buf := rd.buf
+	rd.buf, rd.out, rd.held, rd.err = nil, nil, nil, errReleased
+	rd.m.buffers.Put(&buf)
 }
 
 // Read returns masked bytes as soon as they are known not to start a secret.
