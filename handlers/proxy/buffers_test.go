@@ -1,4 +1,4 @@
-package handlers_test
+package proxy_test
 
 import (
 	"fmt"
