@@ -14,6 +14,7 @@ import (
 	"github.com/gofiber/fiber/v2"
 	"github.com/valyala/fasthttp"
 
+	"github.com/openai-idempotent-proxy/proxy/handlers"
 	"github.com/openai-idempotent-proxy/proxy/handlers/access"
 	"github.com/openai-idempotent-proxy/proxy/handlers/scrub"
 	"github.com/openai-idempotent-proxy/proxy/handlers/usage"
@@ -46,8 +47,8 @@ type exchange struct {
 	stream    usage.Stream
 	tail      []byte // last bytes of a JSON body, for usage
 
-	claim      *claim    // set when this request holds an Idempotency-Key claim
-	failure    *APIError // what the client got when the proxy answered with an error
+	claim      *claim             // set when this request holds an Idempotency-Key claim
+	failure    *handlers.APIError // what the client got when the proxy answered with an error
 	caller     access.Caller
 	ask        access.Request // what limits need to know of the request
 	ticket     *access.Ticket // the caller's limits held while forwarding
@@ -89,14 +90,14 @@ func (p *Proxy) newExchange(c *fiber.Ctx) *exchange {
 
 // reject answers a request the proxy refuses itself, and logs it.
 func (ex *exchange) reject(c *fiber.Ctx, err error) error {
-	apiErr := AsAPIError(err)
+	apiErr := handlers.AsAPIError(err)
 	ex.failure = apiErr
 	ex.status, ex.outcome, ex.errText = apiErr.Status, apiErr.Outcome, apiErr.Code
 	if ex.outcome == "" {
 		ex.outcome = models.OutcomeRejected
 	}
 	ex.finish(nil)
-	return WriteAPIError(c, apiErr)
+	return handlers.WriteAPIError(c, apiErr)
 }
 
 // onHeaders runs when upstream's response headers arrive.

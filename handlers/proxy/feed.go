@@ -3,6 +3,8 @@ package proxy
 import (
 	"sync"
 	"time"
+
+	"github.com/openai-idempotent-proxy/proxy/handlers"
 )
 
 // feed is a running keyed attempt's response as it is produced, for the
@@ -19,8 +21,8 @@ type feed struct {
 	head    *feedHead // nil until upstream answers
 	body    []byte
 	end     feedEnd
-	failure *APIError     // the attempt failed before any response: what its client got
-	wake    chan struct{} // closed at each change; nil while nobody waits
+	failure *handlers.APIError // the attempt failed before any response: what its client got
+	wake    chan struct{}      // closed at each change; nil while nobody waits
 	readers int
 	joins   int      // repeats that joined, for the record's join_count
 	idle    []func() // run once the feed has ended and its last reader left
@@ -82,7 +84,7 @@ func (f *feed) grew(body []byte) {
 
 // ended records how the attempt ended, once; failure is what the client
 // got when the attempt failed before any response.
-func (f *feed) ended(end feedEnd, failure *APIError) {
+func (f *feed) ended(end feedEnd, failure *handlers.APIError) {
 	f.mu.Lock()
 	if f.end != feedOpen {
 		f.mu.Unlock()
@@ -161,7 +163,7 @@ type feedState struct {
 	head    *feedHead
 	size    int
 	end     feedEnd
-	failure *APIError
+	failure *handlers.APIError
 }
 
 func (f *feed) state() feedState {

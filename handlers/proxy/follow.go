@@ -10,6 +10,7 @@ import (
 
 	"golang.org/x/time/rate"
 
+	"github.com/openai-idempotent-proxy/proxy/handlers"
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
@@ -120,8 +121,8 @@ func (r *relay) notified(channel, id string) {
 
 // liveEnd is the end row of an attempt.
 type liveEnd struct {
-	End     feedEnd   `json:"end"`
-	Failure *APIError `json:"failure,omitempty"`
+	End     feedEnd            `json:"end"`
+	Failure *handlers.APIError `json:"failure,omitempty"`
 }
 
 // publish writes a followed attempt of this replica to the store as it

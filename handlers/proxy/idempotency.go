@@ -11,6 +11,7 @@ import (
 
 	"github.com/gofiber/fiber/v2"
 
+	"github.com/openai-idempotent-proxy/proxy/handlers"
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
@@ -29,17 +30,17 @@ type IdempotencyStore interface {
 const ReplayedHeader = "Idempotent-Replayed"
 
 var (
-	errKeyInvalid = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_idempotency_key", Outcome: models.OutcomeIdempotencyInvalid,
+	errKeyInvalid = &handlers.APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_idempotency_key", Outcome: models.OutcomeIdempotencyInvalid,
 		Message: "The Idempotency-Key header must be 1 to 255 printable ASCII characters, bare or as a quoted string, and sent once."}
-	errBuffersFull = &APIError{Status: http.StatusServiceUnavailable, Type: "server_error", Code: "proxy_overloaded", Outcome: models.OutcomeRejected,
+	errBuffersFull = &handlers.APIError{Status: http.StatusServiceUnavailable, Type: "server_error", Code: "proxy_overloaded", Outcome: models.OutcomeRejected,
 		Message: "The proxy is at its memory limit (BUFFER_MEMORY_LIMIT); retry shortly."}
-	errKeyMismatch = &APIError{Status: http.StatusUnprocessableEntity, Type: "invalid_request_error", Code: "idempotency_key_reused", Outcome: models.OutcomeIdempotencyMismatch,
+	errKeyMismatch = &handlers.APIError{Status: http.StatusUnprocessableEntity, Type: "invalid_request_error", Code: "idempotency_key_reused", Outcome: models.OutcomeIdempotencyMismatch,
 		Message: "This Idempotency-Key was already used for a different request (method, path, query or body). Use a new key for a new request."}
-	errKeyInProgress = &APIError{Status: http.StatusConflict, Type: "invalid_request_error", Code: "idempotency_key_in_progress", Outcome: models.OutcomeIdempotencyConflict,
+	errKeyInProgress = &handlers.APIError{Status: http.StatusConflict, Type: "invalid_request_error", Code: "idempotency_key_in_progress", Outcome: models.OutcomeIdempotencyConflict,
 		Message: "A request with this Idempotency-Key is still in progress. Retry after it completes."}
-	errKeyNotStored = &APIError{Status: http.StatusGone, Type: "invalid_request_error", Code: "idempotency_response_not_stored", Outcome: models.OutcomeIdempotencyGone,
+	errKeyNotStored = &handlers.APIError{Status: http.StatusGone, Type: "invalid_request_error", Code: "idempotency_response_not_stored", Outcome: models.OutcomeIdempotencyGone,
 		Message: "The request with this Idempotency-Key was executed, but its response was larger than IDEMPOTENCY_MAX_BODY and cannot be replayed. Use a new key to run it again."}
-	errKeyUnavailable = &APIError{Status: http.StatusServiceUnavailable, Type: "server_error", Code: "idempotency_unavailable", Outcome: models.OutcomeIdempotencyDown,
+	errKeyUnavailable = &handlers.APIError{Status: http.StatusServiceUnavailable, Type: "server_error", Code: "idempotency_unavailable", Outcome: models.OutcomeIdempotencyDown,
 		Message: "The idempotency store is unavailable, so the request was not executed. Retry later, or send it without Idempotency-Key."}
 )
 
@@ -57,9 +58,9 @@ func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
 	if err != nil {
 		if ex.bodyLimit != nil && ex.bodyLimit.exceeded {
 			lingerAndClose(c)
-			return ex.reject(c, errBodyTooLarge)
+			return ex.reject(c, handlers.ErrBodyTooLarge)
 		}
-		return ex.reject(c, &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_body", Outcome: models.OutcomeRejected,
+		return ex.reject(c, &handlers.APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_body", Outcome: models.OutcomeRejected,
 			Message: "The request body could not be read."})
 	}
 	// The first share of memory for the capture (or a replay), before any

@@ -11,13 +11,14 @@ import (
 
 	"github.com/gofiber/fiber/v2"
 
+	"github.com/openai-idempotent-proxy/proxy/handlers"
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
 // errAttemptFailed answers a joiner whose attempt broke off before
 // upstream answered, in a way that gave its own client no error to share
 // (the holder's replica died, say): retryable, like a 502.
-var errAttemptFailed = &APIError{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_error", Outcome: models.OutcomeJoined,
+var errAttemptFailed = &handlers.APIError{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_error", Outcome: models.OutcomeJoined,
 	Message: "The request with this Idempotency-Key failed upstream before it answered. Retry it: the next attempt executes."}
 
 // join answers a repeat of a keyed request that is still running from that
@@ -37,7 +38,7 @@ func (p *Proxy) join(c *fiber.Ctx, ex *exchange, rec *models.IdempotencyRecord) 
 	if ok && st.head != nil && !st.head.SSE {
 		st, ok = f.await(deadline, func(st feedState) bool { return st.end != feedOpen })
 	}
-	var refusal *APIError
+	var refusal *handlers.APIError
 	switch {
 	case !ok:
 		refusal = errKeyInProgress // still running at the bound: as without joining
@@ -59,7 +60,7 @@ func (p *Proxy) join(c *fiber.Ctx, ex *exchange, rec *models.IdempotencyRecord) 
 		p.out.metrics.idempotencyResult("joined")
 		ex.failure, ex.status, ex.outcome, ex.errText = refusal, refusal.Status, models.OutcomeJoined, "joined: "+refusal.Code
 		ex.finish(nil)
-		return true, WriteAPIError(c, refusal)
+		return true, handlers.WriteAPIError(c, refusal)
 	}
 
 	p.out.metrics.idempotencyResult("joined")

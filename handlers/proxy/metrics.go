@@ -16,6 +16,7 @@ import (
 	"github.com/tidwall/gjson"
 	"golang.org/x/time/rate"
 
+	"github.com/openai-idempotent-proxy/proxy/handlers"
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
@@ -128,11 +129,11 @@ func NewMetrics() *Metrics {
 // Handler serves the registry, behind a bearer token when one is set.
 func (m *Metrics) Handler(token string) fiber.Handler {
 	serve := adaptor.HTTPHandler(promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{}))
-	want := DigestSecret([]byte("Bearer " + token))
+	want := handlers.DigestSecret([]byte("Bearer " + token))
 	return func(c *fiber.Ctx) error {
 		if token != "" {
 			if !want.Matches(c.Request().Header.Peek("Authorization")) {
-				return WriteAPIError(c, &APIError{Status: fiber.StatusUnauthorized, Type: "invalid_request_error", Code: "invalid_metrics_token",
+				return handlers.WriteAPIError(c, &handlers.APIError{Status: fiber.StatusUnauthorized, Type: "invalid_request_error", Code: "invalid_metrics_token",
 					Message: "Send the metrics token as 'Authorization: Bearer <METRICS_TOKEN>'."})
 			}
 		}
@@ -163,6 +164,10 @@ func (m *Metrics) observe(rec *models.RequestLog, ttfb time.Duration) {
 		m.tokens.WithLabelValues("completion").Add(float64(rec.CompletionTokens))
 	}
 }
+
+// ObserveRequest counts a finished request (a WebSocket session) in
+// /metrics, like every proxied HTTP request.
+func (m *Metrics) ObserveRequest(rec models.RequestLog) { m.observe(&rec, 0) }
 
 // upstreamAuthLogEvery is how often an upstream refusing OPENAI_API_KEY
 // is logged: every request fails then, so once a minute is enough.

@@ -7,7 +7,6 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/json"
 	"errors"
 	"io"
 	"log/slog"
@@ -19,11 +18,12 @@ import (
 	"time"
 
 	"github.com/gofiber/fiber/v2"
-	"github.com/gofiber/fiber/v2/middleware/proxy"
+	fiberproxy "github.com/gofiber/fiber/v2/middleware/proxy"
 	"github.com/tidwall/gjson"
 	"github.com/valyala/fasthttp"
 	"golang.org/x/time/rate"
 
+	"github.com/openai-idempotent-proxy/proxy/handlers"
 	"github.com/openai-idempotent-proxy/proxy/handlers/access"
 	"github.com/openai-idempotent-proxy/proxy/handlers/scrub"
 	"github.com/openai-idempotent-proxy/proxy/models"
@@ -35,14 +35,14 @@ type ProxyConfig struct {
 	UpstreamAPIKey   string
 	Secrets          []string       // every secret to mask in what the proxy sends, stores and logs
 	UpstreamCAs      *x509.CertPool // nil: the system roots
-	ClientKeys       []ClientKey
+	ClientKeys       []handlers.ClientKey
 	Gate             ClientGate // nil: PROXY_API_KEYS only, no limits
 	AllowOpenProxy   bool
 	MaxBodySize      int64
 	UpstreamTimeout  time.Duration
 	FirstByteTimeout time.Duration
 	IdleTimeout      time.Duration
-	Egress           Egress // HTTPS_PROXY, HTTP_PROXY, NO_PROXY
+	Egress           handlers.Egress // HTTPS_PROXY, HTTP_PROXY, NO_PROXY
 
 	IdempotencyTTL     time.Duration
 	IdempotencyLease   time.Duration
@@ -62,7 +62,7 @@ type LogSink interface {
 // Proxy forwards /v1/* to the upstream API.
 type Proxy struct {
 	cfg       ProxyConfig
-	auth      *Authenticator
+	auth      *handlers.Authenticator
 	gate      ClientGate
 	bearer    string // "Bearer <upstream key>", built once
 	client    *fasthttp.Client
@@ -94,7 +94,7 @@ const inspectLimit = 32 << 20
 func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, logger *slog.Logger) *Proxy {
 	p := &Proxy{
 		cfg:           cfg,
-		auth:          NewAuthenticator(cfg.ClientKeys),
+		auth:          handlers.NewAuthenticator(cfg.ClientKeys),
 		bearer:        "Bearer " + cfg.UpstreamAPIKey,
 		idem:          idem,
 		warnSometimes: rate.Sometimes{Interval: time.Second},
@@ -167,7 +167,7 @@ func (p *Proxy) Handle(c *fiber.Ctx) error {
 // admit authenticates, normalises the path and checks the body size,
 // before anything is read or sent upstream.
 func (p *Proxy) admit(c *fiber.Ctx, ex *exchange) error {
-	path, pathErr := normalisePath(string(c.Request().URI().PathOriginal()))
+	path, pathErr := handlers.NormalisePath(string(c.Request().URI().PathOriginal()))
 	ex.rec.Path = path // logged even when the request is refused below
 	if pathErr != nil {
 		ex.rec.Path = truncate(string(c.Request().URI().PathOriginal()), 200)
@@ -190,14 +190,14 @@ func (p *Proxy) admit(c *fiber.Ctx, ex *exchange) error {
 	if m := c.Request().Header.Method(); string(m) == fiber.MethodTrace || string(m) == fiber.MethodConnect {
 		// TRACE echoes the request (our key included) back; CONNECT is
 		// not an API call.
-		return errMethodNotAllowed
+		return handlers.ErrMethodNotAllowed
 	}
 
 	req := c.Request()
 	size := req.Header.ContentLength()
 	if int64(size) > p.cfg.MaxBodySize {
 		lingerAndClose(c)
-		return errBodyTooLarge
+		return handlers.ErrBodyTooLarge
 	}
 	if req.IsBodyStream() && size < 0 {
 		// Chunked upload: cut it off once it outgrows the limit.
@@ -220,7 +220,7 @@ func (p *Proxy) admit(c *fiber.Ctx, ex *exchange) error {
 		body, err := bufferedBody(req, size) // bounded above
 		if err != nil {
 			c.Context().SetConnectionClose()
-			return errBadBody
+			return handlers.ErrBadBody
 		}
 		ex.rec.Model = truncate(gjson.GetBytes(body, "model").String(), 200)
 		ex.rec.Stream = gjson.GetBytes(body, "stream").Bool()
@@ -241,14 +241,14 @@ func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
 	if ex.claim == nil {
 		ex.hop.client = watchClientOf(c.Context().Conn())
 	}
-	target := upstreamURL(p.cfg.UpstreamBaseURL, ex.rec.Path, req.URI().QueryString())
+	target := handlers.UpstreamURL(p.cfg.UpstreamBaseURL, ex.rec.Path, req.URI().QueryString())
 	// The client resets the response, dropping headers that middleware
 	// (CORS) set before the handler ran: keep them to put back.
 	var pre fasthttp.ResponseHeader
 	resp.Header.CopyTo(&pre)
 
 	returned := p.transport.lend(req, &ex.hop)
-	err := proxy.Do(c, target, p.client)
+	err := fiberproxy.Do(c, target, p.client)
 	returned()
 	up := takeUpstream(resp) // nil without a body stream (HEAD, 204, 304)
 	var src io.Reader
@@ -266,7 +266,7 @@ func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
 		apiErr := p.upstreamError(c, err, ex)
 		ex.failure = apiErr
 		ex.finish(err)
-		return WriteAPIError(c, apiErr)
+		return handlers.WriteAPIError(c, apiErr)
 	}
 	if p.maskHeaders(&resp.Header) {
 		p.out.logger.Warn("upstream echoed a secret in a response header; masked")
@@ -332,11 +332,11 @@ func truncate(s string, n int) string {
 // written here, with Connection: close, because fasthttp skips hijack
 // handlers on connections it closes itself.
 func lingerAndClose(c *fiber.Ctx) {
-	body, _ := json.Marshal(openAIErrorBody(errBodyTooLarge))
+	body := handlers.APIErrorBody(handlers.ErrBodyTooLarge)
 	c.Context().HijackSetNoResponse(true)
 	c.Context().Hijack(func(conn net.Conn) {
 		var resp fasthttp.Response
-		resp.SetStatusCode(errBodyTooLarge.Status)
+		resp.SetStatusCode(handlers.ErrBodyTooLarge.Status)
 		resp.Header.SetContentType(fiber.MIMEApplicationJSON)
 		resp.SetConnectionClose()
 		resp.SetBodyRaw(body)

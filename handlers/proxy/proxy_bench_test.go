@@ -18,10 +18,11 @@ import (
 
 	"github.com/openai-idempotent-proxy/proxy/app/apptest"
 	"github.com/openai-idempotent-proxy/proxy/handlers"
+	"github.com/openai-idempotent-proxy/proxy/handlers/proxy"
 	"github.com/openai-idempotent-proxy/proxy/models/testdb"
 )
 
-// Run: go test -run '^$' -bench . -benchtime 5000x ./handlers/
+// Run: go test -run '^$' -bench . -benchtime 5000x ./handlers/proxy/
 //
 // Each benchmark sends one small chat completion request per iteration over
 // keep-alive connections, so the difference between Direct and Proxied is
@@ -87,7 +88,7 @@ func BenchmarkProxied(b *testing.B) {
 func BenchmarkProxiedNoLog(b *testing.B) {
 	up := benchUpstream(b)
 	base, _ := url.Parse(up.URL)
-	p := handlers.NewProxy(handlers.ProxyConfig{
+	p := proxy.NewProxy(proxy.ProxyConfig{
 		UpstreamBaseURL: base, UpstreamAPIKey: apptest.UpstreamKey,
 		ClientKeys:  []handlers.ClientKey{{Name: "alpha", Key: apptest.ClientKey}},
 		MaxBodySize: 1 << 30, UpstreamTimeout: time.Minute, FirstByteTimeout: time.Minute, IdleTimeout: time.Minute,

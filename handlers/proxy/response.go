@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/gofiber/fiber/v2"
+	"github.com/openai-idempotent-proxy/proxy/handlers"
 	"github.com/openai-idempotent-proxy/proxy/handlers/scrub"
 	"github.com/valyala/fasthttp"
 )
@@ -90,18 +91,18 @@ func (p *Proxy) maskHeaders(h *fasthttp.ResponseHeader) bool {
 }
 
 // upstreamError maps a failure before the response started.
-func (p *Proxy) upstreamError(c *fiber.Ctx, err error, ex *exchange) *APIError {
+func (p *Proxy) upstreamError(c *fiber.Ctx, err error, ex *exchange) *handlers.APIError {
 	switch {
 	case ex.bodyLimit != nil && ex.bodyLimit.exceeded:
 		lingerAndClose(c)
-		ex.status, ex.outcome = errBodyTooLarge.Status, errBodyTooLarge.Outcome
-		return errBodyTooLarge
+		ex.status, ex.outcome = handlers.ErrBodyTooLarge.Status, handlers.ErrBodyTooLarge.Outcome
+		return handlers.ErrBodyTooLarge
 	case ex.bodyLimit != nil && ex.bodyLimit.err != nil:
 		// The client's own upload broke (bad chunked framing, or it hung
 		// up mid-body): not an upstream failure.
 		c.Context().SetConnectionClose()
-		ex.status, ex.outcome = errBadBody.Status, errBadBody.Outcome
-		return errBadBody
+		ex.status, ex.outcome = handlers.ErrBadBody.Status, handlers.ErrBadBody.Outcome
+		return handlers.ErrBadBody
 	case errors.Is(err, errUnsupportedEncoding):
 		p.out.metrics.upstreamError("unreachable")
 		ex.status, ex.outcome = errUpstreamEncoding.Status, errUpstreamEncoding.Outcome
