@@ -19,6 +19,7 @@ import (
 	"github.com/openai-idempotent-proxy/proxy/handlers"
 	"github.com/openai-idempotent-proxy/proxy/handlers/access"
 	"github.com/openai-idempotent-proxy/proxy/handlers/dashboard"
+	"github.com/openai-idempotent-proxy/proxy/handlers/proxy"
 	"github.com/openai-idempotent-proxy/proxy/handlers/wsproxy"
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
@@ -80,9 +81,9 @@ type App struct {
 	Fiber   *fiber.App
 	Store   *models.Store
 	Logs    *models.LogWriter
-	Proxy   *handlers.Proxy
+	Proxy   *proxy.Proxy
 	WS      *wsproxy.Proxy
-	Metrics *handlers.Metrics
+	Metrics *proxy.Metrics
 	Gate    *access.Gate
 
 	stopJobs context.CancelFunc
@@ -111,7 +112,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 	env := handlers.NewAuthenticator(cfg.ClientKeys)
 	a.Gate = access.New(ctx, access.Options{Store: store, Env: env.Authenticate, Prices: cfg.Prices,
 		ReserveTokens: cfg.ReserveTokens, Now: store.Now, Logger: logger})
-	a.Proxy = handlers.NewProxy(handlers.ProxyConfig{
+	a.Proxy = proxy.NewProxy(proxy.ProxyConfig{
 		Gate:                a.Gate,
 		UpstreamBaseURL:     cfg.UpstreamBaseURL,
 		UpstreamAPIKey:      cfg.UpstreamAPIKey,

@@ -6,14 +6,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
-	"github.com/openai-idempotent-proxy/proxy/handlers"
+	"github.com/openai-idempotent-proxy/proxy/handlers/proxy"
 	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
 // newMetrics adds the series only the app can see: the request log queue
 // and the database connection pool.
-func newMetrics(store *models.Store, logs *models.LogWriter, logger *slog.Logger) *handlers.Metrics {
-	m := handlers.NewMetrics()
+func newMetrics(store *models.Store, logs *models.LogWriter, logger *slog.Logger) *proxy.Metrics {
+	m := proxy.NewMetrics()
 	m.Logger = logger
 	m.Registry.MustRegister(
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "proxy_log_queue_depth", Help: "Request log records waiting to be written."},

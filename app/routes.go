@@ -8,6 +8,7 @@ import (
 
 	"github.com/openai-idempotent-proxy/proxy/handlers"
 	"github.com/openai-idempotent-proxy/proxy/handlers/admin"
+	"github.com/openai-idempotent-proxy/proxy/handlers/proxy"
 )
 
 // envKeyNames are the names of PROXY_API_KEYS, shown read-only beside the
@@ -37,7 +38,7 @@ var corsExposeHeaders = []string{
 	"X-Ratelimit-Limit-Requests", "X-Ratelimit-Limit-Tokens",
 	"X-Ratelimit-Remaining-Requests", "X-Ratelimit-Remaining-Tokens",
 	"X-Ratelimit-Reset-Requests", "X-Ratelimit-Reset-Tokens",
-	"Retry-After", handlers.ReplayedHeader,
+	"Retry-After", proxy.ReplayedHeader,
 }
 
 // routes is the whole URL table.

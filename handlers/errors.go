@@ -101,40 +101,25 @@ func codeFor(status int) string {
 	return "invalid_request"
 }
 
-// The proxy's own errors.
+// The errors answered before a request reaches a handler, and those the
+// HTTP proxy answers too (Err*).
 var (
-	errMissingKey = &APIError{Status: http.StatusUnauthorized, Type: "invalid_request_error", Code: "missing_api_key", Outcome: models.OutcomeUnauthorized,
-		Message: "You didn't provide a proxy API key. Send it as 'Authorization: Bearer <key>'."}
-	errInvalidKey = &APIError{Status: http.StatusUnauthorized, Type: "invalid_request_error", Code: "invalid_api_key", Outcome: models.OutcomeUnauthorized,
-		Message: "Incorrect proxy API key provided."}
-	errBodyTooLarge = &APIError{Status: http.StatusRequestEntityTooLarge, Type: "invalid_request_error", Code: "request_too_large", Outcome: models.OutcomeRejected,
+	ErrBodyTooLarge = &APIError{Status: http.StatusRequestEntityTooLarge, Type: "invalid_request_error", Code: "request_too_large", Outcome: models.OutcomeRejected,
 		Message: "The request body is larger than this proxy accepts (MAX_BODY_SIZE)."}
 	errBadPath = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_path", Outcome: models.OutcomeRejected,
 		Message: "The request path is not valid."}
-	errMethodNotAllowed = &APIError{Status: http.StatusMethodNotAllowed, Type: "invalid_request_error", Code: "method_not_allowed", Outcome: models.OutcomeRejected,
+	ErrMethodNotAllowed = &APIError{Status: http.StatusMethodNotAllowed, Type: "invalid_request_error", Code: "method_not_allowed", Outcome: models.OutcomeRejected,
 		Message: "This method is not proxied."}
-	errBadBody = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_request_body", Outcome: models.OutcomeRejected,
+	ErrBadBody = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_request_body", Outcome: models.OutcomeRejected,
 		Message: "The request body could not be read: its framing is malformed or it ended early."}
 	errMalformedRequest = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "malformed_request", Outcome: models.OutcomeRejected,
 		Message: "The request could not be parsed as HTTP/1.1."}
-	errBadHeaderName = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "malformed_request", Outcome: models.OutcomeRejected,
-		Message: "A request header name is not a valid HTTP token."}
 	errHeadersTooLarge = &APIError{Status: http.StatusRequestHeaderFieldsTooLarge, Type: "invalid_request_error", Code: "request_headers_too_large", Outcome: models.OutcomeRejected,
 		Message: "The request headers are larger than this proxy accepts."}
 	errRequestTimeout = &APIError{Status: http.StatusRequestTimeout, Type: "invalid_request_error", Code: "request_timeout", Outcome: models.OutcomeRejected,
 		Message: "The request was not received in time."}
 	errUnknownRoute = &APIError{Status: http.StatusNotFound, Type: "invalid_request_error", Code: "unknown_url", Outcome: models.OutcomeRejected,
 		Message: "Unknown request URL. The proxy serves the OpenAI API under /v1/."}
-	errUpstreamUnreachable = &APIError{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_unreachable", Outcome: models.OutcomeUpstreamError,
-		Message: "The upstream API could not be reached."}
-	// errClientClosedRequest is logged (as nginx's 499) for a client that
-	// left before the upstream answered; the client never reads it.
-	errClientClosedRequest = &APIError{Status: 499, Type: "invalid_request_error", Code: "client_closed_request", Outcome: models.OutcomeClientCancelled,
-		Message: "The client closed the connection before the upstream answered."}
-	errUpstreamEncoding = &APIError{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_bad_encoding", Outcome: models.OutcomeUpstreamError,
-		Message: "The upstream API answered in a content coding the proxy cannot decode."}
-	errUpstreamTimeout = &APIError{Status: http.StatusGatewayTimeout, Type: "server_error", Code: "upstream_timeout", Outcome: models.OutcomeUpstreamError,
-		Message: "The upstream API did not answer in time."}
 )
 
 // ServerErrorHandler answers requests that fail before any handler runs
@@ -152,9 +137,9 @@ func ServerErrorHandler(ctx *fasthttp.RequestCtx, err error) {
 	case errors.As(err, &netErr) && netErr.Timeout(), errors.Is(err, fasthttp.ErrTimeout):
 		e = errRequestTimeout
 	case errors.Is(err, fasthttp.ErrBodyTooLarge):
-		e = errBodyTooLarge
+		e = ErrBodyTooLarge
 	case errors.Is(err, io.ErrUnexpectedEOF), errors.As(err, new(*fasthttp.ErrBrokenChunk)):
-		e = errBadBody
+		e = ErrBadBody
 	}
 	writeRawAPIError(ctx, e)
 	ctx.SetConnectionClose()
@@ -170,15 +155,21 @@ func RejectUnknownMethods(next fasthttp.RequestHandler) fasthttp.RequestHandler 
 			fiber.MethodDelete, fiber.MethodOptions, fiber.MethodConnect, fiber.MethodTrace:
 			next(ctx)
 		default:
-			writeRawAPIError(ctx, errMethodNotAllowed)
+			writeRawAPIError(ctx, ErrMethodNotAllowed)
 		}
 	}
 }
 
 func writeRawAPIError(ctx *fasthttp.RequestCtx, e *APIError) {
-	body, _ := json.Marshal(openAIErrorBody(e))
 	ctx.Response.Reset()
 	ctx.SetStatusCode(e.Status)
 	ctx.SetContentType(fiber.MIMEApplicationJSON)
-	ctx.SetBody(body)
+	ctx.SetBody(APIErrorBody(e))
+}
+
+// APIErrorBody is the JSON answering e, for responses written without a
+// *fiber.Ctx.
+func APIErrorBody(e *APIError) []byte {
+	body, _ := json.Marshal(openAIErrorBody(e))
+	return body
 }

@@ -6,13 +6,13 @@ import (
 	"strings"
 )
 
-// normalisePath turns the raw request path into the /v1 path to forward, or
+// NormalisePath turns the raw request path into the /v1 path to forward, or
 // fails. Dot-segments are resolved after percent-decoding, so
 // "/v1/../dashboard" and "/v1/%2e%2e/dashboard" can never reach another
 // upstream path; encoded slashes and backslashes are refused outright since
 // no OpenAI path contains them and they mean different things to different
 // servers. The result always starts with "/v1/".
-func normalisePath(raw string) (string, *APIError) {
+func NormalisePath(raw string) (string, *APIError) {
 	lower := strings.ToLower(raw)
 	if strings.Contains(lower, "%2f") || strings.Contains(lower, "%5c") || strings.Contains(raw, `\`) {
 		return "", errBadPath
@@ -33,9 +33,10 @@ func normalisePath(raw string) (string, *APIError) {
 	return cleaned, nil
 }
 
-// upstreamURL joins the base URL (with its own path prefix) and the part of
-// the normalised path after /v1, re-escaping it, plus the raw query.
-func upstreamURL(base *url.URL, normalised string, rawQuery []byte) string {
+// UpstreamURL joins the base URL (with its own path prefix) and the part of
+// the normalised path after /v1, re-escaping it, plus the raw query. The HTTP
+// and the WebSocket proxy both read paths and build upstream URLs this way.
+func UpstreamURL(base *url.URL, normalised string, rawQuery []byte) string {
 	u := *base
 	u.Path = strings.TrimRight(base.Path, "/") + strings.TrimPrefix(normalised, "/v1")
 	u.RawPath = ""

@@ -10,7 +10,7 @@ import (
 	"gorm.io/gorm"
 )
 
-// Joining a running attempt from another replica (handlers/follow.go): the
+// Joining a running attempt from another replica (handlers/proxy/follow.go): the
 // holder publishes its response into idempotency_live as it flows, once
 // somebody asks, and followers read it from there. NOTIFY wakes both sides
 // at once; polling covers a lost notification.

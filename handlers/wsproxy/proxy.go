@@ -58,7 +58,7 @@ type LogSink interface {
 	Record(models.RequestLog) bool
 }
 
-// Observer counts finished sessions in /metrics (handlers.Metrics).
+// Observer counts finished sessions in /metrics (proxy.Metrics).
 type Observer interface {
 	ObserveRequest(models.RequestLog)
 }
