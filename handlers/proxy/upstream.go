@@ -38,6 +38,9 @@ func sendUpstream(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp
 	if req.Header.IsHead() {
 		resp.SkipBody = true
 	}
+	// Writing a body stream consumes and closes it (IsBodyStream is false
+	// after the write), so ask before: a streamed body is never sent again.
+	streamed := req.IsBodyStream()
 	resent := 0
 	for attempt := 0; attempt < maxConnAttempts; attempt++ {
 		cc, err := hc.AcquireConn(0, req.ConnectionClose())
@@ -63,7 +66,7 @@ func sendUpstream(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp
 		hc.ReleaseWriter(bw)
 		if err != nil {
 			hc.CloseConn(cc)
-			if reused && resent < maxResends && !req.IsBodyStream() && !isTimeout(err) {
+			if reused && resent < maxResends && !streamed && !isTimeout(err) {
 				resent++
 				m.upstreamConn("resent")
 				continue // the upstream cannot have read the whole request
@@ -87,7 +90,7 @@ func sendUpstream(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp
 			if h.cancelled.Load() {
 				return nil, errClientCancelled
 			}
-			if reused && uc != nil && resent < maxResends && uc.neverAnswered(req) {
+			if reused && uc != nil && resent < maxResends && !streamed && uc.neverAnswered(req) {
 				resent++
 				m.upstreamConn("resent")
 				continue
@@ -291,7 +294,7 @@ func keepAliveMargin(timeout time.Duration) time.Duration {
 // and either the peer reset the connection (its kernel discarded what we
 // sent) or the request is safe to repeat anyway (GET, HEAD).
 func (c *upstreamConn) neverAnswered(req *fasthttp.Request) bool {
-	if c.answered || isTimeout(c.readErr) || req.IsBodyStream() {
+	if c.answered || isTimeout(c.readErr) {
 		return false
 	}
 	if errors.Is(c.readErr, syscall.ECONNRESET) {

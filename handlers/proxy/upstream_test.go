@@ -84,11 +84,12 @@ func TestRequestsAfterUpstreamClosedIdleConnections(t *testing.T) {
 	}
 }
 
-// An upstream that read the whole request and then dropped the connection
-// may have acted on it: the proxy answers 502 and never sends it again.
-func TestRequestTheUpstreamReceivedIsNotResent(t *testing.T) {
+// recordingUpstream is a bare HTTP/1.1 upstream that counts, by test_id, the
+// requests it read whole (body included); test_drop=1 reads a request and
+// hangs up without answering.
+func recordingUpstream(t *testing.T) (url string, received func(id string) int) {
 	var mu sync.Mutex
-	received := map[string]int{}
+	counts := map[string]int{}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -108,9 +109,11 @@ func TestRequestTheUpstreamReceivedIsNotResent(t *testing.T) {
 					if err != nil {
 						return
 					}
-					_, _ = io.Copy(io.Discard, req.Body)
+					if _, err := io.Copy(io.Discard, req.Body); err != nil {
+						return // a broken body is not a request received
+					}
 					mu.Lock()
-					received[req.URL.Query().Get("test_id")]++
+					counts[req.URL.Query().Get("test_id")]++
 					mu.Unlock()
 					if req.URL.Query().Get("test_drop") != "" {
 						return // received, maybe acted on, never answered
@@ -120,7 +123,18 @@ func TestRequestTheUpstreamReceivedIsNotResent(t *testing.T) {
 			}()
 		}
 	}()
-	px := apptest.Start(t, "http://"+ln.Addr().String(), nil)
+	return "http://" + ln.Addr().String(), func(id string) int {
+		mu.Lock()
+		defer mu.Unlock()
+		return counts[id]
+	}
+}
+
+// An upstream that read the whole request and then dropped the connection
+// may have acted on it: the proxy answers 502 and never sends it again.
+func TestRequestTheUpstreamReceivedIsNotResent(t *testing.T) {
+	upURL, received := recordingUpstream(t)
+	px := apptest.Start(t, upURL, nil)
 	hdr := map[string]string{"Content-Type": "application/json"}
 	if resp, body := do(t, "POST", px.URL+"/v1/chat/completions?test_id=warm", apptest.ClientKey, strings.NewReader(`{}`), hdr); resp.StatusCode != 200 {
 		t.Fatalf("warm-up: %d %s", resp.StatusCode, body)
@@ -134,12 +148,27 @@ func TestRequestTheUpstreamReceivedIsNotResent(t *testing.T) {
 		if resp.StatusCode != http.StatusBadGateway {
 			t.Errorf("key %q: status %d %s, want 502", key, resp.StatusCode, body)
 		}
-		mu.Lock()
-		n := received["drop"+key]
-		mu.Unlock()
-		if n != 1 {
+		if n := received("drop" + key); n != 1 {
 			t.Errorf("key %q: the upstream received the request %d times, want once", key, n)
 		}
+	}
+}
+
+// A chunked upload whose framing breaks mid-body, sent on a pooled (reused)
+// connection, is the client's error: the upstream never receives a complete
+// request — not the partial body, and not a resend of it without its body.
+func TestBrokenUploadOnReusedConnectionIsNotResent(t *testing.T) {
+	upURL, received := recordingUpstream(t)
+	px := apptest.Start(t, upURL, nil)
+	if resp, body := do(t, "GET", px.URL+"/v1/models?test_id=warm", apptest.ClientKey, nil, nil); resp.StatusCode != 200 {
+		t.Fatalf("warm-up: %d %s", resp.StatusCode, body)
+	}
+	host := strings.TrimPrefix(px.URL, "http://")
+	resp, body := sendRaw(t, px.URL, "POST /v1/files?test_id=broken HTTP/1.1\r\nHost: "+host+"\r\nAuthorization: Bearer "+apptest.ClientKey+
+		"\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz-not-a-size\r\n", true)
+	wantOpenAIError(t, resp, body, 400, "invalid_request_body")
+	if n := received("broken"); n != 0 {
+		t.Errorf("the upstream received %d complete requests for a broken upload, want none", n)
 	}
 }
 
