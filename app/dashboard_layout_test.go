@@ -218,11 +218,11 @@ func seedWideClientKeys(t *testing.T, px *apptest.Instance, now time.Time) strin
 	if _, err := px.App.Store.RevokeClientKey(t.Context(), old.ID); err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := px.App.Store.ReserveBudget(t.Context(), small.ID, models.PeriodStart(models.PeriodDay, now), 930_000, small.BudgetMicros); err != nil {
+	if _, _, err := px.App.Store.ReserveBudget(t.Context(), small.ID, models.PeriodStart(models.PeriodDay, now), 930_000, 930_000, small.BudgetMicros); err != nil {
 		t.Fatal(err)
 	}
 	month := models.PeriodStart(models.PeriodMonth, now)
-	if _, _, err := px.App.Store.ReserveBudget(t.Context(), wide.ID, month, 144_000_000, wide.BudgetMicros); err != nil {
+	if _, _, err := px.App.Store.ReserveBudget(t.Context(), wide.ID, month, 144_000_000, 144_000_000, wide.BudgetMicros); err != nil {
 		t.Fatal(err)
 	}
 	if err := px.App.Store.SettleBudget(t.Context(), wide.ID, month, 144_000_000, 144_000_000); err != nil {

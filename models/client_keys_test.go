@@ -67,12 +67,14 @@ func TestBudgetReservationsNeverOverspend(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				_, got, err := s.ReserveBudget(ctx, "k1", period, 10, 250)
+				_, got, err := s.ReserveBudget(ctx, "k1", period, 10, 10, 250)
 				if err != nil {
 					t.Error(err)
 				}
-				if got {
+				if got == 10 {
 					ok.Add(1)
+				} else if got != 0 {
+					t.Errorf("granted %d of 10", got)
 				}
 			}()
 		}
@@ -87,11 +89,38 @@ func TestBudgetReservationsNeverOverspend(t *testing.T) {
 		if st.SpentMicros != 4 || st.ReservedMicros != 240 {
 			t.Fatalf("after settle: %+v", st)
 		}
-		if _, got, _ := s.ReserveBudget(ctx, "k1", period, 6, 250); !got {
+		if _, got, _ := s.ReserveBudget(ctx, "k1", period, 6, 6, 250); got != 6 {
 			t.Fatal("the freed 6 cannot be reserved")
 		}
-		if st, got, _ := s.ReserveBudget(ctx, "k1", period, 0, 250); got || st.SpentMicros != 4 {
+		if st, got, _ := s.ReserveBudget(ctx, "k1", period, 0, 10, 250); got != 0 || st.SpentMicros != 4 {
 			t.Fatalf("a zero estimate passed a full budget: %+v", st)
+		}
+	})
+}
+
+// A slice of a budget: as much of want as is left, never less than need.
+func TestBudgetSlices(t *testing.T) {
+	testdb.Each(t, nil, func(t *testing.T, s *models.Store) {
+		ctx := context.Background()
+		period := models.PeriodStart(models.PeriodMonth, time.Now())
+		for _, step := range []struct{ need, want, granted int64 }{
+			{5, 40, 40}, // a new row: the whole slice
+			{5, 40, 40}, // 80 held
+			{5, 40, 20}, // 20 left: all of it
+			{1, 40, 0},  // nothing left
+		} {
+			if _, got, err := s.ReserveBudget(ctx, "k", period, step.need, step.want, 100); err != nil || got != step.granted {
+				t.Fatalf("reserve %d..%d: granted %d, want %d (%v)", step.need, step.want, got, step.granted, err)
+			}
+		}
+		if err := s.SettleBudget(ctx, "k", period, 30, 0); err != nil { // 30 given back unused
+			t.Fatal(err)
+		}
+		if _, got, _ := s.ReserveBudget(ctx, "k", period, 31, 40, 100); got != 0 {
+			t.Fatalf("reserved %d when 30 was left and 31 needed", got)
+		}
+		if st, got, _ := s.ReserveBudget(ctx, "k", period, 10, 40, 100); got != 30 || st.ReservedMicros != 100 {
+			t.Fatalf("granted %d (%+v), want the 30 left", got, st)
 		}
 	})
 }
@@ -101,32 +130,65 @@ func TestRateBucketRefills(t *testing.T) {
 		ctx := context.Background()
 		now := int64(1_700_000_000_000)
 		for i := range 3 {
-			if _, ok, err := s.TakeRate(ctx, "k", 3, 0, now); !ok || err != nil {
+			if _, got, err := s.TakeRate(ctx, "k", 3, 0, now, 1); got != 1 || err != nil {
 				t.Fatalf("request %d refused: %v", i, err)
 			}
 		}
-		if _, ok, _ := s.TakeRate(ctx, "k", 3, 0, now); ok {
+		if _, got, _ := s.TakeRate(ctx, "k", 3, 0, now, 1); got != 0 {
 			t.Fatal("a fourth request passed rpm 3")
 		}
-		if _, ok, _ := s.TakeRate(ctx, "k", 3, 0, now+20_000); !ok {
+		if _, got, _ := s.TakeRate(ctx, "k", 3, 0, now+20_000, 1); got != 1 {
 			t.Fatal("20 s refill one request at rpm 3")
 		}
 		// A large limit: rpm * 1e6 must not overflow a 32-bit parameter.
-		if _, ok, err := s.TakeRate(ctx, "big", 1_000_000_000, 1_000_000_000, now); !ok || err != nil {
+		if _, got, err := s.TakeRate(ctx, "big", 1_000_000_000, 1_000_000_000, now, 1); got != 1 || err != nil {
 			t.Fatalf("rpm 1e9 refused: %v", err)
 		}
 		// TPM: admitted while not in debt; tokens are charged afterwards.
-		if _, ok, _ := s.TakeRate(ctx, "t", 0, 100, now); !ok {
+		if _, got, _ := s.TakeRate(ctx, "t", 0, 100, now, 1); got != 1 {
 			t.Fatal("tpm refused the first request")
 		}
-		if err := s.SettleRate(ctx, "t", 150, false); err != nil {
+		if err := s.SettleRate(ctx, "t", 0, 150, 0); err != nil {
 			t.Fatal(err)
 		}
-		if _, ok, _ := s.TakeRate(ctx, "t", 0, 100, now+1000); ok {
+		if _, got, _ := s.TakeRate(ctx, "t", 0, 100, now+1000, 1); got != 0 {
 			t.Fatal("tpm admitted a request while 50 tokens in debt")
 		}
-		if _, ok, _ := s.TakeRate(ctx, "t", 0, 100, now+31_000); !ok {
+		if _, got, _ := s.TakeRate(ctx, "t", 0, 100, now+31_000, 1); got != 1 {
 			t.Fatal("tpm still refuses after refilling")
+		}
+	})
+}
+
+// A batch takes as many requests as the bucket holds, up to n; requests
+// given back return to it, never beyond a full bucket.
+func TestRateBatches(t *testing.T) {
+	testdb.Each(t, nil, func(t *testing.T, s *models.Store) {
+		ctx := context.Background()
+		now := int64(1_700_000_000_000)
+		for _, want := range []int64{4, 4, 2, 0} { // rpm 10
+			if st, got, err := s.TakeRate(ctx, "k", 10, 0, now, 4); err != nil || got != want {
+				t.Fatalf("batch of 4 granted %d (%+v), want %d (%v)", got, st, want, err)
+			}
+		}
+		if err := s.SettleRate(ctx, "k", 10, 0, 3); err != nil { // 3 unused, given back
+			t.Fatal(err)
+		}
+		if _, got, _ := s.TakeRate(ctx, "k", 10, 0, now, 4); got != 3 {
+			t.Fatalf("granted %d after 3 were given back", got)
+		}
+		if err := s.SettleRate(ctx, "k", 10, 0, 50); err != nil { // more than a bucket
+			t.Fatal(err)
+		}
+		if st, got, _ := s.TakeRate(ctx, "k", 10, 0, now, 100); got != 10 || st.ReqMicros != 0 {
+			t.Fatalf("granted %d (%+v) from a bucket of 10", got, st)
+		}
+		// Without an rpm, the whole batch (the tpm is what is checked).
+		if _, got, _ := s.TakeRate(ctx, "t", 0, 100, now, 500); got != 500 {
+			t.Fatalf("tpm-only batch granted %d", got)
+		}
+		if _, got, _ := s.TakeRate(ctx, "t", 0, 100, now, 500); got != 500 {
+			t.Fatalf("tpm-only second batch granted %d", got)
 		}
 	})
 }

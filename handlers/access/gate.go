@@ -1,8 +1,8 @@
 // Package access decides who may call the proxy and what they may spend:
 // client keys from PROXY_API_KEYS and managed keys from the database, their
 // expiry, revocation and allowed models (checked in memory), and their RPM,
-// TPM and USD budget (enforced atomically in the database, so every
-// replica shares one limit).
+// TPM and USD budget (granted atomically by the database, so every replica
+// shares one limit, and handed out from memory in batches: allowance.go).
 package access
 
 import (
@@ -23,10 +23,10 @@ import (
 type Store interface {
 	ListClientKeys(ctx context.Context) ([]models.ClientKey, error)
 	ClientKeysVersion(ctx context.Context) (string, error)
-	ReserveBudget(ctx context.Context, keyID string, period time.Time, estimate, limit int64) (models.BudgetState, bool, error)
+	ReserveBudget(ctx context.Context, keyID string, period time.Time, need, want, limit int64) (models.BudgetState, int64, error)
 	SettleBudget(ctx context.Context, keyID string, period time.Time, reserved, cost int64) error
-	TakeRate(ctx context.Context, keyID string, rpm, tpm, nowMs int64) (models.RateState, bool, error)
-	SettleRate(ctx context.Context, keyID string, tokens int64, refund bool) error
+	TakeRate(ctx context.Context, keyID string, rpm, tpm, nowMs, n int64) (models.RateState, int64, error)
+	SettleRate(ctx context.Context, keyID string, rpm, tokens, unused int64) error
 }
 
 // Options configure a Gate.
@@ -54,13 +54,16 @@ type Gate struct {
 	table   atomic.Pointer[table]
 	stop    chan struct{}
 	stopped sync.Once
-	pending sync.WaitGroup // settlements being written
+
+	allowances sync.Map // key ID → *allowance: what this replica holds of its limits
+	warned     atomic.Bool
 }
 
 // table is the managed keys, by SHA-256 digest, as of one refresh.
 type table struct {
 	version string
 	keys    map[[32]byte]*Key
+	byID    map[string]*Key
 }
 
 // Key is a managed key as the hot path sees it.
@@ -100,7 +103,7 @@ func New(ctx context.Context, opts Options) *Gate {
 		opts.Env = func([]byte) (string, error) { return "", ErrUnknownKey }
 	}
 	g := &Gate{opts: opts, stop: make(chan struct{})}
-	g.table.Store(&table{keys: map[[32]byte]*Key{}})
+	g.table.Store(&table{keys: map[[32]byte]*Key{}, byID: map[string]*Key{}})
 	if opts.Store != nil {
 		if err := g.refresh(ctx); err != nil {
 			opts.Logger.Warn("client keys: load failed, retrying", "error", err.Error())
@@ -112,13 +115,16 @@ func New(ctx context.Context, opts Options) *Gate {
 // Run refreshes the key table until ctx ends or Close is called: every
 // Refresh it reads a version (key count and latest change) and reloads
 // only when it moved, so a revocation on any replica is seen within
-// Refresh plus one query.
+// Refresh plus one query. Every flushEvery it writes what requests used of
+// their limits.
 func (g *Gate) Run(ctx context.Context) {
 	if g.opts.Store == nil {
 		return
 	}
 	t := time.NewTicker(g.opts.Refresh)
 	defer t.Stop()
+	f := time.NewTicker(flushEvery)
+	defer f.Stop()
 	var failing bool
 	for {
 		select {
@@ -126,6 +132,9 @@ func (g *Gate) Run(ctx context.Context) {
 			return
 		case <-g.stop:
 			return
+		case <-f.C:
+			g.flush(ctx, false)
+			continue
 		case <-t.C:
 		}
 		err := g.refresh(ctx)
@@ -136,10 +145,16 @@ func (g *Gate) Run(ctx context.Context) {
 	}
 }
 
-// Close stops refreshing and waits for settlements being written.
+// Close stops refreshing and writes what requests used, giving back every
+// batch and slice held, so other replicas can have them.
 func (g *Gate) Close() {
 	g.stopped.Do(func() { close(g.stop) })
-	g.pending.Wait()
+	if g.opts.Store == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	g.flush(ctx, true)
 }
 
 func (g *Gate) refresh(ctx context.Context) error {
@@ -156,7 +171,7 @@ func (g *Gate) refresh(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	t := &table{version: v, keys: make(map[[32]byte]*Key, len(rows))}
+	t := &table{version: v, keys: make(map[[32]byte]*Key, len(rows)), byID: make(map[string]*Key, len(rows))}
 	for _, r := range rows {
 		var d [32]byte
 		if b, err := hex.DecodeString(r.Digest); err != nil || len(b) != 32 {
@@ -176,6 +191,7 @@ func (g *Gate) refresh(ctx context.Context) error {
 			}
 		}
 		t.keys[d] = k
+		t.byID[k.ID] = k
 	}
 	g.table.Store(t)
 	return nil

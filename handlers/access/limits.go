@@ -43,18 +43,20 @@ type Request struct {
 // Ticket is an admitted request's hold on its key's limits, given back by
 // Settle with what the request actually used. A nil *Ticket holds nothing.
 type Ticket struct {
-	g        *Gate
 	key      *Key
-	rate     *models.RateState // nil: no RPM/TPM
-	period   time.Time
-	reserved int64 // micro-dollars held in period; 0 with no budget
-	budget   bool
+	al       *allowance
+	rated    bool     // took a request from RPM/TPM
+	headers  []Header // x-ratelimit-* as of admission
+	slice    *slice   // nil: no budget
+	reserved int64    // micro-dollars held in slice
 	settled  bool
 }
 
 // Admit checks and takes the caller's RPM, TPM and budget before the
-// request is forwarded; callers without limits pass without a database
-// round trip. Replays never come here: they cost nothing.
+// request is forwarded, from what this replica holds of them (see
+// allowance.go): most requests pass without a database round trip, and
+// callers without limits always do. Replays never come here: they cost
+// nothing.
 func (g *Gate) Admit(ctx context.Context, c Caller, r Request) (*Ticket, error) {
 	if !c.Limited() || g.opts.Store == nil {
 		return nil, nil
@@ -62,10 +64,13 @@ func (g *Gate) Admit(ctx context.Context, c Caller, r Request) (*Ticket, error) 
 	k := c.Key
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	t := &Ticket{g: g, key: k}
+	a := g.allowanceOf(k.ID)
+	t := &Ticket{key: k, al: a}
 	now := g.opts.Now()
+	a.mu.Lock()
+	defer a.mu.Unlock()
 	if k.rpm > 0 || k.tpm > 0 {
-		st, ok, err := g.opts.Store.TakeRate(ctx, k.ID, k.rpm, k.tpm, now.UnixMilli())
+		st, ok, err := g.takeRequest(ctx, a, k, now)
 		if err != nil {
 			g.opts.Logger.Warn("client keys: rate check failed", "key", k.Name, "error", err.Error())
 			return nil, errLimitsUnavailable
@@ -73,21 +78,23 @@ func (g *Gate) Admit(ctx context.Context, c Caller, r Request) (*Ticket, error) 
 		if !ok {
 			return nil, k.rateRefusal(st)
 		}
-		t.rate = &st
+		t.rated, t.headers = true, k.rateHeaders(st)
 	}
 	if k.budget > 0 {
-		t.period = models.PeriodStart(k.budgetPeriod, now)
-		t.reserved = g.estimate(r)
-		st, ok, err := g.opts.Store.ReserveBudget(ctx, k.ID, t.period, t.reserved, k.budget)
-		if err != nil || !ok {
-			t.refundRate()
+		period := models.PeriodStart(k.budgetPeriod, now)
+		estimate := g.estimate(r)
+		s, st, err := g.reserve(ctx, a, k, period, estimate, now)
+		if s == nil {
+			if t.rated && k.rpm > 0 {
+				a.reqLeft++ // the request taken is not used
+			}
 			if err != nil {
 				g.opts.Logger.Warn("client keys: budget check failed", "key", k.Name, "error", err.Error())
 				return nil, errLimitsUnavailable
 			}
-			return nil, k.budgetRefusal(st, t.reserved, t.period)
+			return nil, k.budgetRefusal(st, estimate, period)
 		}
-		t.budget = true
+		t.slice, t.reserved = s, estimate
 	}
 	return t, nil
 }
@@ -107,21 +114,21 @@ func (g *Gate) estimate(r Request) int64 {
 // Headers are the x-ratelimit-* headers of an admitted request, the way
 // OpenAI sends them; nil without RPM or TPM.
 func (t *Ticket) Headers() []Header {
-	if t == nil || t.rate == nil {
+	if t == nil {
 		return nil
 	}
-	return t.key.rateHeaders(*t.rate)
+	return t.headers
 }
 
 // Settle gives back what the ticket holds: the budget reservation becomes
-// the actual cost, and the actual tokens count against TPM. It writes in
-// the background (the response is already on its way) and runs once.
+// the actual cost, and the actual tokens count against TPM. It is counted
+// in memory and written with the next flush; it runs once.
 func (t *Ticket) Settle(costMicros, tokens int64) {
 	if t == nil || t.settled {
 		return
 	}
 	t.settled = true
-	t.write(t.reserved, costMicros, tokens)
+	t.charge(t.reserved, costMicros, tokens)
 }
 
 // Charge counts usage known before the ticket is settled — a response
@@ -131,45 +138,24 @@ func (t *Ticket) Charge(costMicros, tokens int64) {
 	if t == nil || t.settled || (costMicros <= 0 && tokens <= 0) {
 		return
 	}
-	t.write(0, costMicros, tokens)
+	t.charge(0, costMicros, tokens)
 }
 
-// write releases reserved of the budget reservation, spends costMicros
-// and charges tokens to TPM, in the background.
-func (t *Ticket) write(reserved, costMicros, tokens int64) {
-	g := t.g
-	g.pending.Add(1)
-	go func() {
-		defer g.pending.Done()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if t.budget {
-			if err := g.opts.Store.SettleBudget(ctx, t.key.ID, t.period, reserved, costMicros); err != nil {
-				g.opts.Logger.Warn("client keys: budget settle failed; the reservation stays held until the period ends",
-					"key", t.key.Name, "error", err.Error())
-			}
-		}
-		if t.rate != nil && t.key.tpm > 0 && tokens > 0 {
-			if err := g.opts.Store.SettleRate(ctx, t.key.ID, tokens, false); err != nil {
-				g.opts.Logger.Warn("client keys: tpm settle failed", "key", t.key.Name, "error", err.Error())
-			}
-		}
-	}()
-}
-
-// refundRate gives back the request a later check refused.
-func (t *Ticket) refundRate() {
-	if t.rate == nil {
-		return
+// charge releases reserved of the budget reservation, spends costMicros
+// and charges tokens to TPM.
+func (t *Ticket) charge(reserved, costMicros, tokens int64) {
+	a := t.al
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if s := t.slice; s != nil {
+		s.inflight -= reserved
+		s.held -= reserved
+		s.release += reserved
+		s.spent += costMicros
 	}
-	g := t.g
-	g.pending.Add(1)
-	go func() {
-		defer g.pending.Done()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = g.opts.Store.SettleRate(ctx, t.key.ID, 0, true)
-	}()
+	if t.rated && t.key.tpm > 0 && tokens > 0 {
+		a.tokens += tokens
+	}
 }
 
 const unit = 1_000_000 // the fixed-point scale of the rate buckets
