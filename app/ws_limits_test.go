@@ -2,6 +2,7 @@ package app_test
 
 import (
 	"encoding/json"
+	"errors"
 	"io"
 	"net/http"
 	"strings"
@@ -103,4 +104,69 @@ func TestWebSocketSessionsCountAgainstKeyLimits(t *testing.T) {
 	if n := upstreamSessions(); n != before {
 		t.Fatal("a session over budget reached upstream")
 	}
+}
+
+// A session whose key's budget runs out mid-session is cut after the
+// response that spent it: the client gets that response, then an error
+// event (budget_exceeded) and close 1008; nothing more is spent.
+func TestWebSocketSessionOverBudgetIsCut(t *testing.T) {
+	up := apptest.NewWSUpstream(t)
+	px := apptest.Start(t, up.URL+"/v1", map[string]string{"ADMIN_API_TOKEN": adminToken, "DATA_DIR": t.TempDir(), "BUDGET_RESERVE_TOKENS": "10"})
+	// $0.001: a session's estimate is 200 µ$ (10 output tokens at $20 per
+	// 1M), each response costs 440 µ$. The session reserves 200; each
+	// response spends it and reserves 200 more, until after the second
+	// (880 spent) no 200 is left.
+	b := createKey(t, px, `{"name":"ws-cut","budget_usd":0.001,"budget_period":"day"}`)
+	apptest.Eventually(t, 5*time.Second, func() bool { return call(t, px, b.Key, `{"model":"x"}`).status != 401 }, "key unknown")
+
+	c, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(px.URL, "http")+"/v1/realtime?model=gpt-4o-realtime-preview",
+		http.Header{"Authorization": {"Bearer " + b.Key}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	done, errCode := 0, ""
+	var closeErr *websocket.CloseError
+	for done < 5 && closeErr == nil {
+		if err := c.WriteMessage(websocket.TextMessage, []byte(`{"type":"response.create"}`)); err != nil {
+			break // cut while asking
+		}
+		for {
+			_, msg, err := c.ReadMessage()
+			if err != nil {
+				if !errors.As(err, &closeErr) {
+					t.Fatalf("after %d responses: %v", done, err)
+				}
+				break
+			}
+			var ev struct {
+				Type  string
+				Error struct{ Code string }
+			}
+			_ = json.Unmarshal(msg, &ev)
+			if ev.Type == "error" {
+				errCode = ev.Error.Code
+			}
+			if ev.Type == "response.done" {
+				done++
+				break
+			}
+		}
+	}
+	for closeErr == nil {
+		if _, _, err := c.ReadMessage(); err != nil {
+			if !errors.As(err, &closeErr) {
+				t.Fatalf("no close frame after %d responses: %v", done, err)
+			}
+		}
+	}
+	if done != 2 || errCode != "budget_exceeded" || closeErr.Code != websocket.ClosePolicyViolation {
+		t.Fatalf("%d responses, error event %q, close %d; want 2, budget_exceeded, 1008", done, errCode, closeErr.Code)
+	}
+	var budget struct{ SpentMicros, ReservedMicros int64 }
+	apptest.Eventually(t, 5*time.Second, func() bool {
+		px.App.Store.DB().Raw("SELECT spent_micros, reserved_micros FROM client_key_budgets WHERE key_id = ?", b.ID).Scan(&budget)
+		return budget.SpentMicros == 2*realtimeCost && budget.ReservedMicros == 0
+	}, "budget: %+v, want %d spent and nothing reserved", budget, 2*realtimeCost)
 }

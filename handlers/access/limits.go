@@ -43,12 +43,14 @@ type Request struct {
 // Ticket is an admitted request's hold on its key's limits, given back by
 // Settle with what the request actually used. A nil *Ticket holds nothing.
 type Ticket struct {
+	g        *Gate
 	key      *Key
 	al       *allowance
 	rated    bool     // took a request from RPM/TPM
 	headers  []Header // x-ratelimit-* as of admission
 	slice    *slice   // nil: no budget
 	reserved int64    // micro-dollars held in slice
+	estimate int64    // what it reserved at admission
 	settled  bool
 }
 
@@ -65,7 +67,7 @@ func (g *Gate) Admit(ctx context.Context, c Caller, r Request) (*Ticket, error) 
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	a := g.allowanceOf(k.ID)
-	t := &Ticket{key: k, al: a}
+	t := &Ticket{g: g, key: k, al: a}
 	now := g.opts.Now()
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -94,7 +96,7 @@ func (g *Gate) Admit(ctx context.Context, c Caller, r Request) (*Ticket, error) 
 			}
 			return nil, k.budgetRefusal(st, estimate, period)
 		}
-		t.slice, t.reserved = s, estimate
+		t.slice, t.reserved, t.estimate = s, estimate, estimate
 	}
 	return t, nil
 }
@@ -128,33 +130,54 @@ func (t *Ticket) Settle(costMicros, tokens int64) {
 		return
 	}
 	t.settled = true
+	t.al.mu.Lock()
+	defer t.al.mu.Unlock()
 	t.charge(t.reserved, costMicros, tokens)
 }
 
 // Charge counts usage known before the ticket is settled — a response
-// within a WebSocket session — as spent and against TPM, and keeps the
-// reservation held until Settle. Not safe for concurrent use with Settle.
-func (t *Ticket) Charge(costMicros, tokens int64) {
+// within a WebSocket session — as spent and against TPM. The cost is spent
+// out of the reservation; once that is used up, another estimate's worth
+// is reserved, and if the budget has no more, Charge returns the refusal:
+// the session must end. Not safe for concurrent use with Settle.
+func (t *Ticket) Charge(costMicros, tokens int64) error {
 	if t == nil || t.settled || (costMicros <= 0 && tokens <= 0) {
-		return
+		return nil
 	}
-	t.charge(0, costMicros, tokens)
-}
-
-// charge releases reserved of the budget reservation, spends costMicros
-// and charges tokens to TPM.
-func (t *Ticket) charge(reserved, costMicros, tokens int64) {
 	a := t.al
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	t.charge(min(max(costMicros, 0), t.reserved), costMicros, tokens)
+	if t.slice == nil || t.reserved > 0 {
+		return nil
+	}
+	k, now := t.key, t.g.opts.Now()
+	period := models.PeriodStart(k.budgetPeriod, now)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	s, st, err := t.g.reserve(ctx, a, k, period, t.estimate, now)
+	if err != nil {
+		return nil // the database is down: the session goes on, charged
+	}
+	if s == nil {
+		return k.budgetRefusal(st, t.estimate, period)
+	}
+	t.slice, t.reserved = s, t.estimate
+	return nil
+}
+
+// charge moves reserved of the reservation to spent as costMicros and
+// counts tokens against TPM; a.mu is held.
+func (t *Ticket) charge(reserved, costMicros, tokens int64) {
 	if s := t.slice; s != nil {
 		s.inflight -= reserved
 		s.held -= reserved
 		s.release += reserved
 		s.spent += costMicros
+		t.reserved -= reserved
 	}
 	if t.rated && t.key.tpm > 0 && tokens > 0 {
-		a.tokens += tokens
+		t.al.tokens += tokens
 	}
 }
 

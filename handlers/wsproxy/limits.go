@@ -1,6 +1,10 @@
 package wsproxy
 
 import (
+	"encoding/json"
+	"errors"
+
+	"github.com/fasthttp/websocket"
 	"github.com/gofiber/fiber/v2"
 
 	"github.com/openai-idempotent-proxy/proxy/handlers"
@@ -13,7 +17,9 @@ import (
 // one request for RPM and reserves a budget estimate (refused before the
 // upgrade, in OpenAI's error shape, when the key is over a limit); each
 // response's usage is charged against TPM and spent from the budget as it
-// is reported; the reservation is given back when the session ends.
+// is reported, out of the reservation, which is renewed when used up; a
+// session whose budget cannot renew it is ended (cutOverBudget); what is
+// left is given back when the session ends.
 
 // limits is a session's hold on its caller's limits.
 type limits struct {
@@ -46,17 +52,35 @@ func (p *Proxy) admitLimits(c *fiber.Ctx, s *session) error {
 	return handlers.LimitRefusal(c, err)
 }
 
-// charge prices one response's usage and charges it; s.mu is held.
-func (s *session) charge(u usage.Usage, model string) {
+// charge prices one response's usage and charges it; s.mu is held. An
+// error is the key's budget refusing more: the session must end.
+func (s *session) charge(u usage.Usage, model string) error {
 	if s.p.cfg.Gate == nil {
-		return
+		return nil
 	}
 	if s.rec.Model != "" {
 		model = s.rec.Model
 	}
 	cost := s.p.cfg.Gate.CostMicros(model, models.TokenUsage{Input: u.PromptTokens, CachedInput: u.CachedTokens, Output: u.CompletionTokens})
 	s.limits.cost += cost
-	s.limits.ticket.Charge(cost, u.TotalTokens)
+	return s.limits.ticket.Charge(cost, u.TotalTokens)
+}
+
+// cutOverBudget ends a session whose key's budget is spent, after the
+// response that spent it was delivered: the client gets an error event in
+// the Realtime shape, then close 1008; upstream a normal close.
+func (s *session) cutOverBudget(client *websocket.Conn, err error) {
+	code, msg := "budget_exceeded", err.Error()
+	var r *access.Refusal
+	if errors.As(err, &r) {
+		code = r.Code
+	}
+	ev, _ := json.Marshal(map[string]any{"type": "error", "error": map[string]any{
+		"type": "insufficient_quota", "code": code, "message": msg}})
+	_ = client.WriteMessage(websocket.TextMessage, ev)
+	s.end(ending{code: websocket.ClosePolicyViolation, by: "proxy", outcome: models.OutcomeProxied, err: "the key's budget is spent",
+		toClient:   &closeFrame{websocket.ClosePolicyViolation, "budget_exceeded"},
+		toUpstream: &closeFrame{websocket.CloseNormalClosure, "budget exceeded"}})
 }
 
 // settleLimits gives back the reservation once the session is over (or

@@ -332,16 +332,20 @@ func (s *session) relay(kind int, r io.Reader, dst *websocket.Conn, d *direction
 		return false
 	}
 	if d == &s.down {
-		s.observe(&d.ins)
+		if err := s.observe(&d.ins); err != nil {
+			s.cutOverBudget(dst, err)
+			return false
+		}
 	}
 	return true
 }
 
-// observe adds the usage of a finished upstream event to the session's.
-func (s *session) observe(ins *inspector) {
+// observe adds the usage of a finished upstream event to the session's;
+// an error is the key's budget refusing more.
+func (s *session) observe(ins *inspector) error {
 	u, model, ok := ins.usage()
 	if !ok {
-		return
+		return nil
 	}
 	s.mu.Lock()
 	s.usage.PromptTokens += u.PromptTokens
@@ -352,8 +356,9 @@ func (s *session) observe(ins *inspector) {
 	if s.model == "" {
 		s.model = truncate(model, 200)
 	}
-	s.charge(u, model)
+	err := s.charge(u, model)
 	s.mu.Unlock()
+	return err
 }
 
 // readFailed ends the session after src's read ended: a close frame (the
