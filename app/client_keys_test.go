@@ -29,6 +29,16 @@ type pair struct {
 // parallel.
 func eachDatabase(t *testing.T, env map[string]string, f func(t *testing.T, p pair)) {
 	t.Helper()
+	eachDatabaseOn(t, func(t *testing.T) (string, *apptest.Upstream) {
+		up := apptest.NewUpstream(t)
+		return up.URL, up
+	}, env, f)
+}
+
+// eachDatabaseOn is eachDatabase in front of the upstream newUpstream
+// starts (its URL, and the fake if it is one).
+func eachDatabaseOn(t *testing.T, newUpstream func(t *testing.T) (string, *apptest.Upstream), env map[string]string, f func(t *testing.T, p pair)) {
+	t.Helper()
 	start := func(t *testing.T, db map[string]string) pair {
 		vars := map[string]string{"ADMIN_API_TOKEN": adminToken, "LOG_LEVEL": "debug"}
 		for k, v := range env {
@@ -37,8 +47,8 @@ func eachDatabase(t *testing.T, env map[string]string, f func(t *testing.T, p pa
 		for k, v := range db {
 			vars[k] = v
 		}
-		up := apptest.NewUpstream(t)
-		return pair{a: apptest.Start(t, up.URL, vars), b: apptest.Start(t, up.URL, vars), up: up}
+		url, up := newUpstream(t)
+		return pair{a: apptest.Start(t, url, vars), b: apptest.Start(t, url, vars), up: up}
 	}
 	t.Run("sqlite", func(t *testing.T) {
 		t.Parallel()

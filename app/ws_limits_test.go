@@ -108,65 +108,81 @@ func TestWebSocketSessionsCountAgainstKeyLimits(t *testing.T) {
 
 // A session whose key's budget runs out mid-session is cut after the
 // response that spent it: the client gets that response, then an error
-// event (budget_exceeded) and close 1008; nothing more is spent.
+// event (budget_exceeded) and close 1008; nothing more is spent, and the
+// other replica refuses the next session.
 func TestWebSocketSessionOverBudgetIsCut(t *testing.T) {
-	up := apptest.NewWSUpstream(t)
-	px := apptest.Start(t, up.URL+"/v1", map[string]string{"ADMIN_API_TOKEN": adminToken, "DATA_DIR": t.TempDir(), "BUDGET_RESERVE_TOKENS": "10"})
-	// $0.001: a session's estimate is 200 µ$ (10 output tokens at $20 per
-	// 1M), each response costs 440 µ$. The session reserves 200; each
-	// response spends it and reserves 200 more, until after the second
-	// (880 spent) no 200 is left.
-	b := createKey(t, px, `{"name":"ws-cut","budget_usd":0.001,"budget_period":"day"}`)
-	apptest.Eventually(t, 5*time.Second, func() bool { return call(t, px, b.Key, `{"model":"x"}`).status != 401 }, "key unknown")
+	wsUpstream := func(t *testing.T) (string, *apptest.Upstream) { return apptest.NewWSUpstream(t).URL + "/v1", nil }
+	eachDatabaseOn(t, wsUpstream, map[string]string{"BUDGET_RESERVE_TOKENS": "10"}, func(t *testing.T, p pair) {
+		// $0.001: a session's estimate is 200 µ$ (10 output tokens at $20
+		// per 1M), each response costs 440 µ$. The session reserves 200;
+		// each response spends it and reserves 200 more, until after the
+		// second (880 spent) no 200 is left.
+		b := createKey(t, p.a, `{"name":"ws-cut","budget_usd":0.001,"budget_period":"day"}`)
+		for _, in := range []*apptest.Instance{p.a, p.b} {
+			apptest.Eventually(t, 5*time.Second, func() bool { return call(t, in, b.Key, `{"model":"x"}`).status != 401 }, "key unknown")
+		}
+		done, errCode, closeCode := realtimeUntilClosed(t, p.a, b.Key, 5)
+		if done != 2 || errCode != "budget_exceeded" || closeCode != websocket.ClosePolicyViolation {
+			t.Fatalf("%d responses, error event %q, close %d; want 2, budget_exceeded, 1008", done, errCode, closeCode)
+		}
+		var budget struct{ SpentMicros, ReservedMicros int64 }
+		apptest.Eventually(t, 5*time.Second, func() bool {
+			p.a.App.Store.DB().Raw("SELECT spent_micros, reserved_micros FROM client_key_budgets WHERE key_id = ?", b.ID).Scan(&budget)
+			return budget.SpentMicros == 2*realtimeCost && budget.ReservedMicros == 0
+		}, "budget: %+v, want %d spent and nothing reserved", budget, 2*realtimeCost)
+		if status, code, _ := wsSession(t, p.b, b.Key, 1); status != 429 || code != "budget_exceeded" {
+			t.Fatalf("the other replica's next session: %d %q", status, code)
+		}
+	})
+}
 
-	c, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(px.URL, "http")+"/v1/realtime?model=gpt-4o-realtime-preview",
-		http.Header{"Authorization": {"Bearer " + b.Key}})
+// realtimeUntilClosed asks for up to n responses in one session and reads
+// until the proxy closes it: the responses done, the code of an error
+// event and the close code.
+func realtimeUntilClosed(t *testing.T, in *apptest.Instance, key string, n int) (done int, errCode string, closeCode int) {
+	t.Helper()
+	c, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(in.URL, "http")+"/v1/realtime?model=gpt-4o-realtime-preview",
+		http.Header{"Authorization": {"Bearer " + key}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
 	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	done, errCode := 0, ""
 	var closeErr *websocket.CloseError
-	for done < 5 && closeErr == nil {
-		if err := c.WriteMessage(websocket.TextMessage, []byte(`{"type":"response.create"}`)); err != nil {
+	read := func() (string, string) {
+		_, msg, err := c.ReadMessage()
+		if err != nil {
+			if !errors.As(err, &closeErr) {
+				t.Fatalf("after %d responses: %v", done, err)
+			}
+			return "", ""
+		}
+		var ev struct {
+			Type  string
+			Error struct{ Code string }
+		}
+		_ = json.Unmarshal(msg, &ev)
+		return ev.Type, ev.Error.Code
+	}
+	for done < n && closeErr == nil {
+		if c.WriteMessage(websocket.TextMessage, []byte(`{"type":"response.create"}`)) != nil {
 			break // cut while asking
 		}
-		for {
-			_, msg, err := c.ReadMessage()
-			if err != nil {
-				if !errors.As(err, &closeErr) {
-					t.Fatalf("after %d responses: %v", done, err)
-				}
-				break
+		for closeErr == nil {
+			typ, code := read()
+			if typ == "error" {
+				errCode = code
 			}
-			var ev struct {
-				Type  string
-				Error struct{ Code string }
-			}
-			_ = json.Unmarshal(msg, &ev)
-			if ev.Type == "error" {
-				errCode = ev.Error.Code
-			}
-			if ev.Type == "response.done" {
+			if typ == "response.done" {
 				done++
 				break
 			}
 		}
 	}
 	for closeErr == nil {
-		if _, _, err := c.ReadMessage(); err != nil {
-			if !errors.As(err, &closeErr) {
-				t.Fatalf("no close frame after %d responses: %v", done, err)
-			}
+		if typ, code := read(); typ == "error" {
+			errCode = code
 		}
 	}
-	if done != 2 || errCode != "budget_exceeded" || closeErr.Code != websocket.ClosePolicyViolation {
-		t.Fatalf("%d responses, error event %q, close %d; want 2, budget_exceeded, 1008", done, errCode, closeErr.Code)
-	}
-	var budget struct{ SpentMicros, ReservedMicros int64 }
-	apptest.Eventually(t, 5*time.Second, func() bool {
-		px.App.Store.DB().Raw("SELECT spent_micros, reserved_micros FROM client_key_budgets WHERE key_id = ?", b.ID).Scan(&budget)
-		return budget.SpentMicros == 2*realtimeCost && budget.ReservedMicros == 0
-	}, "budget: %+v, want %d spent and nothing reserved", budget, 2*realtimeCost)
+	return done, errCode, closeErr.Code
 }
