@@ -110,6 +110,8 @@ var (
 		Message: "The request path is not valid."}
 	ErrMethodNotAllowed = &APIError{Status: http.StatusMethodNotAllowed, Type: "invalid_request_error", Code: "method_not_allowed", Outcome: models.OutcomeRejected,
 		Message: "This method is not proxied."}
+	ErrInvalidKey = &APIError{Status: http.StatusUnauthorized, Type: "invalid_request_error", Code: "invalid_api_key", Outcome: models.OutcomeUnauthorized,
+		Message: "Incorrect proxy API key provided."}
 	ErrBadBody = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_request_body", Outcome: models.OutcomeRejected,
 		Message: "The request body could not be read: its framing is malformed or it ended early."}
 	errMalformedRequest = &APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "malformed_request", Outcome: models.OutcomeRejected,

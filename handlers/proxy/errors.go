@@ -11,8 +11,6 @@ import (
 var (
 	errMissingKey = &handlers.APIError{Status: http.StatusUnauthorized, Type: "invalid_request_error", Code: "missing_api_key", Outcome: models.OutcomeUnauthorized,
 		Message: "You didn't provide a proxy API key. Send it as 'Authorization: Bearer <key>'."}
-	errInvalidKey = &handlers.APIError{Status: http.StatusUnauthorized, Type: "invalid_request_error", Code: "invalid_api_key", Outcome: models.OutcomeUnauthorized,
-		Message: "Incorrect proxy API key provided."}
 	errBadHeaderName = &handlers.APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "malformed_request", Outcome: models.OutcomeRejected,
 		Message: "A request header name is not a valid HTTP token."}
 	errUpstreamUnreachable = &handlers.APIError{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_unreachable", Outcome: models.OutcomeUpstreamError,

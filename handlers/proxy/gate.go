@@ -48,7 +48,7 @@ func keyError(err error) error {
 	case errors.As(err, &r):
 		return handlers.RefusalError(err) // revoked or expired: say which
 	}
-	return errInvalidKey
+	return handlers.ErrInvalidKey
 }
 
 // askOf is what limits need to know of a JSON request body.

@@ -19,8 +19,6 @@ const keyProtocol = "openai-insecure-api-key."
 var (
 	errMissingKey = &handlers.APIError{Status: http.StatusUnauthorized, Type: "invalid_request_error", Code: "missing_api_key", Outcome: models.OutcomeUnauthorized,
 		Message: "You didn't provide a proxy API key. Send it as 'Authorization: Bearer <key>' or as the subprotocol 'openai-insecure-api-key.<key>'."}
-	errInvalidKey = &handlers.APIError{Status: http.StatusUnauthorized, Type: "invalid_request_error", Code: "invalid_api_key", Outcome: models.OutcomeUnauthorized,
-		Message: "Incorrect proxy API key provided."}
 	errOriginNotAllowed = &handlers.APIError{Status: http.StatusForbidden, Type: "invalid_request_error", Code: "origin_not_allowed", Outcome: models.OutcomeRejected,
 		Message: "This origin may not open WebSocket sessions here (CORS_ALLOWED_ORIGINS)."}
 	errBadHandshake = &handlers.APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "invalid_websocket_handshake", Outcome: models.OutcomeRejected,
@@ -45,7 +43,7 @@ func (p *Proxy) admit(c *fiber.Ctx, s *session) error {
 		}
 		name, err := p.authenticate(authorization, s)
 		if err != nil {
-			return errInvalidKey
+			return handlers.ErrInvalidKey
 		}
 		s.rec.Client = name
 	} else {
