@@ -45,6 +45,9 @@ func (p *Proxy) identityBody(body *upstreamBody, h *fasthttp.ResponseHeader) (io
 	}
 	up := body.up
 	src := up.BodyStream()
+	if src != nil && up.Header.ContentLength() == -1 && body.br != nil {
+		src = &coalesced{body: src, br: body.br} // chunked
+	}
 	enc := strings.TrimSpace(string(up.Header.ContentEncoding()))
 	if src == nil || enc == "" || strings.EqualFold(enc, "identity") {
 		return src, nil, nil

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"errors"
 	"io"
 	"sync"
@@ -71,7 +72,7 @@ func (c *upstreamClient) RoundTrip(_ *fasthttp.HostClient, req *fasthttp.Request
 	up := fasthttp.AcquireResponse()
 	up.StreamBody = resp.StreamBody
 	up.SkipBody = resp.SkipBody
-	release, err := sendUpstream(c.from.pool, req, up, c.hop, c.from.metrics)
+	release, br, err := sendUpstream(c.from.pool, req, up, c.hop, c.from.metrics)
 	if err != nil {
 		fasthttp.ReleaseResponse(up)
 		return false, err // retries, where safe, happened in sendUpstream
@@ -83,7 +84,7 @@ func (c *upstreamClient) RoundTrip(_ *fasthttp.HostClient, req *fasthttp.Request
 		fasthttp.ReleaseResponse(up)
 		return false, nil
 	}
-	resp.SetBodyStream(&upstreamBody{up: up, release: release}, up.Header.ContentLength())
+	resp.SetBodyStream(&upstreamBody{up: up, release: release, br: br}, up.Header.ContentLength())
 	return false, nil
 }
 
@@ -94,6 +95,7 @@ func (c *upstreamClient) RoundTrip(_ *fasthttp.HostClient, req *fasthttp.Request
 type upstreamBody struct {
 	up      *fasthttp.Response
 	release func(reuse bool)
+	br      *bufio.Reader // what up's body stream reads from
 	taken   bool
 }
 

@@ -34,7 +34,8 @@ import (
 // On success it returns release, which gives the connection back to the
 // pool (reuse) or closes it; the caller must call it exactly once after the
 // body stream is done. A response without a body stream has been released.
-func sendUpstream(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp.Response, h *hop, m *Metrics) (release func(reuse bool), err error) {
+// br is the buffered reader the body stream reads from.
+func sendUpstream(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp.Response, h *hop, m *Metrics) (release func(reuse bool), br *bufio.Reader, err error) {
 	if req.Header.IsHead() {
 		resp.SkipBody = true
 	}
@@ -45,7 +46,7 @@ func sendUpstream(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp
 	for attempt := 0; attempt < maxConnAttempts; attempt++ {
 		cc, err := hc.AcquireConn(0, req.ConnectionClose())
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		conn := cc.Conn()
 		uc := upstreamConnOf(conn)
@@ -71,31 +72,31 @@ func sendUpstream(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp
 				m.upstreamConn("resent")
 				continue // the upstream cannot have read the whole request
 			}
-			return nil, err
+			return nil, nil, err
 		}
 		stopWatch := h.watchClient(conn)
-		br := hc.AcquireReader(conn)
-		var body *bufio.Reader = br
+		pooled := hc.AcquireReader(conn)
+		body := pooled
 		err = resp.ReadLimitBody(body, 0)
 		if small := (*fasthttp.ErrSmallBuffer)(nil); errors.As(err, &small) {
 			// The header block outgrew the pooled buffer; its bytes are
 			// still buffered (fasthttp peeks), so read it with a larger one.
-			body = bufio.NewReaderSize(br, maxUpstreamHeader)
+			body = bufio.NewReaderSize(pooled, maxUpstreamHeader)
 			err = resp.ReadLimitBody(body, 0)
 		}
 		if err != nil {
 			stopWatch()
-			hc.ReleaseReader(br)
+			hc.ReleaseReader(pooled)
 			hc.CloseConn(cc)
 			if h.cancelled.Load() {
-				return nil, errClientCancelled
+				return nil, nil, errClientCancelled
 			}
 			if reused && uc != nil && resent < maxResends && !streamed && uc.neverAnswered(req) {
 				resent++
 				m.upstreamConn("resent")
 				continue
 			}
-			return nil, err
+			return nil, nil, err
 		}
 		h.stopWatch = stopWatch // until the first body byte: see tee.Read
 		h.upstream = uc
@@ -104,7 +105,7 @@ func sendUpstream(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp
 		}
 		closeConn := req.ConnectionClose() || resp.ConnectionClose()
 		release = func(reuse bool) {
-			hc.ReleaseReader(br)
+			hc.ReleaseReader(pooled)
 			if reuse && !closeConn {
 				hc.ReleaseConn(cc)
 			} else {
@@ -114,11 +115,11 @@ func sendUpstream(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp
 		if resp.BodyStream() == nil {
 			h.endWatch()
 			release(true)
-			return nil, nil
+			return nil, nil, nil
 		}
-		return release, nil
+		return release, body, nil
 	}
-	return nil, errNoUsableConn
+	return nil, nil, errNoUsableConn
 }
 
 // hop is what one request's round trip needs of it: its UPSTREAM_TIMEOUT
