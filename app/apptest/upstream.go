@@ -36,6 +36,9 @@ import (
 //	test_echo_all=1         a 200 that echoes the Authorization it received in a
 //	                        header, the request id and the body (JSON, or each
 //	                        SSE event, written in two halves that split the key)
+//	test_audio=1            usage with audio tokens: JSON chat 5 of 11 prompt and
+//	                        4 of 7 completion tokens, the stream's usage chunk 2
+//	                        of 5 and 6 of its completion tokens
 //	test_id=abc             a name for the request, to find it among Requests()
 //	test_once=1             steer only the first request with this test_id; later
 //	                        ones get the plain answer. A keyed retry must repeat
@@ -105,7 +108,7 @@ func (u *Upstream) Requests() []Seen {
 // steering is what a request's query asks of the upstream.
 type steering struct {
 	status, delayMs, events, intervalMs, cutAfter, headerKib, padKib int
-	noDone, gzip, block, echoAuth, echoAll                           bool
+	noDone, gzip, block, echoAuth, echoAll, audio                    bool
 }
 
 // steeringOf reads the test_* parameters; a test_once request whose
@@ -124,7 +127,8 @@ func (u *Upstream) steeringOf(q url.Values) steering {
 	on := func(name string) bool { return q.Get(name) != "" }
 	return steering{status: n("test_status"), delayMs: n("test_delay_ms"), events: n("test_events"), intervalMs: n("test_interval_ms"),
 		cutAfter: n("test_cut_after"), headerKib: n("test_header_kib"), padKib: n("test_pad_kib"),
-		noDone: on("test_no_done"), gzip: on("test_gzip"), block: on("test_block"), echoAuth: on("test_echo_auth"), echoAll: on("test_echo_all")}
+		noDone: on("test_no_done"), gzip: on("test_gzip"), block: on("test_block"), echoAuth: on("test_echo_auth"), echoAll: on("test_echo_all"),
+		audio: on("test_audio")}
 }
 
 func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
@@ -243,7 +247,7 @@ func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	case r.URL.Path == "/chat/completions":
-		writeJSON(w, st, 200, chatCompletion(req.Model, u.seq.Load()))
+		writeJSON(w, st, 200, chatCompletion(req.Model, u.seq.Load(), st.audio))
 	case r.URL.Path == "/responses" && req.Stream:
 		u.streamResponses(w, r, st, req.Model)
 		if r.Context().Err() != nil {
@@ -265,14 +269,17 @@ func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
 	u.completed.Add(1)
 }
 
-func chatCompletion(model string, n int64) map[string]any {
+func chatCompletion(model string, n int64, audio bool) map[string]any {
+	prompt, completion := map[string]any{"cached_tokens": 3}, map[string]any{"reasoning_tokens": 2}
+	if audio {
+		prompt["audio_tokens"], completion["audio_tokens"] = 5, 4
+	}
 	return map[string]any{
 		"id": fmt.Sprintf("chatcmpl-%d", n), "object": "chat.completion", "created": time.Now().Unix(), "model": model,
 		"choices": []any{map[string]any{"index": 0, "finish_reason": "stop",
 			"message": map[string]any{"role": "assistant", "content": fmt.Sprintf("Hello! (completion %d)", n), "refusal": nil}}},
 		"usage": map[string]any{"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18,
-			"prompt_tokens_details":     map[string]any{"cached_tokens": 3},
-			"completion_tokens_details": map[string]any{"reasoning_tokens": 2}},
+			"prompt_tokens_details": prompt, "completion_tokens_details": completion},
 	}
 }
 
@@ -295,6 +302,10 @@ func (u *Upstream) streamChat(w http.ResponseWriter, r *http.Request, st steerin
 	cut := st.cutAfter
 	pad := strings.Repeat("p", st.padKib<<10)
 	stream := ChatStream(id, model, events, pad, includeUsage)
+	if st.audio && includeUsage {
+		i := len(stream) - 2 // the usage chunk
+		stream[i] = strings.Replace(stream[i], `"usage":{`, `"usage":{"prompt_tokens_details":{"audio_tokens":2},"completion_tokens_details":{"audio_tokens":6},`, 1)
+	}
 	for i, event := range stream {
 		if cut > 0 && i == cut && i < events {
 			panic(http.ErrAbortHandler) // drop the connection mid-stream

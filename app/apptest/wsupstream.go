@@ -186,7 +186,7 @@ func (u *WSUpstream) respond(ctx context.Context, conn *websocket.Conn, realtime
 		`{"type":"response.created","event_id":"event_2","response":{"id":"resp_1","object":"realtime.response","status":"in_progress"}}`,
 		`{"type":"response.output_text.delta","event_id":"event_3","response_id":"resp_1","delta":"Hello"}`,
 		`{"type":"response.done","event_id":"event_4","response":{"id":"resp_1","object":"realtime.response","status":"completed","output":[{"type":"message","content":[{"type":"output_text","text":"Hello"}]}],` +
-			`"usage":{"total_tokens":30,"input_tokens":10,"output_tokens":20,"input_token_details":{"cached_tokens":4,"text_tokens":6,"audio_tokens":4},"output_token_details":{"text_tokens":20,"audio_tokens":0}}}}`,
+			`"usage":{"total_tokens":30,"input_tokens":10,"output_tokens":20,"input_token_details":{"cached_tokens":4,"text_tokens":10,"audio_tokens":0,"cached_tokens_details":{"text_tokens":4,"audio_tokens":0}},"output_token_details":{"text_tokens":20,"audio_tokens":0}}}}`,
 	}
 	if !realtime {
 		events = []string{

@@ -229,8 +229,8 @@ func (ex *exchange) record(err error) (*models.RequestLog, time.Duration) {
 	if u, ok := ex.usage(); ok {
 		rec.PromptTokens, rec.CompletionTokens, rec.TotalTokens = u.PromptTokens, u.CompletionTokens, u.TotalTokens
 		rec.CachedTokens, rec.ReasoningTokens = u.CachedTokens, u.ReasoningTokens
+		rec.CostMicros = ex.out.cost(rec.Model, u.Priced())
 	}
-	rec.CostMicros = ex.out.cost(rec.Model, models.TokenUsage{Input: rec.PromptTokens, CachedInput: rec.CachedTokens, Output: rec.CompletionTokens})
 	if ex.bodyLimit != nil {
 		rec.RequestBytes = ex.bodyLimit.bytesRead()
 	}

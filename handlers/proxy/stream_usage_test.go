@@ -197,3 +197,31 @@ func TestStreamUsageJoinerSeesWhatTheClientSaw(t *testing.T) {
 		t.Fatalf("upstream calls = %d, want 1", n)
 	}
 }
+
+// TestAudioTokensPricedAtAudioRates: audio tokens in a usage report cost
+// the model's audio rates, in a JSON answer and in a stream's usage chunk.
+func TestAudioTokensPricedAtAudioRates(t *testing.T) {
+	up := apptest.NewUpstream(t)
+	px := apptest.Start(t, up.URL, nil)
+	hdr := func(ua string) map[string]string {
+		return map[string]string{"Content-Type": "application/json", "User-Agent": ua}
+	}
+	do(t, "POST", px.URL+"/v1/chat/completions?test_audio=1", apptest.ClientKey,
+		strings.NewReader(`{"model":"gpt-4o-audio-preview","messages":[{"role":"user","content":"hi"}]}`), hdr("json"))
+	do(t, "POST", px.URL+"/v1/chat/completions?test_audio=1&test_events=10", apptest.ClientKey,
+		strings.NewReader(`{"model":"gpt-4o-audio-preview","stream":true,"messages":[{"role":"user","content":"hi"}]}`), hdr("stream"))
+	waitWritten(t, px, 2)
+	rows := logRows(t, px)
+	// gpt-4o-audio-preview: $2.50 text in (cached too: no cached rate),
+	// $10 text out, $40 audio in, $80 audio out, per 1M tokens.
+	for name, want := range map[string]int64{
+		// 11 prompt: 3 cached, 5 audio, 3 text; 7 completion: 4 audio, 3 text.
+		"json": 565, // 3*2.5 + 3*2.5 + 5*40 + 3*10 + 4*80
+		// 5 prompt: 2 audio, 3 text; 10 completion: 6 audio, 4 text.
+		"stream": 608, // 3*2.5 + 2*40 + 4*10 + 6*80 = 607.5, rounded
+	} {
+		if got := rows[name].CostMicros; got != want {
+			t.Errorf("%s: cost %d µ$, want %d", name, got, want)
+		}
+	}
+}

@@ -9,6 +9,8 @@ import (
 	"bytes"
 
 	"github.com/tidwall/gjson"
+
+	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
 // Usage is the token usage an OpenAI response reports.
@@ -18,6 +20,11 @@ type Usage struct {
 	TotalTokens      int64
 	CachedTokens     int64
 	ReasoningTokens  int64
+	// AudioInputTokens: of PromptTokens, audio not read from the prompt
+	// cache (cached audio is in CachedTokens); AudioOutputTokens: of
+	// CompletionTokens, audio. Both priced at the model's audio rates.
+	AudioInputTokens  int64
+	AudioOutputTokens int64
 }
 
 // IsZero reports whether no usage was seen.
@@ -34,8 +41,13 @@ func FromObject(u gjson.Result) (Usage, bool) {
 		PromptTokens:     firstInt(u, "prompt_tokens", "input_tokens"),
 		CompletionTokens: firstInt(u, "completion_tokens", "output_tokens"),
 		TotalTokens:      u.Get("total_tokens").Int(),
-		CachedTokens:     firstInt(u, "prompt_tokens_details.cached_tokens", "input_tokens_details.cached_tokens"),
+		CachedTokens:     firstInt(u, "prompt_tokens_details.cached_tokens", "input_tokens_details.cached_tokens", "input_token_details.cached_tokens"),
 		ReasoningTokens:  firstInt(u, "completion_tokens_details.reasoning_tokens", "output_tokens_details.reasoning_tokens"),
+		// chat/completions says prompt_tokens_details, the Realtime API
+		// input_token_details (with the cached share broken down).
+		AudioInputTokens: max(0, firstInt(u, "prompt_tokens_details.audio_tokens", "input_token_details.audio_tokens")-
+			u.Get("input_token_details.cached_tokens_details.audio_tokens").Int()),
+		AudioOutputTokens: firstInt(u, "completion_tokens_details.audio_tokens", "output_token_details.audio_tokens"),
 	}
 	if out.TotalTokens == 0 {
 		out.TotalTokens = out.PromptTokens + out.CompletionTokens
@@ -50,6 +62,17 @@ func firstInt(u gjson.Result, paths ...string) int64 {
 		}
 	}
 	return 0
+}
+
+// Priced is the usage in the terms the price table quotes.
+func (u Usage) Priced() models.TokenUsage {
+	return models.TokenUsage{
+		Input:       u.PromptTokens,
+		CachedInput: u.CachedTokens,
+		AudioInput:  u.AudioInputTokens,
+		Output:      u.CompletionTokens,
+		AudioOutput: u.AudioOutputTokens,
+	}
 }
 
 // FromJSON reads the top-level "usage" of a whole JSON response body, or of

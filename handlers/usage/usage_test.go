@@ -1,6 +1,8 @@
 package usage
 
 import (
+	"github.com/tidwall/gjson"
+
 	"strings"
 	"testing"
 )
@@ -21,11 +23,11 @@ func TestStream(t *testing.T) {
 		terminal bool
 		events   int
 	}{
-		{"chat", chatStream, Usage{5, 2, 7, 1, 1}, true, 3},
-		{"responses with CRLF", responsesStream, Usage{9, 3, 12, 0, 0}, true, 3},
-		{"cut before the end", chatStream[:strings.Index(chatStream, "data: [DONE]")], Usage{5, 2, 7, 1, 1}, false, 2},
+		{"chat", chatStream, Usage{5, 2, 7, 1, 1, 0, 0}, true, 3},
+		{"responses with CRLF", responsesStream, Usage{9, 3, 12, 0, 0, 0, 0}, true, 3},
+		{"cut before the end", chatStream[:strings.Index(chatStream, "data: [DONE]")], Usage{5, 2, 7, 1, 1, 0, 0}, false, 2},
 		{"keep-alive comments only", ": ping\n\n: ping\n\n", Usage{}, false, 0},
-		{"multi-line data", "data: {\"usage\":\ndata: {\"prompt_tokens\":1,\"completion_tokens\":1}}\n\n", Usage{1, 1, 2, 0, 0}, false, 1},
+		{"multi-line data", "data: {\"usage\":\ndata: {\"prompt_tokens\":1,\"completion_tokens\":1}}\n\n", Usage{1, 1, 2, 0, 0, 0, 0}, false, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var s Stream
@@ -47,8 +49,19 @@ func TestFromJSONAndTail(t *testing.T) {
 		t.Fatalf("FromTail: %+v %v", u, ok)
 	}
 	resp := `{"id":"resp_1","output":[],"usage":{"input_tokens":4,"output_tokens":6,"total_tokens":10,"output_tokens_details":{"reasoning_tokens":2}}}`
-	if u, ok := FromJSON([]byte(resp)); !ok || u != (Usage{4, 6, 10, 0, 2}) {
+	if u, ok := FromJSON([]byte(resp)); !ok || u != (Usage{4, 6, 10, 0, 2, 0, 0}) {
 		t.Fatalf("responses: %+v", u)
+	}
+	chat := `{"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18,` +
+		`"prompt_tokens_details":{"cached_tokens":3,"audio_tokens":5},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":4}}}`
+	if u, _ := FromJSON([]byte(chat)); u != (Usage{11, 7, 18, 3, 0, 5, 4}) {
+		t.Fatalf("chat with audio: %+v", u)
+	}
+	// Realtime: cached audio is in the cached count, not the audio one.
+	realtime := `{"input_tokens":30,"output_tokens":20,"total_tokens":50,"input_token_details":{"cached_tokens":12,"text_tokens":10,"audio_tokens":20,` +
+		`"cached_tokens_details":{"text_tokens":4,"audio_tokens":8}},"output_token_details":{"text_tokens":5,"audio_tokens":15}}`
+	if u, _ := FromObject(gjson.Parse(realtime)); u != (Usage{30, 20, 50, 12, 0, 12, 15}) {
+		t.Fatalf("realtime: %+v", u)
 	}
 	for _, bad := range []string{"", "{", `{"usage":5}`, "not json"} {
 		if _, ok := FromJSON([]byte(bad)); ok {

@@ -61,7 +61,7 @@ func (s *session) charge(u usage.Usage, model string) error {
 	if s.rec.Model != "" {
 		model = s.rec.Model
 	}
-	cost := s.p.cfg.Gate.CostMicros(model, models.TokenUsage{Input: u.PromptTokens, CachedInput: u.CachedTokens, Output: u.CompletionTokens})
+	cost := s.p.cfg.Gate.CostMicros(model, u.Priced())
 	s.limits.cost += cost
 	return s.limits.ticket.Charge(cost, u.TotalTokens)
 }
