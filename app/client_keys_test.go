@@ -371,6 +371,9 @@ func TestAdminAPI(t *testing.T) {
 		if code := adminCall(t, p.a, adminToken, "DELETE", "/admin/v1/keys/"+k.ID, "", &revoked); code != 200 || revoked.State != "revoked" {
 			t.Fatalf("delete: %d %+v", code, revoked)
 		}
+		if code := adminCall(t, p.b, adminToken, "PATCH", "/admin/v1/keys/"+k.ID, `{"rpm":5}`, nil); code != 409 {
+			t.Fatalf("patch revoked: %d, want 409", code)
+		}
 
 		// Costs: the plain calls cost the hand-computed figure, the replay 0.
 		var rows []struct {

@@ -25,6 +25,10 @@ const (
 // recognisable (and greppable by secret scanners).
 const ClientKeyPrefix = "pxy_"
 
+// ErrKeyRevoked is returned when a revoked client key would be changed:
+// revocation is final.
+var ErrKeyRevoked = errors.New("models: client key is revoked")
+
 // ErrNameTaken is returned when a client key name is already in use.
 var ErrNameTaken = errors.New("models: client key name already in use")
 
@@ -155,14 +159,14 @@ func (s *Store) ClientKeyByID(ctx context.Context, id string) (ClientKey, error)
 }
 
 // UpdateClientKey replaces a key's limits, expiry and notes (ErrNotFound
-// if it does not exist). Its rate-limit bucket starts afresh, full at the
-// new limits.
+// if it does not exist, ErrKeyRevoked if it is revoked). Its rate-limit
+// bucket starts afresh, full at the new limits.
 func (s *Store) UpdateClientKey(ctx context.Context, id string, l ClientKeyLimits) (ClientKey, error) {
 	var k ClientKey
 	applyLimits(&k, l)
 	// Single statements, no transaction: SQLite shared by two processes
 	// refuses a read transaction's upgrade to a write (SQLITE_BUSY).
-	res := s.db.WithContext(ctx).Model(&ClientKey{}).Where("id = ?", id).Updates(map[string]any{
+	res := s.db.WithContext(ctx).Model(&ClientKey{}).Where("id = ? AND revoked_at IS NULL", id).Updates(map[string]any{
 		"expires_at": k.ExpiresAt, "models": k.Models, "rpm": k.RPM, "tpm": k.TPM,
 		"budget_micros": k.BudgetMicros, "budget_period": k.BudgetPeriod, "notes": k.Notes, "updated_at": s.now(),
 	})
@@ -170,6 +174,11 @@ func (s *Store) UpdateClientKey(ctx context.Context, id string, l ClientKeyLimit
 		return ClientKey{}, fmt.Errorf("models: update client key: %w", res.Error)
 	}
 	if res.RowsAffected == 0 {
+		if k, err := s.ClientKeyByID(ctx, id); err != nil {
+			return ClientKey{}, err
+		} else if k.RevokedAt != nil {
+			return ClientKey{}, ErrKeyRevoked
+		}
 		return ClientKey{}, ErrNotFound
 	}
 	if err := s.db.WithContext(ctx).Exec("DELETE FROM client_key_rates WHERE key_id = ?", id).Error; err != nil {

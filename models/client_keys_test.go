@@ -52,6 +52,16 @@ func TestClientKeysStoreOnlyADigest(t *testing.T) {
 		if _, err := s.RevokeClientKey(ctx, "ck_nope"); !errors.Is(err, models.ErrNotFound) {
 			t.Fatalf("revoke unknown: %v", err)
 		}
+		// Revocation is final: its limits and expiry no longer change.
+		if _, err := s.UpdateClientKey(ctx, k.ID, models.ClientKeyLimits{RPM: 9}); !errors.Is(err, models.ErrKeyRevoked) {
+			t.Fatalf("update revoked: %v", err)
+		}
+		if _, err := s.UpdateClientKey(ctx, "ck_nope", models.ClientKeyLimits{RPM: 9}); !errors.Is(err, models.ErrNotFound) {
+			t.Fatalf("update unknown: %v", err)
+		}
+		if got, _ := s.ClientKeyByID(ctx, k.ID); got.RPM != 0 || got.TPM != 500 {
+			t.Fatalf("revoked key changed: %+v", got)
+		}
 	})
 }
 

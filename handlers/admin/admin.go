@@ -237,7 +237,7 @@ func (a *API) list(c *fiber.Ctx) error {
 func (a *API) get(c *fiber.Ctx) error {
 	k, err := a.store.ClientKeyByID(c.UserContext(), c.Params("id"))
 	if err != nil {
-		return a.notFound(c, err)
+		return a.keyError(c, err)
 	}
 	return c.JSON(a.toJSON(k))
 }
@@ -253,7 +253,10 @@ func (a *API) update(c *fiber.Ctx) error {
 	id := c.Params("id")
 	k, err := a.store.ClientKeyByID(c.UserContext(), id)
 	if err != nil {
-		return a.notFound(c, err)
+		return a.keyError(c, err)
+	}
+	if k.RevokedAt != nil {
+		return fail(c, http.StatusConflict, "key_revoked", "A revoked key cannot change; create a new key.")
 	}
 	l := limitsOf(k)
 	if err := in.apply(&l); err != nil {
@@ -261,7 +264,7 @@ func (a *API) update(c *fiber.Ctx) error {
 	}
 	k, err = a.store.UpdateClientKey(c.UserContext(), id, l)
 	if err != nil {
-		return a.notFound(c, err)
+		return a.keyError(c, err)
 	}
 	a.logger.Info("client key changed", "id", k.ID, "name", k.Name, "via", "admin_api")
 	return c.JSON(a.toJSON(k))
@@ -270,15 +273,18 @@ func (a *API) update(c *fiber.Ctx) error {
 func (a *API) revoke(c *fiber.Ctx) error {
 	k, err := a.store.RevokeClientKey(c.UserContext(), c.Params("id"))
 	if err != nil {
-		return a.notFound(c, err)
+		return a.keyError(c, err)
 	}
 	a.logger.Info("client key revoked", "id", k.ID, "name", k.Name, "via", "admin_api")
 	return c.JSON(a.toJSON(k))
 }
 
-func (a *API) notFound(c *fiber.Ctx, err error) error {
-	if errors.Is(err, models.ErrNotFound) {
+func (a *API) keyError(c *fiber.Ctx, err error) error {
+	switch {
+	case errors.Is(err, models.ErrNotFound):
 		return fail(c, http.StatusNotFound, "not_found", "No client key has this id.")
+	case errors.Is(err, models.ErrKeyRevoked): // revoked between the read and the update
+		return fail(c, http.StatusConflict, "key_revoked", "A revoked key cannot change; create a new key.")
 	}
 	return err
 }

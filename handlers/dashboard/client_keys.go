@@ -132,6 +132,7 @@ func (h *Handler) ClientKeyList(c *fiber.Ctx) error {
 // or the edit form of one key (ID set).
 type clientKeyForm struct {
 	layout
+	Revoked                                                bool // shown read-only
 	ID, Hint, State                                        string
 	Name, Expires, RPM, TPM, Budget, Period, Models, Notes string
 	Notice, Error                                          string
@@ -140,7 +141,7 @@ type clientKeyForm struct {
 const expiresLayout = "2006-01-02T15:04"
 
 func formOf(k models.ClientKey, now time.Time) clientKeyForm {
-	f := clientKeyForm{ID: k.ID, Hint: "…" + k.Hint, State: k.State(now), Name: k.Name, Period: k.BudgetPeriod,
+	f := clientKeyForm{ID: k.ID, Hint: "…" + k.Hint, State: k.State(now), Revoked: k.RevokedAt != nil, Name: k.Name, Period: k.BudgetPeriod,
 		Models: strings.Join(k.AllowedModels(), ", "), Notes: k.Notes}
 	if k.ExpiresAt != nil {
 		f.Expires = k.ExpiresAt.UTC().Format(expiresLayout)
@@ -278,6 +279,9 @@ func (h *Handler) EditClientKeyForm(c *fiber.Ctx) error {
 	}
 	f := formOf(k, h.cfg.Now())
 	f.layout = h.page(c, "Client key "+k.Name, "clientkeys")
+	if f.Revoked {
+		f.Notice = "Revoked " + k.RevokedAt.UTC().Format("2006-01-02 15:04 UTC") + ". A revoked key cannot change; create a new key."
+	}
 	return render(c, http.StatusOK, "client_key_form", f)
 }
 
@@ -288,6 +292,9 @@ func (h *Handler) UpdateClientKey(c *fiber.Ctx) error {
 	k, err := h.cfg.ClientKeys.ClientKeyByID(ctx, c.Params("id"))
 	if err != nil {
 		return err
+	}
+	if k.RevokedAt != nil {
+		return models.ErrKeyRevoked
 	}
 	f := formOf(k, h.cfg.Now())
 	f.layout = h.page(c, "Client key "+k.Name, "clientkeys")

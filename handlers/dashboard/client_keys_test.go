@@ -139,7 +139,18 @@ func TestClientKeysPages(t *testing.T) {
 	resp, body = c.do("POST", "/dashboard/client-keys/ck_svc/revoke", url.Values{"_csrf": {csrf}, "confirm": {"yes"}})
 	wantStatus(t, resp, body, http.StatusSeeOther)
 	_, page = c.get("/dashboard/client-keys?revoked=1")
-	wantContains(t, page, "was revoked", `class="state ck-revoked"`)
+	wantContains(t, page, "was revoked", `class="state ck-revoked"`, `href="/dashboard/client-keys/ck_svc">View</a>`)
+	wantAbsent(t, page, `href="/dashboard/client-keys/ck_svc">Edit</a>`)
+	// A revoked key is shown read-only and cannot change.
+	_, page = c.get("/dashboard/client-keys/ck_svc")
+	wantContains(t, page, `<fieldset class="form-grid" disabled>`, "A revoked key cannot change")
+	wantAbsent(t, page, ">Save</button>", "Revoke this key")
+	resp, body = c.do("POST", "/dashboard/client-keys/ck_svc", url.Values{"_csrf": {csrf}, "rpm": {"99"}})
+	wantStatus(t, resp, body, http.StatusConflict)
+	wantContains(t, body, "A revoked key cannot change")
+	if ck.keys[0].RPM == 99 {
+		t.Fatal("a revoked key was changed")
+	}
 	resp, body = c.get("/dashboard/client-keys/missing")
 	wantStatus(t, resp, body, http.StatusNotFound)
 }

@@ -277,6 +277,8 @@ func errorAnswer(err error) (int, string) {
 		status = fe.Code
 	case errors.Is(err, models.ErrNotFound):
 		status, msg = http.StatusNotFound, "It no longer exists: it may have expired or been deleted."
+	case errors.Is(err, models.ErrKeyRevoked):
+		status, msg = http.StatusConflict, "A revoked key cannot change; create a new key."
 	case errors.Is(err, models.ErrInvalidFilter):
 		status, msg = http.StatusBadRequest, "The address holds a filter or page position that is not valid."
 	}
