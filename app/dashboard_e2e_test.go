@@ -239,12 +239,33 @@ func TestDashboardInBrowser(t *testing.T) {
 	do("not found", chromedp.Navigate(px.URL+"/dashboard/keys/"+strings.Repeat("0", 64)), chromedp.WaitVisible(chromedp.CSS(`.error-page`)))
 	shot("14-not-found")
 
+	// Client keys: one with limits in use, one revoked, shown read-only.
+	ctxDB := context.Background()
+	if _, _, err := px.App.Store.CreateClientKey(ctxDB, "billing-service", models.ClientKeyLimits{RPM: 600, BudgetMicros: 25_000_000, BudgetPeriod: "month", Models: []string{"gpt-4o-mini"}}); err != nil {
+		t.Fatal(err)
+	}
+	old, _, err := px.App.Store.CreateClientKey(ctxDB, "old-batch-job", models.ClientKeyLimits{TPM: 100_000, Notes: "replaced by billing-service"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := px.App.Store.RevokeClientKey(ctxDB, old.ID); err != nil {
+		t.Fatal(err)
+	}
+	do("client keys", chromedp.Navigate(px.URL+"/dashboard/client-keys"), chromedp.WaitVisible(chromedp.CSS(`table.list`)))
+	shot("15-client-keys")
+	do("revoked client key", chromedp.Navigate(px.URL+"/dashboard/client-keys/"+old.ID), chromedp.WaitVisible(chromedp.CSS(`fieldset[disabled]`)))
+	if s := text(); !strings.Contains(s, "A revoked key cannot change") || strings.Contains(s, "Save") {
+		t.Fatalf("revoked key page:\n%s", s)
+	}
+	shot("16-client-key-revoked")
+
 	// A phone: the same pages at 390 px, tables scrolling sideways.
 	do("phone", chromedp.EmulateViewport(390, 844, chromedp.EmulateScale(2)))
 	for _, p := range []struct{ name, path, wait string }{
 		{"10-phone-overview", "/dashboard", `svg.chart`},
 		{"11-phone-requests", "/dashboard/requests", `table.list`},
 		{"12-phone-keys", "/dashboard/keys", `table.list`},
+		{"17-phone-client-keys", "/dashboard/client-keys", `table.list`},
 	} {
 		do(p.name, chromedp.Navigate(px.URL+p.path), chromedp.WaitVisible(chromedp.CSS(p.wait)))
 		overflow, err := chromedp.Run(ctx, chromedp.Evaluate[bool]("document.documentElement.scrollWidth > window.innerWidth + 1"))
