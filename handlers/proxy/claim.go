@@ -32,8 +32,11 @@ type claims struct {
 	mu      sync.Mutex
 	running map[*claim]struct{}
 	// live holds each attempt of this process by key id until its outcome
-	// is stored, for repeats to join (join.go).
-	live map[string]*claim
+	// is stored, for repeats to join (join.go); expected, by owner, the
+	// claims being tried for in the store, so that a repeat that finds one
+	// there the moment it is won can join it before hold moves it to live.
+	live     map[string]*claim
+	expected map[string]*claim
 	// relay publishes and follows attempts across replicas; nil on a
 	// store only this process uses (SQLite).
 	relay *relay
@@ -78,16 +81,38 @@ type claim struct {
 	reserved int64 // bytes of BUFFER_MEMORY_LIMIT held for capture, until stored
 }
 
-// hold registers a claim won in the store and keeps its lease renewed
-// until it ends. reserved is the memory already taken for its capture.
-func (s *claims) hold(id, owner string, row models.RequestLog, start time.Time, reserved int64) *claim {
-	cl := &claim{set: s, id: id, owner: owner, row: row, start: start, reserved: reserved}
+// expect registers the claim about to be tried for in the store, as owner;
+// hold it once won, forget it otherwise.
+func (s *claims) expect(id, owner string) *claim {
+	cl := &claim{set: s, id: id, owner: owner}
 	s.mu.Lock()
 	if s.running == nil {
-		s.running, s.live, s.renewing = map[*claim]struct{}{}, map[string]*claim{}, map[*claim]time.Time{}
+		s.running, s.live, s.expected, s.renewing = map[*claim]struct{}{}, map[string]*claim{}, map[string]*claim{}, map[*claim]time.Time{}
 	}
+	s.expected[owner] = cl
+	s.mu.Unlock()
+	return cl
+}
+
+// forget drops an expected claim the store gave to no one but its owner,
+// who did not win it.
+func (s *claims) forget(cl *claim) {
+	s.mu.Lock()
+	if s.expected[cl.owner] == cl {
+		delete(s.expected, cl.owner)
+	}
+	s.mu.Unlock()
+}
+
+// hold makes an expected claim won in the store running, and keeps its
+// lease renewed until it ends. row is the request's log row, start its
+// arrival, reserved the memory already taken for its capture.
+func (s *claims) hold(cl *claim, row models.RequestLog, start time.Time, reserved int64) *claim {
+	cl.row, cl.start, cl.reserved = row, start, reserved
+	s.mu.Lock()
+	delete(s.expected, cl.owner)
 	s.running[cl] = struct{}{}
-	s.live[id] = cl
+	s.live[cl.id] = cl
 	s.renewing[cl] = time.Now()
 	if !s.renewLoop {
 		s.renewLoop = true
@@ -167,6 +192,9 @@ func (s *claims) liveClaim(id, owner string) *claim {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if cl := s.live[id]; cl != nil && cl.owner == owner {
+		return cl
+	}
+	if cl := s.expected[owner]; cl != nil && cl.id == id {
 		return cl
 	}
 	return nil

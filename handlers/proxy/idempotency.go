@@ -73,6 +73,12 @@ func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
 	defer func() { p.buffers.release(reserved) }() // what no claim or replay took over
 	id := scopeID(ex.rec.Client, key)
 	owner := randomToken()
+	pending := p.claims.expect(id, owner)
+	defer func() {
+		if ex.claim == nil {
+			p.claims.forget(pending)
+		}
+	}()
 	for tries := 0; ; tries++ {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		claimed, rec, err := p.idem.ClaimIdempotency(ctx, models.ClaimRequest{
@@ -94,7 +100,7 @@ func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
 			p.out.metrics.idempotencyResult("executed")
 			row := ex.rec
 			p.out.maskRecord(&row) // logged as it is if a shutdown cuts the request
-			ex.claim = p.claims.hold(id, owner, row, ex.start, reserved)
+			ex.claim = p.claims.hold(pending, row, ex.start, reserved)
 			reserved = 0
 			return p.forward(c, ex)
 		case rec.Fingerprint != fingerprint:

@@ -6,18 +6,24 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/gofiber/fiber/v2"
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/option"
 
 	"github.com/openai-idempotent-proxy/proxy/app/apptest"
+	"github.com/openai-idempotent-proxy/proxy/handlers"
+	"github.com/openai-idempotent-proxy/proxy/handlers/proxy"
 	"github.com/openai-idempotent-proxy/proxy/models"
 	"github.com/openai-idempotent-proxy/proxy/models/testdb"
 )
@@ -447,4 +453,66 @@ func joinedRows(t *testing.T, px *apptest.Instance) int64 {
 		t.Fatal(err)
 	}
 	return n
+}
+
+// slowWinStore holds back the answer of the claim that wins a key until
+// the other request has asked four times (its three joins and the last
+// try that answers 409 when nothing can be joined) or a second has gone
+// by: the window between the claim's commit and the proxy's hold.
+type slowWinStore struct {
+	proxy.IdempotencyStore
+	lost     atomic.Int64
+	fourth   chan struct{}
+	firstWin sync.Once
+}
+
+func (s *slowWinStore) ClaimIdempotency(ctx context.Context, r models.ClaimRequest) (bool, *models.IdempotencyRecord, error) {
+	claimed, rec, err := s.IdempotencyStore.ClaimIdempotency(ctx, r)
+	switch {
+	case err != nil:
+	case claimed:
+		s.firstWin.Do(func() {
+			select {
+			case <-s.fourth:
+			case <-time.After(time.Second): // the repeat joined: it asks no more
+			}
+		})
+	case s.lost.Add(1) == 4:
+		close(s.fourth)
+	}
+	return claimed, rec, err
+}
+
+// TestRepeatJoinsAClaimTheMomentItIsWon: a repeat that finds the key's
+// record just committed, before the winner's process has registered the
+// attempt, joins it instead of answering 409.
+func TestRepeatJoinsAClaimTheMomentItIsWon(t *testing.T) {
+	up := newJoinUpstream(t, &joinUpstream{delay: 100 * time.Millisecond})
+	base, _ := url.Parse(up.url)
+	store := &slowWinStore{IdempotencyStore: testdb.SQLite(t, nil), fourth: make(chan struct{})}
+	p := proxy.NewProxy(proxy.ProxyConfig{
+		UpstreamBaseURL: base, UpstreamAPIKey: apptest.UpstreamKey,
+		ClientKeys:  []handlers.ClientKey{{Name: "alpha", Key: apptest.ClientKey}},
+		MaxBodySize: 1 << 20, UpstreamTimeout: time.Minute, FirstByteTimeout: time.Minute, IdleTimeout: time.Minute,
+		IdempotencyTTL: time.Hour, IdempotencyLease: time.Minute, IdempotencyMaxBody: 1 << 20, IdempotencyJoinWait: time.Minute,
+		BufferMemoryLimit: 64 << 20,
+	}, store, nil, nil, slog.New(slog.DiscardHandler))
+	f := fiber.New(fiber.Config{DisableStartupMessage: true, StreamRequestBody: true})
+	f.All("/v1/*", p.Handle)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = f.Listener(ln) }()
+	t.Cleanup(func() { _ = f.Shutdown() })
+
+	results := concurrently(t, 2, "won-just-now", &apptest.Instance{URL: "http://" + ln.Addr().String()})
+	for i, r := range results {
+		if r.status != 200 || !bytes.Equal(r.body, results[0].body) {
+			t.Fatalf("call %d: %d %s, want 200 and the same body as the other", i, r.status, r.body)
+		}
+	}
+	if n := up.calls.Load(); n != 1 {
+		t.Fatalf("upstream calls = %d, want 1", n)
+	}
 }
