@@ -84,8 +84,7 @@ type hider struct {
 	event   []byte // the event being assembled
 	out     []byte // judged bytes; out[off:] the reader has not taken yet
 	off     int
-	lineLen int  // bytes of the current line so far, across reads
-	lineCR  bool // the current line starts with a carriage return
+	lines   eventLines
 	passing bool // the current event outgrew maxHeld: passed on unjudged
 	err     error
 }
@@ -121,20 +120,10 @@ func (h *hider) Read(p []byte) (int, error) {
 // judges each one when it ends.
 func (h *hider) split(b []byte) {
 	for len(b) > 0 {
-		if h.lineLen == 0 {
-			h.lineCR = b[0] == '\r'
-		}
-		i := bytes.IndexByte(b, '\n')
-		if i < 0 {
-			h.lineLen += len(b)
-			h.hold(b)
-			return
-		}
-		length := h.lineLen + i
-		blank := length == 0 || (length == 1 && h.lineCR)
-		h.hold(b[:i+1])
-		h.lineLen, b = 0, b[i+1:]
-		if blank {
+		line, eventEnd := h.lines.cut(b)
+		h.hold(b[:line])
+		b = b[line:]
+		if eventEnd {
 			if !h.passing {
 				h.out = appendWithoutUsage(h.out, h.event)
 			}

@@ -18,8 +18,7 @@ const maxEvent = 1 << 20
 type Stream struct {
 	pending  []byte // bytes of the event being assembled
 	skipping bool   // the current event outgrew maxEvent
-	lineLen  int    // bytes of the current line seen so far, across writes
-	lineCR   bool   // the current line starts with a carriage return
+	lines    eventLines
 	usage    Usage
 	terminal bool
 	events   int
@@ -38,23 +37,10 @@ type Event struct {
 func (s *Stream) Write(p []byte) (int, error) {
 	n := len(p)
 	for len(p) > 0 {
-		// An event ends at a blank line: "\n\n" (or with "\r\n"). A line
-		// may arrive split over several writes, so its length is counted
-		// across them.
-		if s.lineLen == 0 {
-			s.lineCR = p[0] == '\r'
-		}
-		i := bytes.IndexByte(p, '\n')
-		if i < 0 {
-			s.lineLen += len(p)
-			s.add(p)
-			break
-		}
-		length := s.lineLen + i
-		blank := length == 0 || (length == 1 && s.lineCR)
-		s.add(p[:i+1])
-		s.lineLen, p = 0, p[i+1:]
-		if blank {
+		line, eventEnd := s.lines.cut(p)
+		s.add(p[:line])
+		p = p[line:]
+		if eventEnd {
 			s.endEvent()
 		}
 	}
@@ -147,3 +133,28 @@ func (s *Stream) Terminal() bool { return s.terminal }
 
 // Events counts the events that carried data.
 func (s *Stream) Events() int { return s.events }
+
+// eventLines finds the ends of SSE events — blank lines, "\n\n" or with
+// "\r\n" — in a stream that arrives in pieces: a line may be split over
+// several of them, so its length is counted across them.
+type eventLines struct {
+	lineLen int  // bytes of the current line so far
+	lineCR  bool // the current line starts with a carriage return
+}
+
+// cut returns how much of p belongs to the current line (through its
+// '\n', or all of p when the line goes on), and whether that line ended
+// an event.
+func (l *eventLines) cut(p []byte) (n int, eventEnd bool) {
+	if l.lineLen == 0 {
+		l.lineCR = p[0] == '\r'
+	}
+	i := bytes.IndexByte(p, '\n')
+	if i < 0 {
+		l.lineLen += len(p)
+		return len(p), false
+	}
+	length := l.lineLen + i
+	l.lineLen = 0
+	return i + 1, length == 0 || (length == 1 && l.lineCR)
+}
