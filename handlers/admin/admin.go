@@ -5,8 +5,6 @@ package admin
 
 import (
 	"context"
-	"crypto/sha256"
-	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"log/slog"
@@ -35,8 +33,8 @@ type Store interface {
 // API serves /admin/v1.
 type API struct {
 	store    Store
-	digest   [32]byte // SHA-256 of "Bearer <token>"
-	envNames []string // PROXY_API_KEYS names: listed, read-only, not reusable
+	digest   handlers.SecretDigest // of "Bearer <token>"
+	envNames []string              // PROXY_API_KEYS names: listed, read-only, not reusable
 	now      func() time.Time
 	logger   *slog.Logger
 }
@@ -46,7 +44,7 @@ func New(store Store, token string, envNames []string, now func() time.Time, log
 	if now == nil {
 		now = time.Now
 	}
-	return &API{store: store, digest: sha256.Sum256([]byte("Bearer " + token)), envNames: envNames, now: now, logger: logger}
+	return &API{store: store, digest: handlers.DigestSecret([]byte("Bearer " + token)), envNames: envNames, now: now, logger: logger}
 }
 
 // Mount registers the routes; every one checks the token first.
@@ -62,12 +60,10 @@ func (a *API) Mount(r fiber.Router) {
 	})
 }
 
-// requireToken compares digests in constant time, so neither the token's
-// length nor a matching prefix shows in the timing.
+// requireToken checks the token in constant time (handlers.SecretDigest).
 func (a *API) requireToken(c *fiber.Ctx) error {
 	c.Set("Cache-Control", "no-store")
-	got := sha256.Sum256(c.Request().Header.Peek("Authorization"))
-	if subtle.ConstantTimeCompare(got[:], a.digest[:]) != 1 {
+	if !a.digest.Matches(c.Request().Header.Peek("Authorization")) {
 		return handlers.WriteAPIError(c, &handlers.APIError{Status: http.StatusUnauthorized, Type: "invalid_request_error", Code: "invalid_admin_token",
 			Message: "Send the admin API token as 'Authorization: Bearer <ADMIN_API_TOKEN>'."})
 	}
