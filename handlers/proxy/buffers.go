@@ -59,8 +59,12 @@ const (
 	// to its client pauses meanwhile.
 	growWait = 5 * time.Second
 	// captureStep is the first reservation of a keyed request, and the
-	// smallest growth of its capture.
+	// smallest growth of that reservation.
 	captureStep = 256 << 10
+	// firstCapture is the first buffer of a capture whose length is not
+	// known (a stream): most are short, and the buffer doubles as it fills,
+	// within what is reserved.
+	firstCapture = 16 << 10
 	// replayChunk is how much of a stored body a replay holds at a time.
 	replayChunk = 256 << 10
 )

@@ -238,14 +238,16 @@ func (cl *claim) expect(size int64) {
 // grow makes room for need bytes, within BUFFER_MEMORY_LIMIT: it reserves
 // what the larger buffer adds (waiting a little, which pauses this stream)
 // and moves the capture into it. exact (the Content-Length is known)
-// allocates need and no more; otherwise the buffer at least doubles, so a
-// long stream is copied a few times only.
+// allocates need and no more; otherwise the buffer starts at firstCapture
+// and at least doubles, so a long stream is copied a few times only.
 func (cl *claim) grow(need int64, exact bool) bool {
 	s := cl.set
 	size := need
 	if !exact {
-		size = min(max(need, 2*int64(cap(cl.capture)), captureStep), s.maxBody)
+		size = min(max(need, 2*int64(cap(cl.capture)), firstCapture), s.maxBody)
 	}
+	// The first captureStep is reserved when the key is claimed: a buffer
+	// growing within it reserves nothing more.
 	if more := size - cl.reserved; more > 0 {
 		if !s.buffers.acquire(more, growWait) {
 			s.logger.Warn("BUFFER_MEMORY_LIMIT reached: a keyed response is delivered but not stored; retries get 410", "key_id", cl.id)
