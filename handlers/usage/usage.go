@@ -30,38 +30,57 @@ type Usage struct {
 // IsZero reports whether no usage was seen.
 func (u Usage) IsZero() bool { return u == Usage{} }
 
-// FromObject reads a "usage" object in either naming: chat/completions and
-// embeddings (prompt_tokens, completion_tokens) or the Responses API
-// (input_tokens, output_tokens).
+// FromObject reads a "usage" object in any of OpenAI's namings:
+// chat/completions and embeddings (prompt_tokens, completion_tokens and
+// their _details), the Responses API (input_tokens, output_tokens and
+// their _details) and the Realtime API (input_token_details with the
+// cached share broken down). One pass over the object: it is read for
+// every answer.
 func FromObject(u gjson.Result) (Usage, bool) {
 	if !u.IsObject() {
 		return Usage{}, false
 	}
-	out := Usage{
-		PromptTokens:     firstInt(u, "prompt_tokens", "input_tokens"),
-		CompletionTokens: firstInt(u, "completion_tokens", "output_tokens"),
-		TotalTokens:      u.Get("total_tokens").Int(),
-		CachedTokens:     firstInt(u, "prompt_tokens_details.cached_tokens", "input_tokens_details.cached_tokens", "input_token_details.cached_tokens"),
-		ReasoningTokens:  firstInt(u, "completion_tokens_details.reasoning_tokens", "output_tokens_details.reasoning_tokens"),
-		// chat/completions says prompt_tokens_details, the Realtime API
-		// input_token_details (with the cached share broken down).
-		AudioInputTokens: max(0, firstInt(u, "prompt_tokens_details.audio_tokens", "input_token_details.audio_tokens")-
-			u.Get("input_token_details.cached_tokens_details.audio_tokens").Int()),
-		AudioOutputTokens: firstInt(u, "completion_tokens_details.audio_tokens", "output_token_details.audio_tokens"),
-	}
+	var out Usage
+	var cachedAudio int64
+	u.ForEach(func(k, v gjson.Result) bool {
+		switch k.Str {
+		case "prompt_tokens", "input_tokens":
+			out.PromptTokens = v.Int()
+		case "completion_tokens", "output_tokens":
+			out.CompletionTokens = v.Int()
+		case "total_tokens":
+			out.TotalTokens = v.Int()
+		case "prompt_tokens_details", "input_tokens_details", "input_token_details":
+			v.ForEach(func(k, v gjson.Result) bool {
+				switch k.Str {
+				case "cached_tokens":
+					out.CachedTokens = v.Int()
+				case "audio_tokens":
+					out.AudioInputTokens = v.Int()
+				case "cached_tokens_details":
+					cachedAudio = v.Get("audio_tokens").Int()
+				}
+				return true
+			})
+		case "completion_tokens_details", "output_tokens_details", "output_token_details":
+			v.ForEach(func(k, v gjson.Result) bool {
+				switch k.Str {
+				case "reasoning_tokens":
+					out.ReasoningTokens = v.Int()
+				case "audio_tokens":
+					out.AudioOutputTokens = v.Int()
+				}
+				return true
+			})
+		}
+		return true
+	})
+	// Cached audio is billed with the cached tokens, not again as audio.
+	out.AudioInputTokens = max(0, out.AudioInputTokens-cachedAudio)
 	if out.TotalTokens == 0 {
 		out.TotalTokens = out.PromptTokens + out.CompletionTokens
 	}
 	return out, true
-}
-
-func firstInt(u gjson.Result, paths ...string) int64 {
-	for _, p := range paths {
-		if v := u.Get(p); v.Exists() {
-			return v.Int()
-		}
-	}
-	return 0
 }
 
 // Priced is the usage in the terms the price table quotes.
