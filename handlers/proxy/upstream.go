@@ -215,6 +215,7 @@ type upstreamConn struct {
 	firstByte, idle time.Duration
 
 	deadline  time.Time     // the current call's UPSTREAM_TIMEOUT deadline
+	readDL    time.Time     // the read deadline last set on the connection
 	awaiting  bool          // written, and no response byte read yet
 	answered  bool          // a response byte arrived for the current request
 	readErr   error         // the last read error of the current request
@@ -249,21 +250,29 @@ func (c *upstreamConn) begin(deadline time.Time) {
 	_ = c.Conn.SetWriteDeadline(deadline)
 }
 
-// Read waits at most the first-byte limit for an answer to begin and the
-// idle limit between reads after that, and never past the call's deadline.
-// Unlike fasthttp's ReadTimeout, this never cuts a long stream that keeps
-// producing.
+// Read waits at least the first-byte limit for an answer to begin and the
+// idle limit between reads after that (at most 1/64 more: a deadline still
+// that close is kept rather than moved on every read of a stream), and
+// never past the call's deadline. Unlike fasthttp's ReadTimeout, this never
+// cuts a long stream that keeps producing.
 func (c *upstreamConn) Read(b []byte) (int, error) {
 	d := c.idle
 	if c.awaiting {
 		d = c.firstByte
 	}
-	dl := time.Now().Add(d)
-	if !c.deadline.IsZero() && c.deadline.Before(dl) {
-		dl = c.deadline
+	earliest := time.Now().Add(d)
+	latest := earliest.Add(d / 64)
+	if !c.deadline.IsZero() && c.deadline.Before(latest) {
+		latest = c.deadline
+		if latest.Before(earliest) {
+			earliest = latest
+		}
 	}
-	if err := c.Conn.SetReadDeadline(dl); err != nil {
-		return 0, err
+	if c.readDL.Before(earliest) || c.readDL.After(latest) {
+		if err := c.Conn.SetReadDeadline(latest); err != nil {
+			return 0, err
+		}
+		c.readDL = latest
 	}
 	n, err := c.Conn.Read(b)
 	if n > 0 {
