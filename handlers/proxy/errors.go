@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"net/http"
+	"strconv"
 
 	"github.com/openai-idempotent-proxy/proxy/handlers"
 	"github.com/openai-idempotent-proxy/proxy/models"
@@ -24,3 +25,10 @@ var (
 	errUpstreamTimeout = &handlers.APIError{Status: http.StatusGatewayTimeout, Type: "server_error", Code: "upstream_timeout", Outcome: models.OutcomeUpstreamError,
 		Message: "The upstream API did not answer in time."}
 )
+
+// errDuplicateField refuses a JSON body that sends a field admission reads
+// (model, stream, an output bound) more than once.
+func errDuplicateField(name string) *handlers.APIError {
+	return &handlers.APIError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "duplicate_field", Outcome: models.OutcomeRejected,
+		Message: "The request body sends " + strconv.Quote(name) + " more than once."}
+}

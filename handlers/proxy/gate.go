@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"errors"
+	"slices"
 
 	"github.com/gofiber/fiber/v2"
 	"github.com/tidwall/gjson"
@@ -51,14 +52,50 @@ func keyError(err error) error {
 	return handlers.ErrInvalidKey
 }
 
-// askOf is what limits need to know of a JSON request body.
-func askOf(model string, body []byte, size int) access.Request {
-	r := access.Request{Model: model, BodyBytes: int64(size)}
-	for _, f := range [...]string{"max_completion_tokens", "max_tokens", "max_output_tokens"} {
-		if v := gjson.GetBytes(body, f); v.Exists() {
-			r.MaxTokens = v.Int()
+// requestFields is what admission reads of a JSON request body.
+type requestFields struct {
+	model, duplicate string // duplicate: a field below sent twice
+	stream           bool
+	maxTokens        int64 // max_completion_tokens, else max_tokens, else max_output_tokens
+}
+
+// inspectedFields are the fields admission reads, in order of precedence
+// from the third on (the output bounds).
+var inspectedFields = [...]string{"model", "stream", "max_completion_tokens", "max_tokens", "max_output_tokens"}
+
+// inspectBody reads the fields admission needs in one pass over the body's
+// top level. A field sent twice is reported, not chosen: JSON parsers
+// differ on which copy counts (gjson takes the first, most decoders the
+// last), and the proxy must judge the request upstream will run.
+func inspectBody(body []byte) requestFields {
+	var f requestFields
+	var seen [len(inspectedFields)]bool
+	var bounds [len(inspectedFields) - 2]gjson.Result
+	gjson.ParseBytes(body).ForEach(func(k, v gjson.Result) bool {
+		i := slices.Index(inspectedFields[:], k.Str)
+		switch {
+		case i < 0:
+			return true
+		case seen[i]:
+			f.duplicate = k.Str
+			return false
+		}
+		seen[i] = true
+		switch i {
+		case 0:
+			f.model = v.String()
+		case 1:
+			f.stream = v.Bool()
+		default:
+			bounds[i-2] = v
+		}
+		return true
+	})
+	for _, b := range bounds {
+		if b.Exists() {
+			f.maxTokens = b.Int()
 			break
 		}
 	}
-	return r
+	return f
 }

@@ -79,6 +79,18 @@ func TestHostileRequests(t *testing.T) {
 		}
 	})
 
+	t.Run("a model sent twice is refused, not guessed at", func(t *testing.T) {
+		// gjson would read the first copy and most decoders upstream the
+		// last: allowed models and prices would judge another request.
+		before := up.Calls()
+		resp, body := do(t, "POST", px.URL+"/v1/chat/completions", apptest.ClientKey,
+			strings.NewReader(`{"model":"gpt-4o-mini","messages":[],"model":"gpt-4.1"}`), map[string]string{"Content-Type": "application/json"})
+		wantOpenAIError(t, resp, string(body), 400, "duplicate_field")
+		if up.Calls() != before {
+			t.Error("a body with two models reached the upstream")
+		}
+	})
+
 	t.Run("JSON body shorter than declared is the client's error", func(t *testing.T) {
 		before := up.Calls()
 		resp, body := sendRaw(t, px.URL, "POST /v1/chat/completions HTTP/1.1\r\nHost: "+host+"\r\nAuthorization: Bearer "+apptest.ClientKey+

@@ -10,16 +10,13 @@ import (
 	"errors"
 	"io"
 	"log/slog"
-	"mime"
 	"net"
 	"net/url"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
 	fiberproxy "github.com/gofiber/fiber/v2/middleware/proxy"
-	"github.com/tidwall/gjson"
 	"github.com/valyala/fasthttp"
 	"golang.org/x/time/rate"
 
@@ -223,9 +220,12 @@ func (p *Proxy) admit(c *fiber.Ctx, ex *exchange) error {
 			c.Context().SetConnectionClose()
 			return handlers.ErrBadBody
 		}
-		ex.rec.Model = truncate(gjson.GetBytes(body, "model").String(), 200)
-		ex.rec.Stream = gjson.GetBytes(body, "stream").Bool()
-		ex.ask = askOf(ex.rec.Model, body, size)
+		f := inspectBody(body)
+		if f.duplicate != "" {
+			return errDuplicateField(f.duplicate)
+		}
+		ex.rec.Model, ex.rec.Stream = truncate(f.model, 200), f.stream
+		ex.ask = access.Request{Model: ex.rec.Model, BodyBytes: int64(size), MaxTokens: f.maxTokens}
 	}
 	return handlers.RefusalError(ex.caller.Permits(ex.rec.Model))
 }
@@ -316,9 +316,14 @@ func restoreCORS(h, pre *fasthttp.ResponseHeader) {
 
 func isIdempotentMethod(m string) bool { return m == fiber.MethodPost || m == fiber.MethodPatch }
 
+// isJSON reports whether a Content-Type names JSON (application/json or a
+// +json type), parameters aside; it runs for every request, so it does not
+// allocate as mime.ParseMediaType does.
 func isJSON(contentType []byte) bool {
-	mt, _, err := mime.ParseMediaType(string(contentType))
-	return err == nil && (mt == "application/json" || strings.HasSuffix(mt, "+json"))
+	mt, _, _ := bytes.Cut(contentType, []byte(";"))
+	mt = bytes.TrimSpace(mt)
+	return bytes.EqualFold(mt, []byte("application/json")) ||
+		(len(mt) > len("+json") && bytes.EqualFold(mt[len(mt)-len("+json"):], []byte("+json")))
 }
 
 func truncate(s string, n int) string {
