@@ -94,8 +94,8 @@ func (s *claims) expect(id, owner string) *claim {
 	return cl
 }
 
-// forget drops an expected claim the store gave to no one but its owner,
-// who did not win it.
+// forget drops an expected claim its owner did not win: the store never
+// named that owner, so no repeat can have joined it.
 func (s *claims) forget(cl *claim) {
 	s.mu.Lock()
 	if s.expected[cl.owner] == cl {
