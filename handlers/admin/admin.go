@@ -252,7 +252,7 @@ func (a *API) update(c *fiber.Ctx) error {
 		return a.keyError(c, err)
 	}
 	if k.RevokedAt != nil {
-		return fail(c, http.StatusConflict, "key_revoked", "A revoked key cannot change; create a new key.")
+		return a.keyError(c, models.ErrKeyRevoked)
 	}
 	l := limitsOf(k)
 	if err := in.apply(&l); err != nil {
@@ -279,7 +279,7 @@ func (a *API) keyError(c *fiber.Ctx, err error) error {
 	switch {
 	case errors.Is(err, models.ErrNotFound):
 		return fail(c, http.StatusNotFound, "not_found", "No client key has this id.")
-	case errors.Is(err, models.ErrKeyRevoked): // revoked between the read and the update
+	case errors.Is(err, models.ErrKeyRevoked):
 		return fail(c, http.StatusConflict, "key_revoked", "A revoked key cannot change; create a new key.")
 	}
 	return err
