@@ -155,9 +155,24 @@ func watchClientOf(conn net.Conn) *clientConn {
 	return &clientConn{conn: conn, raw: raw}
 }
 
+// watchDelay is how long a call waits for the upstream before it starts
+// watching its client. Most quick answers begin sooner and never pay for a
+// watch (a goroutine, a peek and two deadline changes); a client that
+// leaves a longer call is still noticed, at most this much later.
+const watchDelay = 20 * time.Millisecond
+
+// Watch states: the delay is running, the watch is running, or it was
+// stopped before it began.
+const (
+	watchPending int32 = iota
+	watchRunning
+	watchStopped
+)
+
 // watchClient closes the upstream connection if the client closes its own
-// while the call waits for the upstream. It only peeks, so the bytes of a
-// pipelined next request stay for the server (and end the watch).
+// while the call waits for the upstream, from watchDelay on. It only peeks,
+// so the bytes of a pipelined next request stay for the server (and end the
+// watch).
 func (h *hop) watchClient(upstream net.Conn) (stop func()) {
 	cc := h.client
 	if cc == nil {
@@ -166,15 +181,22 @@ func (h *hop) watchClient(upstream net.Conn) (stop func()) {
 	if uc := upstreamConnOf(upstream); uc != nil {
 		upstream = uc.Conn // close the socket itself, not a TLS layer that would write
 	}
+	var state atomic.Int32
 	done := make(chan struct{})
-	go func() {
+	timer := time.AfterFunc(watchDelay, func() {
+		if !state.CompareAndSwap(watchPending, watchRunning) {
+			return
+		}
 		defer close(done)
 		if awaitReadable(cc.raw) == socketClosed {
 			h.cancelled.Store(true)
 			_ = upstream.Close()
 		}
-	}()
+	})
 	return func() {
+		if timer.Stop() || state.CompareAndSwap(watchPending, watchStopped) {
+			return // the watch never began
+		}
 		_ = cc.conn.SetReadDeadline(time.Unix(1, 0)) // wakes the watcher
 		<-done
 		_ = cc.conn.SetReadDeadline(time.Time{}) // the server sets its own before the next read
