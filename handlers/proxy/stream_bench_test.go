@@ -5,8 +5,10 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/openai-idempotent-proxy/proxy/app/apptest"
 )
@@ -39,22 +41,33 @@ func streamUpstream(b *testing.B) *httptest.Server {
 
 const streamBenchBody = `{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"Say hello"}]}`
 
+// streamLoop runs one stream per iteration and reports the time to the first
+// event (request sent → first body byte read), p50 and p99.
 func streamLoop(b *testing.B, target string) {
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+	var firstEvent []time.Duration
+	buf := make([]byte, 64<<10)
 	b.ReportAllocs()
 	for b.Loop() {
 		req, _ := http.NewRequest("POST", target, strings.NewReader(streamBenchBody))
 		req.Header = plainHeader(0)
+		start := time.Now()
 		resp, err := client.Do(req)
 		if err != nil {
 			b.Fatal(err)
 		}
-		body, _ := io.ReadAll(resp.Body)
+		n, _ := io.ReadAtLeast(resp.Body, buf, 1)
+		firstEvent = append(firstEvent, time.Since(start))
+		rest, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
-		if resp.StatusCode != 200 || !strings.HasSuffix(string(body), "data: [DONE]\n\n") {
+		body := string(buf[:n]) + string(rest)
+		if resp.StatusCode != 200 || !strings.HasPrefix(body, "data: ") || !strings.HasSuffix(body, "data: [DONE]\n\n") {
 			b.Fatalf("status %d, %d bytes", resp.StatusCode, len(body))
 		}
 	}
+	slices.Sort(firstEvent)
+	b.ReportMetric(float64(firstEvent[len(firstEvent)/2].Microseconds()), "first-event-p50-µs")
+	b.ReportMetric(float64(firstEvent[len(firstEvent)*99/100].Microseconds()), "first-event-p99-µs")
 }
 
 func BenchmarkDirectStream(b *testing.B) {
