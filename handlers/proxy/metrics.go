@@ -38,8 +38,12 @@ type Metrics struct {
 	upstreamAuth   *prometheus.CounterVec
 	// byRoute and byRequest cache the series observe finds by label
 	// values, so a request does no label hashing: every label is bounded.
-	byRoute   sync.Map // route → *routeSeries
-	byRequest sync.Map // requestLabels → prometheus.Counter
+	byRoute   sync.Map                      // route → *routeSeries
+	byRequest sync.Map                      // requestLabels → prometheus.Counter
+	byCost    sync.Map                      // [2]string{client, model} → prometheus.Counter
+	byResult  map[string]prometheus.Counter // idempotency result → series, made at start
+	// promptTokens and completionTokens are proxy_tokens_total's series.
+	promptTokens, completionTokens prometheus.Counter
 
 	// Logger receives the upstream key warnings; nil: slog.Default().
 	Logger *slog.Logger
@@ -109,8 +113,9 @@ func NewMetrics() *Metrics {
 	// Series with a known set of label values exist from the start, at
 	// zero, so dashboards and alerts (rate, increase) see them before the
 	// first event.
+	m.byResult = make(map[string]prometheus.Counter, len(idempotencyResults))
 	for _, r := range idempotencyResults {
-		m.idempotency.WithLabelValues(r)
+		m.byResult[r] = m.idempotency.WithLabelValues(r)
 	}
 	for _, r := range releaseReasons {
 		m.released.WithLabelValues(r)
@@ -118,9 +123,7 @@ func NewMetrics() *Metrics {
 	for _, k := range upstreamErrorKinds {
 		m.upstreamErrors.WithLabelValues(k)
 	}
-	for _, k := range []string{"prompt", "completion"} {
-		m.tokens.WithLabelValues(k)
-	}
+	m.promptTokens, m.completionTokens = m.tokens.WithLabelValues("prompt"), m.tokens.WithLabelValues("completion")
 	for _, event := range []string{"stale", "resent"} {
 		m.upstreamConns.WithLabelValues(event)
 	}
@@ -174,7 +177,12 @@ func (m *Metrics) observe(rec *models.RequestLog, ttfb time.Duration) {
 	}
 	requests.(prometheus.Counter).Inc()
 	if rec.CostMicros > 0 {
-		m.cost.WithLabelValues(rec.Client, model).Add(float64(rec.CostMicros) / 1e6)
+		key := [2]string{rec.Client, model}
+		cost, ok := m.byCost.Load(key)
+		if !ok {
+			cost, _ = m.byCost.LoadOrStore(key, m.cost.WithLabelValues(rec.Client, model))
+		}
+		cost.(prometheus.Counter).Add(float64(rec.CostMicros) / 1e6)
 	}
 	series, ok := m.byRoute.Load(route)
 	if !ok {
@@ -186,8 +194,8 @@ func (m *Metrics) observe(rec *models.RequestLog, ttfb time.Duration) {
 		rs.ttfb.Observe(ttfb.Seconds())
 	}
 	if rec.PromptTokens > 0 || rec.CompletionTokens > 0 {
-		m.tokens.WithLabelValues("prompt").Add(float64(rec.PromptTokens))
-		m.tokens.WithLabelValues("completion").Add(float64(rec.CompletionTokens))
+		m.promptTokens.Add(float64(rec.PromptTokens))
+		m.completionTokens.Add(float64(rec.CompletionTokens))
 	}
 }
 
@@ -256,9 +264,14 @@ func (m *Metrics) upstreamError(kind string) {
 }
 
 func (m *Metrics) idempotencyResult(result string) {
-	if m != nil {
-		m.idempotency.WithLabelValues(result).Inc()
+	if m == nil {
+		return
 	}
+	if c, ok := m.byResult[result]; ok {
+		c.Inc()
+		return
+	}
+	m.idempotency.WithLabelValues(result).Inc()
 }
 
 func (m *Metrics) releasedClaim(reason string) {
