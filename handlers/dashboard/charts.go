@@ -25,6 +25,7 @@ type stackedChart struct {
 	Title   string   // the accessible name
 	Summary string   // the accessible description, in words
 	Unit    string   // what the bars count, for tooltips ("requests")
+	Money   bool     // the values are US dollars: ticks from a cent, tooltips exact
 	Labels  []string // one per bar, for tooltips
 	Axis    []string // one per bar: the x-axis label, or "" for none
 	Series  []chartSeries
@@ -64,7 +65,11 @@ func (c stackedChart) SVG() template.HTML {
 	for _, t := range totals {
 		peak = max(peak, t)
 	}
-	top, step := niceScale(peak)
+	minStep := 1.0 // the charts count whole things
+	if c.Money {
+		minStep = 0.01
+	}
+	top, step := niceScale(peak, minStep)
 	var b strings.Builder
 	fmt.Fprintf(&b, `<svg class="chart" viewBox="0 0 %g %g" role="img" aria-labelledby="%s-t %s-d" preserveAspectRatio="xMidYMid meet">`,
 		chartW, chartH, esc(c.ID), esc(c.ID))
@@ -75,7 +80,7 @@ func (c stackedChart) SVG() template.HTML {
 	for v := 0.0; v <= top+step/2; v += step {
 		y := yPos(v, top)
 		fmt.Fprintf(&b, `<line class="grid" x1="%g" x2="%g" y1="%.1f" y2="%.1f"/>`, padLeft, chartW-padRight, y, y)
-		fmt.Fprintf(&b, `<text x="%g" y="%.1f" text-anchor="end" dominant-baseline="middle">%s</text>`, padLeft-8, y, esc(compact(v)))
+		fmt.Fprintf(&b, `<text x="%g" y="%.1f" text-anchor="end" dominant-baseline="middle">%s</text>`, padLeft-8, y, esc(c.tick(v)))
 	}
 	b.WriteString(`</g>`)
 
@@ -133,14 +138,36 @@ func (c stackedChart) tooltip(i int, label string, total float64) string {
 	var parts []string
 	for _, s := range c.Series {
 		if i < len(s.Values) && s.Values[i] > 0 {
-			parts = append(parts, s.Name+" "+fmtCount(s.Values[i]))
+			parts = append(parts, s.Name+" "+c.amount(s.Values[i]))
 		}
 	}
-	t := label + " — " + fmtCount(total) + " " + c.Unit
+	t := label + " — " + c.amount(total)
+	if !c.Money {
+		t += " " + c.Unit
+	}
 	if len(parts) > 0 {
 		t += ": " + strings.Join(parts, ", ")
 	}
 	return t
+}
+
+// tick labels a y-axis value: 1.5k, or $0.025 for money.
+func (c stackedChart) tick(v float64) string {
+	if c.Money && v < 1 {
+		return "$" + trimZero(fmt.Sprintf("%.3f", v))
+	}
+	if c.Money {
+		return "$" + compact(v)
+	}
+	return compact(v)
+}
+
+// amount tells a bar's value exactly: 1,234, or $0.000006 for money.
+func (c stackedChart) amount(v float64) string {
+	if c.Money {
+		return formatUSD(int64(math.Round(v * 1e6)))
+	}
+	return fmtCount(v)
 }
 
 func fmtCount(v float64) string {
@@ -156,11 +183,10 @@ func yPos(v, top float64) float64 {
 }
 
 // niceScale picks the axis top and tick step for values up to peak: about
-// four steps of 1, 2, 2.5 or 5 times a power of ten, never below 1 (the
-// charts count whole things).
-func niceScale(peak float64) (top, step float64) {
+// four steps of 1, 2, 2.5 or 5 times a power of ten, never below minStep.
+func niceScale(peak, minStep float64) (top, step float64) {
 	if peak <= 0 {
-		return 4, 1
+		return 4 * minStep, minStep
 	}
 	raw := peak / 4
 	mag := math.Pow(10, math.Floor(math.Log10(raw)))
@@ -171,6 +197,6 @@ func niceScale(peak float64) (top, step float64) {
 			break
 		}
 	}
-	step = max(step, 1)
+	step = max(step, minStep)
 	return math.Ceil(peak/step) * step, step
 }

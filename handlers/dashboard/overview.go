@@ -206,7 +206,7 @@ func spendChart(points []models.TrafficPoint, win statsWindow, totals models.Tot
 	}
 	return stackedChart{ID: "chart-spend", Title: "Spend over time in USD",
 		Summary: fmt.Sprintf("%s spent in the %s, at the price table.", formatUSD(totals.CostMicros), lower(win.Label)),
-		Unit:    "USD", Labels: labels, Axis: axis, Series: []chartSeries{usd}}
+		Unit:    "USD", Money: true, Labels: labels, Axis: axis, Series: []chartSeries{usd}}
 }
 
 // trafficCharts turns the traffic points into the two overview charts.

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"math"
 	"net/http"
 	"net/http/cookiejar"
 	"net/url"
@@ -552,10 +553,31 @@ func TestNiceScale(t *testing.T) {
 	for _, tc := range []struct{ peak, top, step float64 }{
 		{0, 4, 1}, {1, 1, 1}, {3, 3, 1}, {7, 8, 2}, {10, 10, 2.5}, {97, 100, 25}, {1234, 1500, 500}, {9_000_000, 10_000_000, 2_500_000},
 	} {
-		top, step := niceScale(tc.peak)
+		top, step := niceScale(tc.peak, 1)
 		if top != tc.top || step != tc.step {
-			t.Errorf("niceScale(%v) = %v, %v; want %v, %v", tc.peak, top, step, tc.top, tc.step)
+			t.Errorf("niceScale(%v, 1) = %v, %v; want %v, %v", tc.peak, top, step, tc.top, tc.step)
 		}
+	}
+	// Money: a cent at least, and finer than 1 below a dollar.
+	for _, tc := range []struct{ peak, top, step float64 }{
+		{0, 0.04, 0.01}, {0.000006, 0.01, 0.01}, {0.07, 0.08, 0.02}, {0.1, 0.1, 0.025}, {12.5, 15, 5},
+	} {
+		top, step := niceScale(tc.peak, 0.01)
+		if math.Abs(top-tc.top) > 1e-9 || math.Abs(step-tc.step) > 1e-9 {
+			t.Errorf("niceScale(%v, 0.01) = %v, %v; want %v, %v", tc.peak, top, step, tc.top, tc.step)
+		}
+	}
+}
+
+// A spend chart of sub-cent amounts: a cent axis, and tooltips that tell
+// the exact spend instead of rounding it to 0.
+func TestSpendChartShowsSmallAmounts(t *testing.T) {
+	c := stackedChart{ID: "s", Unit: "USD", Money: true, Labels: []string{"09:00", "10:00"}, Axis: []string{"09:00", "10:00"},
+		Series: []chartSeries{{Name: "spend", Class: "tprompt", Values: []float64{0.000006, 0.025}}}}
+	svg := string(c.SVG())
+	wantContains(t, svg, "09:00 — $0.000006: spend $0.000006", "10:00 — $0.03:", `>$0.01</text>`, `>$0.03</text>`, `>$0</text>`)
+	if strings.Contains(svg, "No USD") {
+		t.Error("a chart with spend says it has none")
 	}
 }
 
