@@ -36,13 +36,14 @@ type Metrics struct {
 	upstreamConns  *prometheus.CounterVec
 	models         modelLabels
 	upstreamAuth   *prometheus.CounterVec
-	// byRoute and byRequest cache the series observe finds by label
-	// values, so a request does no label hashing: every label is bounded.
+	// The by* fields and the token series cache what observe and
+	// idempotencyResult would find by label values, so a request does no
+	// label hashing: every label is bounded.
 	byRoute   sync.Map                      // route → *routeSeries
 	byRequest sync.Map                      // requestLabels → prometheus.Counter
 	byCost    sync.Map                      // [2]string{client, model} → prometheus.Counter
 	byResult  map[string]prometheus.Counter // idempotency result → series, made at start
-	// promptTokens and completionTokens are proxy_tokens_total's series.
+	// proxy_tokens_total's two series.
 	promptTokens, completionTokens prometheus.Counter
 
 	// Logger receives the upstream key warnings; nil: slog.Default().
