@@ -161,14 +161,6 @@ func watchClientOf(conn net.Conn) *clientConn {
 // leaves a longer call is still noticed, at most this much later.
 const watchDelay = 20 * time.Millisecond
 
-// Watch states: the delay is running, the watch is running, or it was
-// stopped before it began.
-const (
-	watchPending int32 = iota
-	watchRunning
-	watchStopped
-)
-
 // watchClient closes the upstream connection if the client closes its own
 // while the call waits for the upstream, from watchDelay on. It only peeks,
 // so the bytes of a pipelined next request stay for the server (and end the
@@ -181,10 +173,12 @@ func (h *hop) watchClient(upstream net.Conn) (stop func()) {
 	if uc := upstreamConnOf(upstream); uc != nil {
 		upstream = uc.Conn // close the socket itself, not a TLS layer that would write
 	}
-	var state atomic.Int32
+	// decided is taken once: by the watch as it begins, or by stop before
+	// it can, so a watch never starts after stop returned.
+	var decided atomic.Bool
 	done := make(chan struct{})
 	timer := time.AfterFunc(watchDelay, func() {
-		if !state.CompareAndSwap(watchPending, watchRunning) {
+		if !decided.CompareAndSwap(false, true) {
 			return
 		}
 		defer close(done)
@@ -194,7 +188,7 @@ func (h *hop) watchClient(upstream net.Conn) (stop func()) {
 		}
 	})
 	return func() {
-		if timer.Stop() || state.CompareAndSwap(watchPending, watchStopped) {
+		if timer.Stop() || decided.CompareAndSwap(false, true) {
 			return // the watch never began
 		}
 		_ = cc.conn.SetReadDeadline(time.Unix(1, 0)) // wakes the watcher
