@@ -153,13 +153,13 @@ func (c stackedChart) tooltip(i int, label string, total float64) string {
 
 // tick labels a y-axis value: 1.5k, or $0.025 for money.
 func (c stackedChart) tick(v float64) string {
-	if c.Money && v < 1 {
+	switch {
+	case !c.Money:
+		return compact(v)
+	case v < 1:
 		return "$" + trimZero(fmt.Sprintf("%.3f", v))
 	}
-	if c.Money {
-		return "$" + compact(v)
-	}
-	return compact(v)
+	return "$" + compact(v)
 }
 
 // amount tells a bar's value exactly: 1,234, or $0.000006 for money.
