@@ -53,6 +53,38 @@ func TestClaimHasExactlyOneWinner(t *testing.T) {
 	})
 }
 
+// On PostgreSQL concurrent claims and completions share one statement
+// (models/batcher.go). Within one batch each call keeps its own result: of
+// two claims of one key the first wins, and a row PostgreSQL refuses fails
+// only its own call.
+func TestClaimBatchKeepsEachCallsOwnResult(t *testing.T) {
+	s := testdb.Postgres(t, nil)
+	bad := claimReq("bad", "owner-bad", "fp")
+	bad.Path = "/v1/\xff\x00" // not UTF-8: PostgreSQL refuses the row
+	won, errs := s.ClaimBatch([]models.ClaimRequest{
+		claimReq("b", "owner-b1", "fp"), claimReq("a", "owner-a", "fp"), bad, claimReq("b", "owner-b2", "fp"),
+	})
+	if !won[0] || errs[0] != nil || !won[1] || errs[1] != nil {
+		t.Errorf("the first claim of b and the claim of a: won %v %v, errors %v %v; want both won", won[0], won[1], errs[0], errs[1])
+	}
+	if won[3] || errs[3] != nil {
+		t.Errorf("the second claim of b: won %v, error %v; want lost to the first", won[3], errs[3])
+	}
+	if errs[2] == nil {
+		t.Errorf("the refused row: won %v without an error", won[2])
+	}
+	rec, err := s.IdempotencyByID(context.Background(), "id-b")
+	if err != nil || rec.Owner != "owner-b1" {
+		t.Fatalf("key b: %+v, %v; want held by owner-b1", rec, err)
+	}
+	if err := s.CompleteIdempotency(context.Background(), "id-b", "owner-b2", models.Completion{Status: 200}, time.Hour); !errors.Is(err, models.ErrLeaseLost) {
+		t.Errorf("the loser's completion: %v, want ErrLeaseLost", err)
+	}
+	if err := s.CompleteIdempotency(context.Background(), "id-b", "owner-b1", models.Completion{Status: 200, Body: []byte("ok")}, time.Hour); err != nil {
+		t.Errorf("the winner's completion: %v", err)
+	}
+}
+
 // elapse lets d pass for the records: their times move d into the past.
 // Lease arithmetic runs on the database's clock on PostgreSQL, which a
 // fake Go clock cannot move.

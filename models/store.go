@@ -34,6 +34,10 @@ type Store struct {
 	dialect migrations.Dialect
 	now     func() time.Time
 	dsn     string // PostgreSQL's, for the notification listener
+	// The claims' and completions' batchers, on PostgreSQL; nil on SQLite,
+	// whose statements cost no round trip.
+	claims      *batcher[ClaimRequest, bool]
+	completions *batcher[completion, bool]
 }
 
 // Options select and tune the database.
@@ -119,6 +123,9 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	if err := migrations.Check(ctx, sqlDB, dialect); err != nil {
 		_ = sqlDB.Close()
 		return nil, err
+	}
+	if dialect == migrations.Postgres {
+		s.startBatchers(sqlDB)
 	}
 	return s, nil
 }
@@ -219,6 +226,10 @@ func (s *Store) Ping(ctx context.Context) error {
 
 // Close releases the connection pool.
 func (s *Store) Close() error {
+	if s.claims != nil {
+		s.claims.close()
+		s.completions.close()
+	}
 	sqlDB, err := s.db.DB()
 	if err != nil {
 		return err

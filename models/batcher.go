@@ -1,0 +1,145 @@
+package models
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// errStoreClosed answers calls made after Close.
+var errStoreClosed = errors.New("models: store closed")
+
+// batcher runs many callers' statements as one (group commit): each of its
+// workers takes the first call waiting, then every call queued behind it,
+// and runs them all in one statement, one round trip and one commit.
+// Nothing waits for a batch to fill: under light load each call runs alone
+// at once, and batches form only from calls that queue while every worker
+// is busy, so their size follows the load. A batch of one is the same
+// statement; there is one way to run each kind of call.
+type batcher[In, Out any] struct {
+	calls     chan *batchCall[In, Out]
+	done      chan struct{}
+	closeOnce sync.Once
+	run       func(ctx context.Context, ins []In) ([]Out, error)
+	max       int           // calls per batch
+	size      func(In) int  // bytes a call adds; nil: calls are not weighed
+	maxSize   int           // a batch takes no more calls once its size reaches this
+	timeout   time.Duration // bounds one statement
+}
+
+type batchCall[In, Out any] struct {
+	in    In
+	out   Out
+	err   error
+	ready chan struct{}
+}
+
+// newBatcher starts workers that run batches of at most max calls with
+// run, which returns one result per input, in order.
+func newBatcher[In, Out any](workers, max int, timeout time.Duration, run func(ctx context.Context, ins []In) ([]Out, error)) *batcher[In, Out] {
+	b := &batcher[In, Out]{
+		calls:   make(chan *batchCall[In, Out], max), // a batch's worth may queue
+		done:    make(chan struct{}),
+		run:     run,
+		max:     max,
+		timeout: timeout,
+	}
+	for range workers {
+		go b.work()
+	}
+	return b
+}
+
+// do runs in in the next batch and returns its result. When ctx ends (or
+// the store closes) first, the call returns at once, but its statement may
+// still commit, exactly as a cancelled statement of its own may.
+func (b *batcher[In, Out]) do(ctx context.Context, in In) (Out, error) {
+	c := &batchCall[In, Out]{in: in, ready: make(chan struct{})}
+	var zero Out
+	select {
+	case b.calls <- c:
+	case <-ctx.Done():
+		return zero, ctx.Err()
+	case <-b.done:
+		return zero, errStoreClosed
+	}
+	select {
+	case <-c.ready:
+		return c.out, c.err
+	case <-ctx.Done():
+		return zero, ctx.Err()
+	case <-b.done:
+		return zero, errStoreClosed
+	}
+}
+
+// close stops the workers once their batches are done; later calls fail.
+func (b *batcher[In, Out]) close() { b.closeOnce.Do(func() { close(b.done) }) }
+
+func (b *batcher[In, Out]) work() {
+	batch := make([]*batchCall[In, Out], 0, b.max)
+	for {
+		select {
+		case c := <-b.calls:
+			batch = append(batch[:0], c)
+		case <-b.done:
+			return
+		}
+		size := b.sizeOf(batch[0])
+	fill:
+		for len(batch) < b.max && (b.size == nil || size < b.maxSize) {
+			select {
+			case c := <-b.calls:
+				batch = append(batch, c)
+				size += b.sizeOf(c)
+			default:
+				break fill
+			}
+		}
+		b.runBatch(batch)
+		clear(batch) // hold no caller's values until the next batch
+	}
+}
+
+func (b *batcher[In, Out]) sizeOf(c *batchCall[In, Out]) int {
+	if b.size == nil {
+		return 0
+	}
+	return b.size(c.in)
+}
+
+// runBatch runs one statement for the batch and answers each call. When
+// the database refuses the statement (one row it cannot take, say), nothing
+// of it was written, and each call is run alone, so that the row fails
+// only its own call; a connection error or a timeout fails them all at
+// once, as trying each again would only wait longer.
+func (b *batcher[In, Out]) runBatch(batch []*batchCall[In, Out]) {
+	ins := make([]In, len(batch))
+	for i, c := range batch {
+		ins[i] = c.in
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), b.timeout)
+	outs, err := b.run(ctx, ins)
+	cancel()
+	var refused *pgconn.PgError
+	if err != nil && len(batch) > 1 && errors.As(err, &refused) {
+		for _, c := range batch {
+			b.runBatch([]*batchCall[In, Out]{c})
+		}
+		return
+	}
+	if err == nil && len(outs) != len(batch) {
+		err = errors.New("models: batch answered the wrong number of rows")
+	}
+	for i, c := range batch {
+		if err != nil {
+			c.err = err
+		} else {
+			c.out = outs[i]
+		}
+		close(c.ready)
+	}
+}
