@@ -23,16 +23,16 @@ const (
 	// On PostgreSQL both go through batchers (group commit): the claims
 	// and completions of concurrent requests share one statement, one
 	// round trip and one commit. Each call's row is its own: a claim won
-	// is one whose owner comes back (two claims of one key in a batch: the
-	// first inserts, the second conflicts), a completion done is one whose
-	// owner still held the lease.
+	// is one whose key and owner come back (two claims of one key in a
+	// batch: the first inserts, the second conflicts), a completion done is
+	// one whose owner still held the lease.
 	claimInsertPostgres = `INSERT INTO idempotency_records (id, client, method, path, idem_key, fingerprint, state, owner, ` +
 		`headers, stream, replayable, attempts, locked_until, created_at, updated_at, expires_at) ` +
 		`SELECT c.id, c.client, c.method, c.path, c.idem_key, c.fingerprint, $11, c.owner, '{}', c.stream, true, 1, ` +
 		`now() + c.lease * interval '1 microsecond', now(), now(), now() + c.ttl * interval '1 microsecond' ` +
 		`FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bool[], $9::bigint[], $10::bigint[]) ` +
 		`AS c(id, client, method, path, idem_key, fingerprint, owner, stream, lease, ttl) ` +
-		`ON CONFLICT DO NOTHING RETURNING owner`
+		`ON CONFLICT DO NOTHING RETURNING id, owner`
 	claimInsertSQLite = `INSERT INTO idempotency_records (id, client, method, path, idem_key, fingerprint, state, owner, ` +
 		`headers, stream, replayable, attempts, locked_until, created_at, updated_at, expires_at) ` +
 		`VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?) ON CONFLICT DO NOTHING`
@@ -42,7 +42,7 @@ const (
 		`updated_at = now(), expires_at = now() + v.ttl * interval '1 microsecond' ` +
 		`FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::bytea[], $6::bigint[], $7::bool[], $8::bool[], $9::bigint[]) ` +
 		`AS v(id, owner, status, headers, body, body_size, stream, replayable, ttl) ` +
-		`WHERE r.id = v.id AND r.owner = v.owner AND r.state = $11 RETURNING v.owner`
+		`WHERE r.id = v.id AND r.owner = v.owner AND r.state = $11 RETURNING v.id, v.owner`
 	completeSQLite = `UPDATE idempotency_records SET state = ?, owner = '', status = ?, headers = ?, body = ?, ` +
 		`body_size = ?, stream = ?, replayable = ?, release_reason = '', ` +
 		`updated_at = ?, expires_at = ? WHERE id = ? AND owner = ? AND state = ?`
@@ -92,21 +92,24 @@ func byID(n int, id func(int) string) []int {
 	return order
 }
 
-// writtenOwners runs a batch statement that returns the owner of each
-// row it wrote.
-func writtenOwners(ctx context.Context, db *sql.DB, query string, args ...any) (map[string]bool, error) {
+// heldBy names a key id held by an owner.
+type heldBy struct{ id, owner string }
+
+// writtenRows runs a batch statement that returns the key id and owner of
+// each row it wrote.
+func writtenRows(ctx context.Context, db *sql.DB, query string, args ...any) (map[heldBy]bool, error) {
 	rows, err := db.QueryContext(ctx, query, args...)
 	if err != nil {
 		return nil, err
 	}
 	defer rows.Close()
-	written := map[string]bool{}
+	written := map[heldBy]bool{}
 	for rows.Next() {
-		var owner string
-		if err := rows.Scan(&owner); err != nil {
+		var row heldBy
+		if err := rows.Scan(&row.id, &row.owner); err != nil {
 			return nil, err
 		}
-		written[owner] = true
+		written[row] = true
 	}
 	return written, rows.Err()
 }
@@ -120,14 +123,14 @@ func claimBatch(ctx context.Context, db *sql.DB, rs []ClaimRequest) ([]bool, err
 		ids[j], clients[j], methods[j], paths[j], keys[j], prints[j], owners[j] = r.ID, r.Client, r.Method, r.Path, r.Key, r.Fingerprint, r.Owner
 		streams[j], leases[j], ttls[j] = r.Stream, r.Lease.Microseconds(), r.TTL.Microseconds()
 	}
-	won, err := writtenOwners(ctx, db, claimInsertPostgres,
+	won, err := writtenRows(ctx, db, claimInsertPostgres,
 		ids, clients, methods, paths, keys, prints, owners, streams, leases, ttls, StateInProgress)
 	if err != nil {
 		return nil, err
 	}
 	out := make([]bool, n)
 	for i, r := range rs {
-		out[i] = won[r.Owner]
+		out[i] = won[heldBy{r.ID, r.Owner}]
 	}
 	return out, nil
 }
@@ -143,14 +146,14 @@ func completeBatch(ctx context.Context, db *sql.DB, cs []completion) ([]bool, er
 		statuses[j], bodies[j], sizes[j] = int32(c.Status), c.Body, c.BodySize
 		streams[j], replayables[j], ttls[j] = c.Stream, c.Replayable, c.ttl.Microseconds()
 	}
-	done, err := writtenOwners(ctx, db, completePostgres,
+	done, err := writtenRows(ctx, db, completePostgres,
 		ids, owners, statuses, headers, bodies, sizes, streams, replayables, ttls, StateCompleted, StateInProgress)
 	if err != nil {
 		return nil, err
 	}
 	out := make([]bool, n)
 	for i, c := range cs {
-		out[i] = done[c.owner]
+		out[i] = done[heldBy{c.id, c.owner}]
 	}
 	return out, nil
 }

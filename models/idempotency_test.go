@@ -59,10 +59,14 @@ func TestClaimHasExactlyOneWinner(t *testing.T) {
 // only its own call.
 func TestClaimBatchKeepsEachCallsOwnResult(t *testing.T) {
 	s := testdb.Postgres(t, nil)
+	if claimed, _, err := s.ClaimIdempotency(context.Background(), claimReq("held", "owner-held", "fp")); err != nil || !claimed {
+		t.Fatalf("claim: %v, %v", claimed, err)
+	}
 	bad := claimReq("bad", "owner-bad", "fp")
 	bad.Path = "/v1/\xff\x00" // not UTF-8: PostgreSQL refuses the row
 	won, errs := s.ClaimBatch([]models.ClaimRequest{
 		claimReq("b", "owner-b1", "fp"), claimReq("a", "owner-a", "fp"), bad, claimReq("b", "owner-b2", "fp"),
+		claimReq("held", "owner-b1", "fp"), // the same owner as a winner, on a key held already
 	})
 	if !won[0] || errs[0] != nil || !won[1] || errs[1] != nil {
 		t.Errorf("the first claim of b and the claim of a: won %v %v, errors %v %v; want both won", won[0], won[1], errs[0], errs[1])
@@ -72,6 +76,9 @@ func TestClaimBatchKeepsEachCallsOwnResult(t *testing.T) {
 	}
 	if errs[2] == nil {
 		t.Errorf("the refused row: won %v without an error", won[2])
+	}
+	if won[4] || errs[4] != nil {
+		t.Errorf("the claim of a key held already: won %v, error %v; want lost", won[4], errs[4])
 	}
 	rec, err := s.IdempotencyByID(context.Background(), "id-b")
 	if err != nil || rec.Owner != "owner-b1" {
