@@ -81,29 +81,29 @@ func (s *Store) startBatchers(db *sql.DB) {
 	s.completions.size, s.completions.maxSize = func(c completion) int { return len(c.Body) }, batchMaxBody
 }
 
-// byID orders a batch's rows by key id, so two batches that share keys
-// lock their rows in the same order and never deadlock.
-func byID(n int, id func(int) string) []int {
-	order := make([]int, n)
+// heldBy names a key id held by an owner: one call of a batch.
+type heldBy struct{ id, owner string }
+
+// inKeyOrder orders a batch's rows by key id, so two batches that share
+// keys lock their rows in the same order and never deadlock.
+func inKeyOrder(calls []heldBy) []int {
+	order := make([]int, len(calls))
 	for i := range order {
 		order[i] = i
 	}
-	slices.SortFunc(order, func(a, b int) int { return strings.Compare(id(a), id(b)) })
+	slices.SortFunc(order, func(a, b int) int { return strings.Compare(calls[a].id, calls[b].id) })
 	return order
 }
 
-// heldBy names a key id held by an owner.
-type heldBy struct{ id, owner string }
-
 // writtenRows runs a batch statement that returns the key id and owner of
-// each row it wrote.
-func writtenRows(ctx context.Context, db *sql.DB, query string, args ...any) (map[heldBy]bool, error) {
+// each row it wrote, and reports for each call whether its row was.
+func writtenRows(ctx context.Context, db *sql.DB, calls []heldBy, query string, args ...any) ([]bool, error) {
 	rows, err := db.QueryContext(ctx, query, args...)
 	if err != nil {
 		return nil, err
 	}
 	defer rows.Close()
-	written := map[heldBy]bool{}
+	written := make(map[heldBy]bool, len(calls))
 	for rows.Next() {
 		var row heldBy
 		if err := rows.Scan(&row.id, &row.owner); err != nil {
@@ -111,51 +111,50 @@ func writtenRows(ctx context.Context, db *sql.DB, query string, args ...any) (ma
 		}
 		written[row] = true
 	}
-	return written, rows.Err()
-}
-
-func claimBatch(ctx context.Context, db *sql.DB, rs []ClaimRequest) ([]bool, error) {
-	n := len(rs)
-	ids, clients, methods, paths, keys, prints, owners := make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
-	streams, leases, ttls := make([]bool, n), make([]int64, n), make([]int64, n)
-	for j, i := range byID(n, func(i int) string { return rs[i].ID }) {
-		r := rs[i]
-		ids[j], clients[j], methods[j], paths[j], keys[j], prints[j], owners[j] = r.ID, r.Client, r.Method, r.Path, r.Key, r.Fingerprint, r.Owner
-		streams[j], leases[j], ttls[j] = r.Stream, r.Lease.Microseconds(), r.TTL.Microseconds()
-	}
-	won, err := writtenRows(ctx, db, claimInsertPostgres,
-		ids, clients, methods, paths, keys, prints, owners, streams, leases, ttls, StateInProgress)
-	if err != nil {
+	if err := rows.Err(); err != nil {
 		return nil, err
 	}
-	out := make([]bool, n)
-	for i, r := range rs {
-		out[i] = won[heldBy{r.ID, r.Owner}]
+	out := make([]bool, len(calls))
+	for i, c := range calls {
+		out[i] = written[c]
 	}
 	return out, nil
 }
 
+func claimBatch(ctx context.Context, db *sql.DB, rs []ClaimRequest) ([]bool, error) {
+	n := len(rs)
+	calls := make([]heldBy, n)
+	for i, r := range rs {
+		calls[i] = heldBy{r.ID, r.Owner}
+	}
+	ids, clients, methods, paths, keys, prints, owners := make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+	streams, leases, ttls := make([]bool, n), make([]int64, n), make([]int64, n)
+	for j, i := range inKeyOrder(calls) {
+		r := rs[i]
+		ids[j], clients[j], methods[j], paths[j], keys[j], prints[j], owners[j] = r.ID, r.Client, r.Method, r.Path, r.Key, r.Fingerprint, r.Owner
+		streams[j], leases[j], ttls[j] = r.Stream, r.Lease.Microseconds(), r.TTL.Microseconds()
+	}
+	return writtenRows(ctx, db, calls, claimInsertPostgres,
+		ids, clients, methods, paths, keys, prints, owners, streams, leases, ttls, StateInProgress)
+}
+
 func completeBatch(ctx context.Context, db *sql.DB, cs []completion) ([]bool, error) {
 	n := len(cs)
+	calls := make([]heldBy, n)
+	for i, c := range cs {
+		calls[i] = heldBy{c.id, c.owner}
+	}
 	ids, owners, headers := make([]string, n), make([]string, n), make([]string, n)
 	statuses, bodies, sizes := make([]int32, n), make([][]byte, n), make([]int64, n)
 	streams, replayables, ttls := make([]bool, n), make([]bool, n), make([]int64, n)
-	for j, i := range byID(n, func(i int) string { return cs[i].id }) {
+	for j, i := range inKeyOrder(calls) {
 		c := cs[i]
 		ids[j], owners[j], headers[j] = c.id, c.owner, c.Headers
 		statuses[j], bodies[j], sizes[j] = int32(c.Status), c.Body, c.BodySize
 		streams[j], replayables[j], ttls[j] = c.Stream, c.Replayable, c.ttl.Microseconds()
 	}
-	done, err := writtenRows(ctx, db, completePostgres,
+	return writtenRows(ctx, db, calls, completePostgres,
 		ids, owners, statuses, headers, bodies, sizes, streams, replayables, ttls, StateCompleted, StateInProgress)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]bool, n)
-	for i, c := range cs {
-		out[i] = done[heldBy{c.id, c.owner}]
-	}
-	return out, nil
 }
 
 // sqlDB is the pool under GORM.
