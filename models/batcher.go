@@ -37,16 +37,12 @@ type batchCall[In, Out any] struct {
 	ready chan struct{}
 }
 
-// newBatcher starts workers that run batches of at most max calls with
-// run, which returns one result per input, in order.
-func newBatcher[In, Out any](workers, max int, timeout time.Duration, run func(ctx context.Context, ins []In) ([]Out, error)) *batcher[In, Out] {
-	b := &batcher[In, Out]{
-		calls:   make(chan *batchCall[In, Out], max), // a batch's worth may queue
-		done:    make(chan struct{}),
-		run:     run,
-		max:     max,
-		timeout: timeout,
-	}
+// start makes the queue and starts workers that run batches of at most
+// max calls with run, which returns one result per input, in order. The
+// fields are set before it and never after.
+func (b *batcher[In, Out]) start(workers int) *batcher[In, Out] {
+	b.calls = make(chan *batchCall[In, Out], b.max) // a batch's worth may queue
+	b.done = make(chan struct{})
 	for range workers {
 		go b.work()
 	}

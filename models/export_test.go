@@ -1,6 +1,9 @@
 package models
 
-import "context"
+import (
+	"context"
+	"time"
+)
 
 // What the external tests reach of the batcher and the claims' batch.
 
@@ -9,9 +12,7 @@ type IntBatcher = batcher[int, int]
 var ErrStoreClosed = errStoreClosed
 
 func NewIntBatcher(workers int, size func(int) int, maxSize int, run func(context.Context, []int) ([]int, error)) *IntBatcher {
-	b := newBatcher(workers, 64, 5e9, run)
-	b.size, b.maxSize = size, maxSize
-	return b
+	return (&batcher[int, int]{max: 64, timeout: 5 * time.Second, size: size, maxSize: maxSize, run: run}).start(workers)
 }
 
 func (b *batcher[In, Out]) Do(ctx context.Context, in In) (Out, error) { return b.do(ctx, in) }

@@ -72,13 +72,13 @@ type completion struct {
 // startBatchers starts the claim and completion batchers of a PostgreSQL
 // store.
 func (s *Store) startBatchers(db *sql.DB) {
-	s.claims = newBatcher(batchWorkers, batchMax, batchTimeout, func(ctx context.Context, rs []ClaimRequest) ([]bool, error) {
-		return claimBatch(ctx, db, rs)
-	})
-	s.completions = newBatcher(batchWorkers, batchMax, batchTimeout, func(ctx context.Context, cs []completion) ([]bool, error) {
-		return completeBatch(ctx, db, cs)
-	})
-	s.completions.size, s.completions.maxSize = func(c completion) int { return len(c.Body) }, batchMaxBody
+	s.claims = (&batcher[ClaimRequest, bool]{max: batchMax, timeout: batchTimeout,
+		run: func(ctx context.Context, rs []ClaimRequest) ([]bool, error) { return claimBatch(ctx, db, rs) },
+	}).start(batchWorkers)
+	s.completions = (&batcher[completion, bool]{max: batchMax, timeout: batchTimeout,
+		size: func(c completion) int { return len(c.Body) }, maxSize: batchMaxBody,
+		run: func(ctx context.Context, cs []completion) ([]bool, error) { return completeBatch(ctx, db, cs) },
+	}).start(batchWorkers)
 }
 
 // heldBy names a key id held by an owner: one call of a batch.
