@@ -75,7 +75,6 @@ type ClaimRequest struct {
 // sqlNow), and RowsAffected decides the single winner on PostgreSQL and
 // SQLite alike.
 func (s *Store) ClaimIdempotency(ctx context.Context, r ClaimRequest) (claimed bool, existing *IdempotencyRecord, err error) {
-	free, lapsed := s.claimConditions(r.Fingerprint)
 	for range 3 {
 		inserted, insertErr := s.insertClaim(ctx, r)
 		if insertErr != nil {
@@ -84,6 +83,7 @@ func (s *Store) ClaimIdempotency(ctx context.Context, r ClaimRequest) (claimed b
 		if inserted {
 			return true, nil, nil
 		}
+		free, lapsed := s.claimConditions(r.Fingerprint)
 		// The row exists: read it with the database's judgement of it, and
 		// only where it may be taken over try the conditional UPDATE (which
 		// alone decides the winner). A replay or a 409 so costs two
