@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -28,6 +29,16 @@ type batcher[In, Out any] struct {
 	size      func(In) int  // bytes a call adds; nil: calls are not weighed
 	maxSize   int           // a batch takes no more calls once its size reaches this
 	timeout   time.Duration // bounds one statement
+
+	statements, answered atomic.Uint64 // statements run, calls answered by them
+}
+
+// BatchCounts are a batcher's statements run and the calls they answered:
+// their ratio is the average batch.
+type BatchCounts struct{ Statements, Calls uint64 }
+
+func (b *batcher[In, Out]) counts() BatchCounts {
+	return BatchCounts{Statements: b.statements.Load(), Calls: b.answered.Load()}
 }
 
 type batchCall[In, Out any] struct {
@@ -120,6 +131,7 @@ func (b *batcher[In, Out]) runBatch(batch []*batchCall[In, Out]) {
 	ctx, cancel := context.WithTimeout(context.Background(), b.timeout)
 	outs, err := b.run(ctx, ins)
 	cancel()
+	b.statements.Add(1)
 	var refused *pgconn.PgError
 	if err != nil && len(batch) > 1 && errors.As(err, &refused) {
 		for _, c := range batch {
@@ -130,6 +142,7 @@ func (b *batcher[In, Out]) runBatch(batch []*batchCall[In, Out]) {
 	if err == nil && len(outs) != len(batch) {
 		err = errors.New("models: batch answered the wrong number of rows")
 	}
+	b.answered.Add(uint64(len(batch)))
 	for i, c := range batch {
 		if err != nil {
 			c.err = err

@@ -81,6 +81,15 @@ func (s *Store) startBatchers(db *sql.DB) {
 	}).start(batchWorkers)
 }
 
+// IdempotencyBatches reports what the claims' and the completions'
+// batchers did; zero on SQLite, which does not batch.
+func (s *Store) IdempotencyBatches() (claims, completions BatchCounts) {
+	if s.claims == nil {
+		return BatchCounts{}, BatchCounts{}
+	}
+	return s.claims.counts(), s.completions.counts()
+}
+
 // heldBy names a key id held by an owner: one call of a batch.
 type heldBy struct{ id, owner string }
 

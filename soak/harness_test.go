@@ -362,6 +362,13 @@ func scrape(url string) (promText, error) {
 // get is an unlabelled series.
 func (m promText) get(name string) float64 { return m[name] }
 
+// averageBatch is the calls per statement of the claims' or completions'
+// batches (kind "claim" or "completion") so far.
+func (m promText) averageBatch(kind string) float64 {
+	label := `{kind="` + kind + `"}`
+	return m["proxy_idempotency_batch_calls_total"+label] / max(m["proxy_idempotency_batch_statements_total"+label], 1)
+}
+
 // sum adds the series of name whose labels contain every filter.
 func (m promText) sum(name string, filters ...string) float64 {
 	var total float64

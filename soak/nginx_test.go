@@ -402,7 +402,9 @@ func TestVersusNginx(t *testing.T) {
 		fmt.Fprintf(&b, "| %s | %s | %s | %s | %.2f s | %s | %s |\n",
 			run.name, thousands(r.rps), r.p50, r.p99, per10k(r), cpuRatio, rpsRatio)
 	}
-	fmt.Fprintf(&b, "\nnginx workers %d; proxy after the runs: %s\n", len(ng.workers()), px.sample(t))
+	after := px.sample(t)
+	fmt.Fprintf(&b, "\nnginx workers %d; proxy after the runs: %s; keyed statements' average batch: claims %.1f, completions %.1f\n",
+		len(ng.workers()), after, after.Metrics.averageBatch("claim"), after.Metrics.averageBatch("completion"))
 	t.Log("\n" + b.String())
 	if code, _ := px.stop(t); code != 0 {
 		t.Errorf("proxy exited with %d after SIGTERM", code)

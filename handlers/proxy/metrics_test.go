@@ -241,3 +241,45 @@ func TestUpstreamKeyRejected(t *testing.T) {
 	}
 	assertNoSecrets(t, "log", logs)
 }
+
+// On PostgreSQL the claims and completions of concurrent keyed requests
+// share statements; /metrics tells how many each wrote, so operators see
+// the average batch. SQLite does not batch and has no such series.
+func TestIdempotencyBatchMetrics(t *testing.T) {
+	apptest.EachDB(t, nil, func(t *testing.T, env map[string]string) {
+		up := apptest.NewUpstream(t)
+		px := apptest.Start(t, up.URL, env)
+		const requests = 20
+		var wg sync.WaitGroup
+		for i := range requests {
+			wg.Go(func() {
+				resp, _ := do(t, "POST", px.URL+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chatBody),
+					map[string]string{"Content-Type": "application/json", "Idempotency-Key": fmt.Sprint("batch-", i)})
+				if resp.StatusCode != 200 {
+					t.Errorf("request %d: %d", i, resp.StatusCode)
+				}
+			})
+		}
+		wg.Wait()
+		_, body := do(t, "GET", px.URL+"/metrics", "", nil, nil)
+		values := map[string]float64{}
+		for line := range strings.Lines(string(body)) {
+			if name, v, ok := strings.Cut(strings.TrimSpace(line), " "); ok && strings.HasPrefix(name, "proxy_idempotency_batch_") {
+				values[name], _ = strconv.ParseFloat(v, 64)
+			}
+		}
+		if _, onPostgres := env["DATABASE_URL"]; !onPostgres {
+			if len(values) != 0 {
+				t.Errorf("SQLite batches nothing, yet /metrics has %v", values)
+			}
+			return
+		}
+		for _, kind := range []string{"claim", "completion"} {
+			calls := values[`proxy_idempotency_batch_calls_total{kind="`+kind+`"}`]
+			statements := values[`proxy_idempotency_batch_statements_total{kind="`+kind+`"}`]
+			if calls != requests || statements < 1 || statements > calls {
+				t.Errorf("%s: %v calls in %v statements, want %d calls in 1 to %d", kind, calls, statements, requests, requests)
+			}
+		}
+	})
+}
