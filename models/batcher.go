@@ -42,6 +42,7 @@ func (b *batcher[In, Out]) counts() BatchCounts {
 }
 
 type batchCall[In, Out any] struct {
+	ctx   context.Context // the caller's: a call whose caller has gone is not run
 	in    In
 	out   Out
 	err   error
@@ -60,11 +61,12 @@ func (b *batcher[In, Out]) start(workers int) *batcher[In, Out] {
 	return b
 }
 
-// do runs in in the next batch and returns its result. When ctx ends (or
-// the store closes) first, the call returns at once, but its statement may
-// still commit, exactly as a cancelled statement of its own may.
+// do runs the call in the next batch and returns its result. When ctx
+// ends (or the store closes) first, the call returns at once: if its batch
+// has not started it is left out, otherwise its statement may still
+// commit, exactly as a cancelled statement of its own may.
 func (b *batcher[In, Out]) do(ctx context.Context, in In) (Out, error) {
-	c := &batchCall[In, Out]{in: in, ready: make(chan struct{})}
+	c := &batchCall[In, Out]{ctx: ctx, in: in, ready: make(chan struct{})}
 	var zero Out
 	select {
 	case b.calls <- c:
@@ -124,6 +126,18 @@ func (b *batcher[In, Out]) sizeOf(c *batchCall[In, Out]) int {
 // only its own call; a connection error or a timeout fails them all at
 // once, as trying each again would only wait longer.
 func (b *batcher[In, Out]) runBatch(batch []*batchCall[In, Out]) {
+	live := make([]*batchCall[In, Out], 0, len(batch))
+	for _, c := range batch {
+		if err := c.ctx.Err(); err != nil {
+			c.err = err
+			close(c.ready)
+		} else {
+			live = append(live, c)
+		}
+	}
+	if batch = live; len(batch) == 0 {
+		return
+	}
 	ins := make([]In, len(batch))
 	for i, c := range batch {
 		ins[i] = c.in

@@ -120,6 +120,20 @@ func TestBatcherRunsARefusedBatchCallByCall(t *testing.T) {
 	}
 }
 
+func TestBatcherLeavesOutCallsWhoseCallerHasGone(t *testing.T) {
+	f := &fakeStatement{}
+	b := models.NewIntBatcher(0, nil, 0, f.run)
+	gone, cancel := context.WithCancel(context.Background())
+	cancel()
+	outs, errs := b.RunBatch([]int{1, 2, 3}, nil, gone, nil)
+	if got := f.ran(); len(got) != 1 || !slices.Equal(got[0], []int{1, 3}) {
+		t.Fatalf("statements %v, want one for calls 1 and 3 only", got)
+	}
+	if !errors.Is(errs[1], context.Canceled) || outs[0] != 2 || outs[2] != 6 {
+		t.Errorf("results %v, errors %v; want 2 and 6, and the gone caller's context error", outs, errs)
+	}
+}
+
 func TestBatcherFailsAllAtOnceWhenTheDatabaseIsAway(t *testing.T) {
 	var statements int
 	down := errors.New("dial tcp: connection refused")

@@ -20,11 +20,16 @@ func (b *batcher[In, Out]) Queued() int                                { return 
 func (b *batcher[In, Out]) Close()                                     { b.close() }
 
 // RunBatch runs ins as one batch, as a worker would after they queued
-// together, and returns each call's result.
-func (b *batcher[In, Out]) RunBatch(ins []In) ([]Out, []error) {
+// together, and returns each call's result. A call of ctxs[i] (if given)
+// has that caller's context.
+func (b *batcher[In, Out]) RunBatch(ins []In, ctxs ...context.Context) ([]Out, []error) {
 	calls := make([]*batchCall[In, Out], len(ins))
 	for i, in := range ins {
-		calls[i] = &batchCall[In, Out]{in: in, ready: make(chan struct{})}
+		ctx := context.Background()
+		if i < len(ctxs) && ctxs[i] != nil {
+			ctx = ctxs[i]
+		}
+		calls[i] = &batchCall[In, Out]{ctx: ctx, in: in, ready: make(chan struct{})}
 	}
 	b.runBatch(calls)
 	outs, errs := make([]Out, len(ins)), make([]error, len(ins))
