@@ -25,21 +25,14 @@ func newMetrics(store *models.Store, logs *models.LogWriter, logger *slog.Logger
 	)
 	if store.Shared() { // PostgreSQL batches the keyed statements
 		for _, kind := range []string{"claim", "completion"} {
-			counts := func() models.BatchCounts {
-				claims, completions := store.IdempotencyBatches()
-				if kind == "claim" {
-					return claims
-				}
-				return completions
-			}
 			labels := prometheus.Labels{"kind": kind}
 			m.Registry.MustRegister(
 				prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "proxy_idempotency_batch_statements_total", ConstLabels: labels,
 					Help: "Statements that wrote Idempotency-Key claims or completions, each for the concurrent requests queued together."},
-					func() float64 { return float64(counts().Statements) }),
+					func() float64 { return float64(store.IdempotencyBatches(kind).Statements) }),
 				prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "proxy_idempotency_batch_calls_total", ConstLabels: labels,
 					Help: "Claims or completions those statements answered; divided by the statements, the average batch."},
-					func() float64 { return float64(counts().Calls) }),
+					func() float64 { return float64(store.IdempotencyBatches(kind).Calls) }),
 			)
 		}
 	}

@@ -126,21 +126,17 @@ func (b *batcher[In, Out]) sizeOf(c *batchCall[In, Out]) int {
 // only its own call; a connection error or a timeout fails them all at
 // once, as trying each again would only wait longer.
 func (b *batcher[In, Out]) runBatch(batch []*batchCall[In, Out]) {
-	live := make([]*batchCall[In, Out], 0, len(batch))
+	live, ins := make([]*batchCall[In, Out], 0, len(batch)), make([]In, 0, len(batch))
 	for _, c := range batch {
 		if err := c.ctx.Err(); err != nil {
 			c.err = err
 			close(c.ready)
-		} else {
-			live = append(live, c)
+			continue
 		}
+		live, ins = append(live, c), append(ins, c.in)
 	}
 	if batch = live; len(batch) == 0 {
 		return
-	}
-	ins := make([]In, len(batch))
-	for i, c := range batch {
-		ins[i] = c.in
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), b.timeout)
 	outs, err := b.run(ctx, ins)

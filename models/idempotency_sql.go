@@ -81,13 +81,16 @@ func (s *Store) startBatchers(db *sql.DB) {
 	}).start(batchWorkers)
 }
 
-// IdempotencyBatches reports what the claims' and the completions'
-// batchers did; zero on SQLite, which does not batch.
-func (s *Store) IdempotencyBatches() (claims, completions BatchCounts) {
-	if s.claims == nil {
-		return BatchCounts{}, BatchCounts{}
+// IdempotencyBatches reports what the batcher of kind ("claim" or
+// "completion") did; zero on SQLite, which does not batch.
+func (s *Store) IdempotencyBatches(kind string) BatchCounts {
+	switch {
+	case s.claims == nil:
+		return BatchCounts{}
+	case kind == "claim":
+		return s.claims.counts()
 	}
-	return s.claims.counts(), s.completions.counts()
+	return s.completions.counts()
 }
 
 // heldBy names a key id held by an owner: one call of a batch.
