@@ -22,6 +22,8 @@ var (
 		Message: "The client closed the connection before the upstream answered."}
 	errUpstreamEncoding = &handlers.APIError{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_bad_encoding", Outcome: models.OutcomeUpstreamError,
 		Message: "The upstream API answered in a content coding the proxy cannot decode."}
+	errUpstreamCut = &handlers.APIError{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_cut", Outcome: models.OutcomeUpstreamError,
+		Message: "The upstream API closed the connection before its answer was complete."}
 	errUpstreamTimeout = &handlers.APIError{Status: http.StatusGatewayTimeout, Type: "server_error", Code: "upstream_timeout", Outcome: models.OutcomeUpstreamError,
 		Message: "The upstream API did not answer in time."}
 )

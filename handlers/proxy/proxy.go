@@ -295,15 +295,31 @@ func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
 	// passed the mask: an upstream that echoes a key sends it nowhere.
 	body, size := ex.withoutAskedUsage(p.out.mask.Reader(src), max(resp.Header.ContentLength(), -1))
 	t := &tee{src: body, decoder: decoder, release: up.release, up: up.up, ex: ex, size: int64(size)}
-	if resp.StatusCode() >= 400 {
+	switch {
+	case resp.StatusCode() >= 400:
 		// Error bodies are small: read them whole, so a key echoed in
 		// one is masked before anything is sent.
 		resp.SetBody(errorBody(t))
-		return nil
+	case !ex.sse && size >= 0 && size <= wholeBodyLimit:
+		// Most answers: read whole, the connection back in the pool at
+		// once, and headers and body go to the client in one write.
+		body, err := wholeBody(t)
+		if err != nil {
+			resp.Header.Reset() // the cut answer's headers describe a body the client will not get
+			restoreCORS(&resp.Header, &pre)
+			ex.setRateLimitHeaders(&resp.Header)
+			return handlers.WriteAPIError(c, errUpstreamCut)
+		}
+		resp.SetBodyRaw(body)
+	default:
+		resp.SetBodyStream(t, size)
 	}
-	resp.SetBodyStream(t, size)
 	return nil
 }
+
+// wholeBodyLimit is the largest answer of known length read whole before it
+// is sent; larger ones, SSE and chunked answers stream through.
+const wholeBodyLimit = uncountedBody
 
 // restoreCORS puts back the CORS headers middleware set before the call.
 func restoreCORS(h, pre *fasthttp.ResponseHeader) {

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/openai-idempotent-proxy/proxy/app/apptest"
+	"github.com/openai-idempotent-proxy/proxy/models"
 )
 
 // do sends a request to the proxy and returns the response with its body read.
@@ -392,6 +393,23 @@ func TestUpstreamFailures(t *testing.T) {
 		// left unterminated, so the client sees an error after the first event.
 		if resp.StatusCode != 200 || !strings.Contains(string(body), "tok0") || err == nil {
 			t.Fatalf("status %d body %q err %v: want the first event, then a broken stream", resp.StatusCode, body, err)
+		}
+	})
+	t.Run("cut before its Content-Length", func(t *testing.T) {
+		// A small answer is read whole before it is sent: one cut short
+		// becomes a clean 502 the SDKs retry, never a truncated 200.
+		upURL, _ := rawUpstream(t, func(int) string {
+			return "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Request-Id: req_cut\r\nContent-Length: 100\r\n\r\n{\"id\":\"chatcmpl-cut\""
+		})
+		px := apptest.Start(t, upURL, nil)
+		resp, body := do(t, "POST", px.URL+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chatBody), map[string]string{"Content-Type": "application/json"})
+		assertAPIError(t, resp, body, 502, "upstream_cut")
+		if id := resp.Header.Get("X-Request-Id"); id != "" {
+			t.Errorf("the cut answer's X-Request-Id %q reached the client with the error", id)
+		}
+		rec := lastLog(t, px, func(r models.RequestLog) bool { return r.Path == "/v1/chat/completions" })
+		if rec.Outcome != models.OutcomeUpstreamError || rec.Error == "" {
+			t.Errorf("logged outcome %q error %q, want upstream_error with the cause", rec.Outcome, rec.Error)
 		}
 	})
 	t.Run("unknown route", func(t *testing.T) {

@@ -30,6 +30,23 @@ func errorBody(t *tee) []byte {
 	return body
 }
 
+// wholeBody reads a body of known length (t.size) through the tee and ends
+// the exchange; err says the upstream cut it short.
+func wholeBody(t *tee) ([]byte, error) {
+	body := make([]byte, t.size)
+	_, err := io.ReadFull(t, body)
+	if err == nil && !t.eof { // an empty body: the tee has not seen its end
+		if _, err = t.Read(nil); errors.Is(err, io.EOF) {
+			err = nil
+		}
+	}
+	if err != nil && t.readErr == nil {
+		t.readErr = err
+	}
+	_ = t.CloseWithError(err)
+	return body, err
+}
+
 // maxDecoded bounds a decoded upstream body per coding stage; decoding
 // holds no more memory than a read, so it only stops endless bombs.
 const maxDecoded = 1 << 36
