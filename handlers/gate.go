@@ -26,6 +26,9 @@ type ClientGate interface {
 // nil stays nil. The HTTP proxy and the WebSocket proxy (before upgrading)
 // both answer with it.
 func LimitRefusal(c *fiber.Ctx, err error) error {
+	if err == nil {
+		return nil // before errors.As, whose target escapes: every request passes here
+	}
 	var r *access.Refusal
 	if errors.As(err, &r) {
 		for _, h := range r.RateLimitHead {
@@ -41,6 +44,9 @@ func LimitRefusal(c *fiber.Ctx, err error) error {
 // RefusalError turns an access refusal into the APIError the client sees;
 // other errors are returned as they are.
 func RefusalError(err error) error {
+	if err == nil {
+		return nil // before errors.As, whose target escapes: every request passes here
+	}
 	var r *access.Refusal
 	if !errors.As(err, &r) {
 		return err

@@ -26,7 +26,10 @@ func NormalisePath(raw string) (string, *APIError) {
 			return "", errBadPath
 		}
 	}
-	cleaned := path.Clean("/" + decoded)
+	cleaned := decoded
+	if !isClean(decoded) { // most paths are: they skip Clean's copies
+		cleaned = path.Clean("/" + decoded)
+	}
 	if !strings.HasPrefix(cleaned, "/v1/") {
 		return "", errUnknownRoute
 	}
@@ -42,4 +45,21 @@ func UpstreamURL(base *url.URL, normalised string, rawQuery []byte) string {
 	u.RawPath = ""
 	u.RawQuery = string(rawQuery)
 	return u.String()
+}
+
+// isClean reports whether p is rooted and already what path.Clean makes of
+// it: no empty, "." or ".." segment, no trailing slash.
+func isClean(p string) bool {
+	if p == "/" {
+		return true
+	}
+	if !strings.HasPrefix(p, "/") {
+		return false
+	}
+	for seg := range strings.SplitSeq(p[1:], "/") {
+		if seg == "" || seg == "." || seg == ".." {
+			return false
+		}
+	}
+	return true
 }

@@ -1,11 +1,11 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"log/slog"
-	"mime"
 	"strconv"
 	"strings"
 	"sync"
@@ -109,9 +109,12 @@ func (ex *exchange) reject(c *fiber.Ctx, err error) error {
 func (ex *exchange) onHeaders(h *fasthttp.ResponseHeader) {
 	ex.headersAt = time.Now()
 	ex.status = h.StatusCode()
-	mt, _, _ := mime.ParseMediaType(string(h.ContentType()))
-	ex.sse = mt == "text/event-stream"
-	ex.json = mt == "application/json"
+	// The media type, parameters aside, as mime.ParseMediaType reads it but
+	// without its copies.
+	mt, _, _ := bytes.Cut(h.ContentType(), []byte(";"))
+	mt = bytes.TrimSpace(mt)
+	ex.sse = bytes.EqualFold(mt, []byte("text/event-stream"))
+	ex.json = bytes.EqualFold(mt, []byte("application/json"))
 	if ex.sse {
 		ex.rec.Stream = true
 		ex.out.metrics.streamStarted()

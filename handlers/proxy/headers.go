@@ -60,6 +60,9 @@ func cleanResponseHeaders(h *fasthttp.ResponseHeader) {
 }
 
 func connectionTokens(v []byte) []string {
+	if len(v) == 0 {
+		return nil // most requests: no allocation
+	}
 	var out []string
 	for _, t := range bytes.Split(v, []byte(",")) {
 		if t = bytes.TrimSpace(t); len(t) > 0 && !strings.EqualFold(string(t), "close") && !strings.EqualFold(string(t), "keep-alive") {

@@ -11,15 +11,6 @@ const (
 	socketClosed                    // the peer closed or reset it
 )
 
-// peekSocket looks at a socket now, without blocking or consuming.
-func peekSocket(rc syscall.RawConn) socketState {
-	state := socketIdle
-	if err := rc.Control(func(fd uintptr) { state = peekFD(fd) }); err != nil {
-		return socketClosed
-	}
-	return state
-}
-
 // awaitReadable blocks, in the runtime's network poller, until the socket
 // has bytes or is closed, or its read deadline passes (then socketIdle).
 // Nothing is consumed, so a pipelined next request stays for the server.

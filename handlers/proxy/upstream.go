@@ -227,7 +227,9 @@ var (
 // goroutine (a client that leaves cancels the call).
 type upstreamConn struct {
 	net.Conn
-	raw             syscall.RawConn // for peeking; nil where the conn has none
+	raw             syscall.RawConn  // for peeking; nil where the conn has none
+	peek            func(fd uintptr) // sets peeked; built once, so a peek allocates nothing
+	peeked          socketState
 	firstByte, idle time.Duration
 
 	deadline  time.Time     // the current call's UPSTREAM_TIMEOUT deadline
@@ -244,8 +246,9 @@ func dialUpstream(dial func(addr string) (net.Conn, error), addr string, firstBy
 		return nil, err
 	}
 	uc := &upstreamConn{Conn: conn, firstByte: firstByte, idle: idle}
-	if sc, ok := conn.(syscall.Conn); ok {
+	if sc, ok := conn.(syscall.Conn); ok && canPeek {
 		uc.raw, _ = sc.SyscallConn()
+		uc.peek = func(fd uintptr) { uc.peeked = peekFD(fd) }
 	}
 	return uc, nil
 }
@@ -308,7 +311,14 @@ func (c *upstreamConn) reusable(idleFor time.Duration) bool {
 	if c.keepAlive > 0 && idleFor >= c.keepAlive-keepAliveMargin(c.keepAlive) {
 		return false
 	}
-	return c.raw == nil || peekSocket(c.raw) == socketIdle
+	if c.raw == nil {
+		return true
+	}
+	// A non-blocking look now, consuming nothing.
+	if err := c.raw.Control(c.peek); err != nil {
+		return false
+	}
+	return c.peeked == socketIdle
 }
 
 func keepAliveMargin(timeout time.Duration) time.Duration {
@@ -339,6 +349,9 @@ func (c *upstreamConn) extendDeadline(d time.Duration) {
 
 // keepAliveTimeout parses "Keep-Alive: timeout=5, max=100".
 func keepAliveTimeout(v []byte) time.Duration {
+	if len(v) == 0 {
+		return 0 // most answers: no allocation
+	}
 	for _, part := range strings.Split(string(v), ",") {
 		name, value, ok := strings.Cut(strings.TrimSpace(part), "=")
 		if !ok || !strings.EqualFold(name, "timeout") {
