@@ -19,7 +19,8 @@ func FuzzNormalisePath(f *testing.F) {
 		if apiErr != nil {
 			return
 		}
-		if path.Clean(p) != p || !strings.HasPrefix(p, "/v1/") || strings.Contains(p, "/../") || strings.HasSuffix(p, "/..") || strings.Contains(p, "/./") || strings.Contains(p, "//") {
+		// Clean leaves no "//", "/./", "/../" or trailing "/..".
+		if path.Clean(p) != p || !strings.HasPrefix(p, "/v1/") {
 			t.Fatalf("NormalisePath(%q) = %q", raw, p)
 		}
 		u, err := url.Parse(UpstreamURL(base, p, nil))

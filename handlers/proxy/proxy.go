@@ -318,7 +318,9 @@ func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
 }
 
 // wholeBodyLimit is the largest answer of known length read whole before it
-// is sent; larger ones, SSE and chunked answers stream through.
+// is sent; larger ones, SSE and chunked answers stream through. It is the
+// size held without counting against BUFFER_MEMORY_LIMIT, as a request
+// body read whole is.
 const wholeBodyLimit = uncountedBody
 
 // restoreCORS puts back the CORS headers middleware set before the call.
