@@ -50,7 +50,7 @@ func BenchmarkClaimComplete(b *testing.B) {
 }
 
 // claimComplete claims the key id and stores its answer.
-func claimComplete(b *testing.B, s *models.Store, id string) {
+func claimComplete(b testing.TB, s *models.Store, id string) {
 	ctx := context.Background()
 	body := []byte(`{"id":"chatcmpl-1","object":"chat.completion","choices":[]}`)
 	claimed, _, err := s.ClaimIdempotency(ctx, models.ClaimRequest{

@@ -7,6 +7,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // The two statements every keyed request runs, the claim's INSERT and the
@@ -165,7 +167,11 @@ func completeBatch(ctx context.Context, db *sql.DB, cs []completion) ([]bool, er
 		statuses[j], bodies[j], sizes[j] = int32(c.Status), c.Body, c.BodySize
 		streams[j], replayables[j], ttls[j] = c.Stream, c.Replayable, c.ttl.Microseconds()
 	}
-	return writtenRows(ctx, db, calls, completePostgres,
+	// Planned afresh on every run (pgx's cache-describe mode: one round
+	// trip, no cached plan). A plan cached while the table was nearly empty
+	// is a hash join over a sequential scan, kept as the table grows until
+	// an ANALYZE happens to replace it: every batch read the whole table.
+	return writtenRows(ctx, db, calls, completePostgres, pgx.QueryExecModeCacheDescribe,
 		ids, owners, statuses, headers, bodies, sizes, streams, replayables, ttls, StateCompleted, StateInProgress)
 }
 
