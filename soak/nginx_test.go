@@ -22,7 +22,8 @@ package soak
 // stopped at the end of the test. The test skips without wrk or nginx, and
 // fails on non-2xx answers or socket errors; timings are reported, never
 // asserted. SOAK_WRK_DURATION (10s here), SOAK_WRK_CONNECTIONS (64) and
-// SOAK_WRK_THREADS (2) change the load. Everything shares the machine: wrk,
+// SOAK_WRK_THREADS (2) change the load; SOAK_ROUNDS (1) repeats the five
+// runs and adds the median ratios. Everything shares the machine: wrk,
 // nginx, the proxy, PostgreSQL and the upstream in this test process.
 
 import (
@@ -33,6 +34,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -271,6 +273,7 @@ func TestVersusNginx(t *testing.T) {
 	d := envDuration(t, "SOAK_WRK_DURATION", 10*time.Second)
 	conns := envInt(t, "SOAK_WRK_CONNECTIONS", 64)
 	threads := envInt(t, "SOAK_WRK_THREADS", 2)
+	rounds := envInt(t, "SOAK_ROUNDS", 1)
 	chatScript, err := filepath.Abs("wrk_chat.lua")
 	if err != nil {
 		t.Fatal(err)
@@ -321,63 +324,69 @@ func TestVersusNginx(t *testing.T) {
 		wrkResult
 		cpu float64 // the server's CPU seconds during the run
 	}
-	results := make([]result, len(runs))
+	// Each round runs every kind once, nginx beside the proxy: neighbours
+	// on a shared machine come and go within minutes, so one round's
+	// ratios can be off by a third; the median of several holds.
+	results := make([][]result, rounds)
 	loadBefore := loadAvg()
 	started := time.Now()
-	for i, run := range runs {
-		time.Sleep(3 * time.Second) // let the previous run's connections and log queue settle
-		base := ng.URL
-		if run.via == viaProxy {
-			base = px.URL
-		}
-		args := []string{"-t" + strconv.Itoa(threads), "-c" + strconv.Itoa(conns), "-d" + d.String(), "--latency", "-s", run.script, base + "/v1/chat/completions"}
-		env := append([]string{"WRK_CLIENT_KEY=" + clientKey}, run.env...)
-		t.Logf("%s: $ %s wrk %s", run.name, strings.Join(env, " "), strings.Join(args, " "))
-		cpu := func() float64 {
+	for round := range rounds {
+		results[round] = make([]result, len(runs))
+		for i, run := range runs {
+			time.Sleep(3 * time.Second) // let the previous run's connections and log queue settle
+			base := ng.URL
 			if run.via == viaProxy {
-				return px.sample(t).CPU
+				base = px.URL
 			}
-			return ng.cpuSeconds(t)
-		}
-		var perf *exec.Cmd
-		if perfDir != "" && run.via == viaProxy {
-			perf = startPerf(t, perfDir, i, px.pid())
-		}
-		execsBefore, streamsBefore := up.execs.Load(), up.streamsDone.Load()
-		before := cpu()
-		cmd := exec.Command(wrk, args...)
-		cmd.Env = append(os.Environ(), env...)
-		out, err := cmd.CombinedOutput()
-		if err != nil {
-			t.Fatalf("wrk: %v\n%s", err, out)
-		}
-		after := cpu()
-		execs, streams := up.execs.Load()-execsBefore, up.streamsDone.Load()-streamsBefore
-		if perf != nil {
-			stopPerf(t, perf)
-		}
-		t.Logf("%s:\n%s", run.name, out)
-		r, err := parseWrk(string(out))
-		if err != nil {
-			t.Fatalf("%v\n%s", err, out)
-		}
-		results[i] = result{wrkResult: r, cpu: after - before}
-		if r.non2xx > 0 {
-			t.Errorf("%s: %d non-2xx answers", run.name, r.non2xx)
-		}
-		if r.socketErrors != "" {
-			t.Errorf("%s: socket errors: %s", run.name, r.socketErrors)
-		}
-		if r.requests == 0 {
-			t.Errorf("%s: no requests completed", run.name)
-		}
-		// Every answer wrk counted came from the upstream, and every stream
-		// was written to its end ([DONE]): nothing was cached or cut short.
-		if execs < r.requests {
-			t.Errorf("%s: wrk counted %d answers, the upstream executed %d requests", run.name, r.requests, execs)
-		}
-		if run.script == streamScript && streams < r.requests {
-			t.Errorf("%s: wrk counted %d streams, the upstream finished %d", run.name, r.requests, streams)
+			args := []string{"-t" + strconv.Itoa(threads), "-c" + strconv.Itoa(conns), "-d" + d.String(), "--latency", "-s", run.script, base + "/v1/chat/completions"}
+			env := append([]string{"WRK_CLIENT_KEY=" + clientKey}, run.env...)
+			t.Logf("round %d, %s: $ %s wrk %s", round+1, run.name, strings.Join(env, " "), strings.Join(args, " "))
+			cpu := func() float64 {
+				if run.via == viaProxy {
+					return px.sample(t).CPU
+				}
+				return ng.cpuSeconds(t)
+			}
+			var perf *exec.Cmd
+			if perfDir != "" && run.via == viaProxy {
+				perf = startPerf(t, perfDir, round*len(runs)+i, px.pid())
+			}
+			execsBefore, streamsBefore := up.execs.Load(), up.streamsDone.Load()
+			before := cpu()
+			cmd := exec.Command(wrk, args...)
+			cmd.Env = append(os.Environ(), env...)
+			out, err := cmd.CombinedOutput()
+			if err != nil {
+				t.Fatalf("wrk: %v\n%s", err, out)
+			}
+			after := cpu()
+			execs, streams := up.execs.Load()-execsBefore, up.streamsDone.Load()-streamsBefore
+			if perf != nil {
+				stopPerf(t, perf)
+			}
+			t.Logf("round %d, %s:\n%s", round+1, run.name, out)
+			r, err := parseWrk(string(out))
+			if err != nil {
+				t.Fatalf("%v\n%s", err, out)
+			}
+			results[round][i] = result{wrkResult: r, cpu: after - before}
+			if r.non2xx > 0 {
+				t.Errorf("%s: %d non-2xx answers", run.name, r.non2xx)
+			}
+			if r.socketErrors != "" {
+				t.Errorf("%s: socket errors: %s", run.name, r.socketErrors)
+			}
+			if r.requests == 0 {
+				t.Errorf("%s: no requests completed", run.name)
+			}
+			// Every answer wrk counted came from the upstream, and every stream
+			// was written to its end ([DONE]): nothing was cached or cut short.
+			if execs < r.requests {
+				t.Errorf("%s: wrk counted %d answers, the upstream executed %d requests", run.name, r.requests, execs)
+			}
+			if run.script == streamScript && streams < r.requests {
+				t.Errorf("%s: wrk counted %d streams, the upstream finished %d", run.name, r.requests, streams)
+			}
 		}
 	}
 	loadAfter := loadAvg()
@@ -389,18 +398,35 @@ func TestVersusNginx(t *testing.T) {
 		return r.cpu / float64(r.requests) * 10000
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "wrk -t%d -c%d -d%s --latency, %s, %d cores; load average before %s, after %s\n\n",
-		threads, conns, d, started.UTC().Format("2006-01-02 15:04 UTC"), runtime.NumCPU(), loadBefore, loadAfter)
-	b.WriteString("| | requests/s | p50 | p99 | CPU s per 10k requests | CPU per request vs nginx | requests/s vs nginx |\n")
-	b.WriteString("|---|---:|---:|---:|---:|---:|---:|\n")
-	for i, run := range runs {
-		r, ref := results[i], results[run.vs]
-		cpuRatio, rpsRatio := "1×", "1×"
-		if i != run.vs {
-			cpuRatio, rpsRatio = ratio(per10k(r), per10k(ref)), ratio(r.rps, ref.rps)
+	fmt.Fprintf(&b, "wrk -t%d -c%d -d%s --latency, %d rounds, %s, %d cores; load average before %s, after %s\n",
+		threads, conns, d, rounds, started.UTC().Format("2006-01-02 15:04 UTC"), runtime.NumCPU(), loadBefore, loadAfter)
+	for round, rs := range results {
+		fmt.Fprintf(&b, "\nround %d\n\n", round+1)
+		b.WriteString("| | requests/s | p50 | p99 | CPU s per 10k requests | CPU per request vs nginx | requests/s vs nginx |\n")
+		b.WriteString("|---|---:|---:|---:|---:|---:|---:|\n")
+		for i, run := range runs {
+			r, ref := rs[i], rs[run.vs]
+			cpuRatio, rpsRatio := "1×", "1×"
+			if i != run.vs {
+				cpuRatio, rpsRatio = ratio(per10k(r), per10k(ref)), ratio(r.rps, ref.rps)
+			}
+			fmt.Fprintf(&b, "| %s | %s | %s | %s | %.2f s | %s | %s |\n",
+				run.name, thousands(r.rps), r.p50, r.p99, per10k(r), cpuRatio, rpsRatio)
 		}
-		fmt.Fprintf(&b, "| %s | %s | %s | %s | %.2f s | %s | %s |\n",
-			run.name, thousands(r.rps), r.p50, r.p99, per10k(r), cpuRatio, rpsRatio)
+	}
+	if rounds > 1 {
+		b.WriteString("\nmedian of the rounds' ratios\n\n| | CPU per request vs nginx | requests/s vs nginx |\n|---|---:|---:|\n")
+		for i, run := range runs {
+			if i == run.vs {
+				continue
+			}
+			var cpus, rates []float64
+			for _, rs := range results {
+				cpus = append(cpus, per10k(rs[i])/per10k(rs[run.vs]))
+				rates = append(rates, rs[i].rps/rs[run.vs].rps)
+			}
+			fmt.Fprintf(&b, "| %s | %.2f× | %.2f× |\n", run.name, median(cpus), median(rates))
+		}
 	}
 	after := px.sample(t)
 	fmt.Fprintf(&b, "\nnginx workers %d; proxy after the runs: %s; keyed statements' average batch: claims %.1f, completions %.1f\n",
@@ -445,6 +471,17 @@ func stopPerf(t *testing.T, cmd *exec.Cmd) {
 	if err != nil {
 		t.Errorf("perf record: %v", err)
 	}
+}
+
+// median is the middle value of xs (the mean of the two middle ones for an
+// even count).
+func median(xs []float64) float64 {
+	xs = slices.Sorted(slices.Values(xs))
+	n := len(xs)
+	if n%2 == 1 {
+		return xs[n/2]
+	}
+	return (xs[n/2-1] + xs[n/2]) / 2
 }
 
 func ratio(a, b float64) string {
