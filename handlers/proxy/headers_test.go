@@ -2,6 +2,8 @@ package proxy
 
 import (
 	"bufio"
+	"iter"
+	"slices"
 	"strings"
 	"testing"
 
@@ -114,3 +116,96 @@ func TestCleanResponseHeaders(t *testing.T) {
 }
 
 func bufioReader(s string) *bufio.Reader { return bufio.NewReader(strings.NewReader(s)) }
+
+// deleteEveryName is how the rewrites were written before they looked for
+// what came (issue 15): a Del for every name. FuzzHeaderRewrites holds the
+// faster ones to its wire output, field for field.
+func deleteEveryRequestName(h *fasthttp.RequestHeader, authorization string) {
+	for _, name := range connectionTokens(h.Peek("Connection")) {
+		h.Del(name)
+	}
+	for _, name := range notForwarded {
+		h.Del(name)
+	}
+	h.Del("Authorization")
+	h.Set("Authorization", authorization)
+}
+
+func deleteEveryResponseName(h *fasthttp.ResponseHeader) {
+	for _, name := range connectionTokens(h.Peek("Connection")) {
+		h.Del(name)
+	}
+	for _, name := range notReturned {
+		h.Del(name)
+	}
+	var cors []string
+	for k := range h.All() {
+		if len(k) > len("Access-Control-") && strings.EqualFold(string(k[:len("Access-Control-")]), "Access-Control-") {
+			cors = append(cors, string(k))
+		}
+	}
+	for _, name := range cors {
+		h.Del(name)
+	}
+}
+
+// FuzzHeaderRewrites: for any header block fasthttp accepts, the rewrites
+// send exactly the fields deleting every listed name sends, in requests
+// (with the client's key replaced) and in responses. Fields are compared
+// in order within each name: fasthttp's Del may move other names' fields,
+// which HTTP leaves unordered.
+//
+//	go test -run '^$' -fuzz FuzzHeaderRewrites ./handlers/proxy/
+func FuzzHeaderRewrites(f *testing.F) {
+	for _, seed := range []string{
+		"",
+		"Authorization: Bearer a\r\nauthorization: Bearer b\r\n",
+		"cookie: a=1\r\nCOOKIE: b=2\r\nProxy-Authorization: Basic x\r\n",
+		"Connection: close\r\n",
+		"Connection: keep-alive, X-Secret\r\nx-secret: 1\r\nKeep-Alive: timeout=5\r\n",
+		"Transfer-Encoding: chunked\r\nTrailer: X-T\r\nTe: trailers\r\n",
+		"Content-Length: 3\r\nContent-Type: application/json\r\nUser-Agent: sdk\r\n",
+		"x-forwarded-for: 1.2.3.4\r\nX-Real-IP: 1.2.3.4\r\nForwarded: for=x\r\nX-Forwarded-Host: h\r\nX-Forwarded-Proto: https\r\n",
+		"Accept-Encoding: gzip\r\nOrigin: https://a\r\nReferer: https://a/b\r\nUpgrade: websocket\r\nProxy-Connection: keep-alive\r\n",
+		"Set-Cookie: a=1\r\nset-cookie: b=2\r\nAlt-Svc: h3\r\nAccess-Control-Allow-Origin: *\r\naccess-control-max-age: 1\r\nProxy-Authenticate: Basic\r\n",
+		"OpenAI-Organization: org\r\nIdempotency-Key: k\r\nX-Request-Id: r\r\n",
+	} {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, block string) {
+		const key = "Bearer sk-upstream"
+		raw := "POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n" + block + "\r\n"
+		var got, want fasthttp.RequestHeader
+		if got.Read(bufioReader(raw)) == nil && want.Read(bufioReader(raw)) == nil {
+			prepareUpstreamRequest(&got, key)
+			deleteEveryRequestName(&want, key)
+			if !slices.Equal(fields(got.All()), fields(want.All())) {
+				t.Fatalf("request after %q:\n%s\nwant:\n%s", block, got.String(), want.String())
+			}
+		}
+		raw = "HTTP/1.1 200 OK\r\n" + block + "\r\n"
+		var gotResp, wantResp fasthttp.ResponseHeader
+		if gotResp.Read(bufioReader(raw)) == nil && wantResp.Read(bufioReader(raw)) == nil {
+			cleanResponseHeaders(&gotResp)
+			deleteEveryResponseName(&wantResp)
+			if !slices.Equal(fields(gotResp.All()), fields(wantResp.All())) {
+				t.Fatalf("response after %q:\n%s\nwant:\n%s", block, gotResp.String(), wantResp.String())
+			}
+		}
+	})
+}
+
+// fields lists a header's fields as "name: value", sorted by name and in
+// their order within a name.
+func fields(all iter.Seq2[[]byte, []byte]) []string {
+	var out []string
+	for k, v := range all {
+		out = append(out, string(k)+": "+string(v))
+	}
+	slices.SortStableFunc(out, func(a, b string) int {
+		na, _, _ := strings.Cut(a, ":")
+		nb, _, _ := strings.Cut(b, ":")
+		return strings.Compare(strings.ToLower(na), strings.ToLower(nb))
+	})
+	return out
+}
