@@ -74,7 +74,7 @@ func sendUpstream(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp
 			}
 			return nil, nil, err
 		}
-		stopWatch := h.watchClient(conn)
+		h.watchClient(conn)
 		pooled := hc.AcquireReader(conn)
 		body := pooled
 		err = resp.ReadLimitBody(body, 0)
@@ -85,7 +85,7 @@ func sendUpstream(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp
 			err = resp.ReadLimitBody(body, 0)
 		}
 		if err != nil {
-			stopWatch()
+			h.endWatch()
 			hc.ReleaseReader(pooled)
 			hc.CloseConn(cc)
 			if h.cancelled.Load() {
@@ -98,7 +98,6 @@ func sendUpstream(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp
 			}
 			return nil, nil, err
 		}
-		h.stopWatch = stopWatch // until the first body byte: see tee.Read
 		h.upstream = uc
 		if uc != nil {
 			uc.keepAlive = keepAliveTimeout(resp.Header.Peek("Keep-Alive"))
@@ -126,83 +125,13 @@ func sendUpstream(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp
 // deadline, and the client connection to watch. Unkeyed requests watch
 // their client while the upstream has not begun to answer (nothing is
 // written then, so nothing else would notice it leave) and cancel the call
-// if it goes.
+// if it goes (watch.go).
 type hop struct {
 	deadline  time.Time
-	client    *clientConn   // nil: not watched
-	stopWatch func()        // until the first body byte: see tee.Read
+	client    net.Conn      // nil: not watched
+	watch     *clientWatch  // until the first body byte: see tee.Read
 	upstream  *upstreamConn // the connection the answer comes on, once it has begun
 	cancelled atomic.Bool   // the client left before the upstream answered
-}
-
-// clientConn is the client's connection, for watching it leave.
-type clientConn struct {
-	conn net.Conn
-	raw  syscall.RawConn
-}
-
-// watchClientOf returns the client connection to watch, or nil where the
-// socket cannot be peeked at.
-func watchClientOf(conn net.Conn) *clientConn {
-	sc, ok := conn.(syscall.Conn)
-	if !canPeek || !ok {
-		return nil
-	}
-	raw, err := sc.SyscallConn()
-	if err != nil {
-		return nil
-	}
-	return &clientConn{conn: conn, raw: raw}
-}
-
-// watchDelay is how long a call waits for the upstream before it starts
-// watching its client. Most quick answers begin sooner and never pay for a
-// watch (a goroutine, a peek and two deadline changes); a client that
-// leaves a longer call is still noticed, at most this much later.
-const watchDelay = 20 * time.Millisecond
-
-// watchClient closes the upstream connection if the client closes its own
-// while the call waits for the upstream, from watchDelay on. It only peeks,
-// so the bytes of a pipelined next request stay for the server (and end the
-// watch).
-func (h *hop) watchClient(upstream net.Conn) (stop func()) {
-	cc := h.client
-	if cc == nil {
-		return func() {}
-	}
-	if uc := upstreamConnOf(upstream); uc != nil {
-		upstream = uc.Conn // close the socket itself, not a TLS layer that would write
-	}
-	// decided is taken once: by the watch as it begins, or by stop before
-	// it can, so a watch never starts after stop returned.
-	var decided atomic.Bool
-	done := make(chan struct{})
-	timer := time.AfterFunc(watchDelay, func() {
-		if !decided.CompareAndSwap(false, true) {
-			return
-		}
-		defer close(done)
-		if awaitReadable(cc.raw) == socketClosed {
-			h.cancelled.Store(true)
-			_ = upstream.Close()
-		}
-	})
-	return func() {
-		if timer.Stop() || decided.CompareAndSwap(false, true) {
-			return // the watch never began
-		}
-		_ = cc.conn.SetReadDeadline(time.Unix(1, 0)) // wakes the watcher
-		<-done
-		_ = cc.conn.SetReadDeadline(time.Time{}) // the server sets its own before the next read
-	}
-}
-
-// endWatch stops watching the client, once the answer has begun.
-func (h *hop) endWatch() {
-	if h.stopWatch != nil {
-		h.stopWatch()
-		h.stopWatch = nil
-	}
 }
 
 const (

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httptrace"
 	"strings"
 	"sync"
 	"testing"
@@ -179,8 +180,8 @@ func TestAbandonedNonStreamCall(t *testing.T) {
 	up := apptest.NewUpstream(t)
 	px := apptest.Start(t, up.URL, nil)
 
-	t.Run("unkeyed is cancelled", func(t *testing.T) {
-		req := chatRequest(t, px.URL+"/v1/chat/completions?test_block=1&test_id=abandon", `{"model":"gpt-4o-mini"}`, nil)
+	abandon := func(t *testing.T, id string) {
+		req := chatRequest(t, px.URL+"/v1/chat/completions?test_block=1&test_id="+id, `{"model":"gpt-4o-mini"}`, nil)
 		ctx, cancel := context.WithCancel(context.Background())
 		errc := make(chan error, 1)
 		go func() {
@@ -190,18 +191,18 @@ func TestAbandonedNonStreamCall(t *testing.T) {
 			}
 			errc <- err
 		}()
-		apptest.Eventually(t, 5*time.Second, func() bool { return upstreamSaw(up, "abandon") != nil }, "the call never reached the upstream")
+		apptest.Eventually(t, 5*time.Second, func() bool { return upstreamSaw(up, id) != nil }, "the call never reached the upstream")
 		gaveUp := time.Now()
 		cancel()
 		<-errc
-		seen := upstreamSaw(up, "abandon")
+		seen := upstreamSaw(up, id)
 		select {
 		case <-seen.Ended:
 		case <-time.After(10 * time.Second):
 			t.Fatal("the upstream call was still running 10 s after its client left")
 		}
 		t.Logf("upstream saw the cancel %v after the client left", time.Since(gaveUp))
-		if upstreamSaw(up, "abandon").Cancelled != true {
+		if upstreamSaw(up, id).Cancelled != true {
 			t.Error("the upstream call ended without being cancelled")
 		}
 		rec := lastLog(t, px, func(r models.RequestLog) bool {
@@ -210,6 +211,42 @@ func TestAbandonedNonStreamCall(t *testing.T) {
 		if rec.Status != 499 {
 			t.Errorf("logged status %d, want 499", rec.Status)
 		}
+	}
+	t.Run("unkeyed is cancelled", func(t *testing.T) { abandon(t, "abandon") })
+
+	// Watches are pooled (watch.go): calls answered after the watch began
+	// and calls answered before it leave the connection serving, and the
+	// next call a client abandons is still cancelled.
+	t.Run("after watched and quick calls on one connection", func(t *testing.T) {
+		client := &http.Client{Transport: &http.Transport{MaxConnsPerHost: 1}}
+		defer client.CloseIdleConnections()
+		reused := 0
+		for i, delay := range []int{0, afterWatchBegan, 0, 0, afterWatchBegan, afterWatchBegan, 0} {
+			req := chatRequest(t, fmt.Sprintf("%s/v1/chat/completions?test_delay_ms=%d&test_id=watched-%d", px.URL, delay, i), `{"model":"gpt-4o-mini"}`, nil)
+			req = req.WithContext(httptrace.WithClientTrace(req.Context(), &httptrace.ClientTrace{
+				GotConn: func(info httptrace.GotConnInfo) {
+					if info.Reused {
+						reused++
+					}
+				},
+			}))
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Fatalf("call %d (answered after %d ms): %v", i, delay, err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != 200 {
+				t.Fatalf("call %d (answered after %d ms): %d %s", i, delay, resp.StatusCode, body)
+			}
+			if s := upstreamSaw(up, fmt.Sprint("watched-", i)); s == nil || s.Cancelled {
+				t.Fatalf("call %d (answered after %d ms) was cancelled upstream", i, delay)
+			}
+		}
+		if reused != 6 {
+			t.Errorf("%d of 7 calls reused the connection, want 6", reused)
+		}
+		abandon(t, "abandon-after-watches")
 	})
 
 	t.Run("keyed runs to its end", func(t *testing.T) {
@@ -245,6 +282,10 @@ func TestAbandonedNonStreamCall(t *testing.T) {
 		}
 	})
 }
+
+// afterWatchBegan is an upstream delay, in milliseconds, well past the
+// 20 ms after which a call starts watching its client (watchDelay).
+const afterWatchBegan = 80
 
 func upstreamSaw(up *apptest.Upstream, id string) *apptest.Seen {
 	for _, r := range up.Requests() {
