@@ -246,8 +246,7 @@ func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
 	target := handlers.UpstreamURL(p.cfg.UpstreamBaseURL, ex.rec.Path, req.URI().QueryString())
 	// The client resets the response, dropping headers that middleware
 	// (CORS) set before the handler ran: keep them to put back.
-	var pre fasthttp.ResponseHeader
-	resp.Header.CopyTo(&pre)
+	pre := corsHeaders(&resp.Header)
 
 	// proxy.Do's round trip sends with this request's hop (its deadline,
 	// the client to watch): the client lent here carries it.
@@ -264,7 +263,7 @@ func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
 			resp.Header.Reset() // none of the refused answer's headers
 		}
 	}
-	restoreCORS(&resp.Header, &pre)
+	restoreCORS(&resp.Header, pre)
 	ex.setRateLimitHeaders(&resp.Header)
 	if err != nil {
 		apiErr := p.upstreamError(c, err, ex)
@@ -306,7 +305,7 @@ func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
 		body, err := wholeBody(t)
 		if err != nil {
 			resp.Header.Reset() // the cut answer's headers describe a body the client will not get
-			restoreCORS(&resp.Header, &pre)
+			restoreCORS(&resp.Header, pre)
 			ex.setRateLimitHeaders(&resp.Header)
 			return handlers.WriteAPIError(c, errUpstreamCut)
 		}
@@ -323,10 +322,31 @@ func (p *Proxy) forward(c *fiber.Ctx, ex *exchange) error {
 // body read whole is.
 const wholeBodyLimit = uncountedBody
 
-// restoreCORS puts back the CORS headers middleware set before the call.
+// corsHeaders keeps a copy of the headers the CORS middleware set before
+// the call, or nil when it set none (CORS_ALLOWED_ORIGINS unset, the usual
+// case, costs no copy).
+func corsHeaders(h *fasthttp.ResponseHeader) *fasthttp.ResponseHeader {
+	for k := range h.All() {
+		if isCORSHeader(k) {
+			pre := new(fasthttp.ResponseHeader)
+			h.CopyTo(pre)
+			return pre
+		}
+	}
+	return nil
+}
+
+func isCORSHeader(k []byte) bool {
+	return bytes.HasPrefix(k, []byte("Access-Control-")) || bytes.Equal(k, []byte("Vary"))
+}
+
+// restoreCORS puts back the CORS headers of pre (nil: none).
 func restoreCORS(h, pre *fasthttp.ResponseHeader) {
+	if pre == nil {
+		return
+	}
 	for k, v := range pre.All() {
-		if bytes.HasPrefix(k, []byte("Access-Control-")) || bytes.Equal(k, []byte("Vary")) {
+		if isCORSHeader(k) {
 			h.SetBytesKV(k, v)
 		}
 	}
