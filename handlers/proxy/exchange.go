@@ -124,8 +124,8 @@ func (ex *exchange) onHeaders(h *fasthttp.ResponseHeader) {
 	if cl := ex.claim; cl != nil {
 		cl.headers = map[string]string{}
 		for k, v := range h.All() {
-			if name := string(k); replayableHeader(name) {
-				cl.headers[name] = string(v)
+			if replayableHeader(k) {
+				cl.headers[string(k)] = string(v)
 			}
 		}
 		cl.expect(int64(h.ContentLength()))

@@ -126,13 +126,13 @@ func connectionTokens(v []byte) []string {
 // idempotency record and sent again on replay: the content type, request
 // id and OpenAI's own headers. Rate-limit headers describe the moment of the
 // first call, not the replay, so they are not replayed.
-func replayableHeader(name string) bool {
-	n := strings.ToLower(name)
-	switch n {
-	case "content-type", "x-request-id", "content-encoding":
-		return true
+func replayableHeader(name []byte) bool {
+	for _, n := range [...]string{"Content-Type", "X-Request-Id", "Content-Encoding"} {
+		if len(name) == len(n) && strings.EqualFold(string(name), n) {
+			return true
+		}
 	}
-	return strings.HasPrefix(n, "openai-")
+	return len(name) >= len("OpenAI-") && strings.EqualFold(string(name[:len("OpenAI-")]), "OpenAI-")
 }
 
 // validHeaderNames reports whether every request header name is an RFC 9110

@@ -209,3 +209,16 @@ func fields(all iter.Seq2[[]byte, []byte]) []string {
 	})
 	return out
 }
+
+func TestReplayableHeader(t *testing.T) {
+	for name, want := range map[string]bool{
+		"Content-Type": true, "content-type": true, "X-Request-Id": true, "x-request-id": true,
+		"Content-Encoding": true, "OpenAI-Processing-Ms": true, "openai-organization": true, "Openai-Version": true,
+		"OpenAI-": true, "OpenAI": false, "Open": false, "": false, "Content-Length": false, "Date": false,
+		"X-Ratelimit-Remaining-Requests": false, "Set-Cookie": false, "Content-Type-X": false,
+	} {
+		if got := replayableHeader([]byte(name)); got != want {
+			t.Errorf("replayableHeader(%q) = %v, want %v", name, got, want)
+		}
+	}
+}
