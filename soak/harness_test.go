@@ -99,9 +99,18 @@ func envBool(name string, def bool) bool {
 // ---------------------------------------------------------------------------
 // The proxy process.
 
-// buildProxy compiles the proxy from the repository root.
+// buildProxy compiles the proxy from the repository root, or returns
+// SOAK_PROXY_BIN when it names a binary already built (another commit's,
+// for a before-and-after in the same harness).
 func buildProxy(t *testing.T) string {
 	t.Helper()
+	if bin := os.Getenv("SOAK_PROXY_BIN"); bin != "" {
+		if _, err := os.Stat(bin); err != nil {
+			t.Fatalf("SOAK_PROXY_BIN: %v", err)
+		}
+		t.Logf("proxy binary from SOAK_PROXY_BIN: %s", bin)
+		return bin
+	}
 	root, err := filepath.Abs("..")
 	if err != nil {
 		t.Fatal(err)
@@ -127,6 +136,13 @@ type proxyProc struct {
 // environment (only PATH, HOME and TMPDIR are inherited) and waits for
 // /healthz. Its log goes to a file kept after the test, for inspection.
 func startProxy(t *testing.T, bin, upstreamURL, dbURL string, extra map[string]string) *proxyProc {
+	t.Helper()
+	return startProxyUnder(t, nil, bin, upstreamURL, dbURL, extra)
+}
+
+// startProxyUnder is startProxy with the binary run by a wrapper command
+// (valgrind, say: then start-up may take a minute).
+func startProxyUnder(t *testing.T, wrapper []string, bin, upstreamURL, dbURL string, extra map[string]string) *proxyProc {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -155,7 +171,8 @@ func startProxy(t *testing.T, bin, upstreamURL, dbURL string, extra map[string]s
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(bin)
+	argv := append(slices.Clone(wrapper), bin)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = env
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	// The proxy dies with the test binary, whatever happens to it.
@@ -173,7 +190,11 @@ func startProxy(t *testing.T, bin, upstreamURL, dbURL string, extra map[string]s
 			<-p.done
 		}
 	})
-	apptest.Eventually(t, 30*time.Second, func() bool {
+	startUp := 30 * time.Second
+	if wrapper != nil {
+		startUp = 2 * time.Minute
+	}
+	apptest.Eventually(t, startUp, func() bool {
 		select {
 		case <-p.done:
 			t.Fatalf("proxy exited during start-up: %v\n%s", p.waitErr, p.logTail(4096))

@@ -103,6 +103,13 @@ type nginxProc struct {
 // a chat completion passes through it.
 func startNginx(t *testing.T, bin, upstreamAddr string) *nginxProc {
 	t.Helper()
+	return startNginxUnder(t, nil, bin, upstreamAddr, nginxConf)
+}
+
+// startNginxUnder is startNginx with configuration conf (nginxConf's
+// placeholders), the binary run by a wrapper command (valgrind, say).
+func startNginxUnder(t *testing.T, wrapper []string, bin, upstreamAddr, conf string) *nginxProc {
+	t.Helper()
 	dir := t.TempDir()
 	// The workers run as nginx's default user (nobody) when the test runs as
 	// root, and must reach the temp paths.
@@ -115,7 +122,7 @@ func startNginx(t *testing.T, bin, upstreamAddr string) *nginxProc {
 	}
 	addr := ln.Addr().String()
 	_ = ln.Close()
-	conf := strings.NewReplacer("{{dir}}", dir, "{{upstream}}", upstreamAddr, "{{listen}}", addr).Replace(nginxConf)
+	conf = strings.NewReplacer("{{dir}}", dir, "{{upstream}}", upstreamAddr, "{{listen}}", addr).Replace(conf)
 	confPath := filepath.Join(dir, "nginx.conf")
 	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
@@ -126,7 +133,8 @@ func startNginx(t *testing.T, bin, upstreamAddr string) *nginxProc {
 	if out, err := exec.Command(bin, append(args, "-t")...).CombinedOutput(); err != nil {
 		t.Fatalf("nginx -t: %v\n%s\n%s", err, out, conf)
 	}
-	cmd := exec.Command(bin, append(args, "-g", "daemon off;")...)
+	argv := append(append(slices.Clone(wrapper), bin), append(args, "-g", "daemon off;")...)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	out, err := os.Create(filepath.Join(dir, "stdout.log"))
 	if err != nil {
 		t.Fatal(err)
@@ -145,7 +153,11 @@ func startNginx(t *testing.T, bin, upstreamAddr string) *nginxProc {
 
 	c := newClient(n.URL+"/v1/chat/completions", 1)
 	defer c.closeIdle()
-	apptest.Eventually(t, 15*time.Second, func() bool {
+	startUp := 15 * time.Second
+	if wrapper != nil {
+		startUp = time.Minute
+	}
+	apptest.Eventually(t, startUp, func() bool {
 		select {
 		case <-n.done:
 			t.Fatalf("nginx exited during start-up: %v\n%s", n.err, n.errorLog())
