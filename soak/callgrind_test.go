@@ -2,10 +2,10 @@
 
 package soak
 
-// TestInstructionsVersusNginx: the user-space instructions the proxy and
+// TestInstructionsBesideNginx: the user-space instructions the proxy and
 // nginx execute per request, counted by valgrind's callgrind.
 //
-//	SOAK=1 go test ./soak/ -run InstructionsVersusNginx -v
+//	SOAK=1 go test ./soak/ -run InstructionsBesideNginx -v
 //
 // CPU seconds on a shared machine move with the neighbours (one round of
 // TestVersusNginx can be off by a third); an instruction count does not:
@@ -44,7 +44,7 @@ import (
 	"github.com/openai-idempotent-proxy/proxy/models/testdb"
 )
 
-func TestInstructionsVersusNginx(t *testing.T) {
+func TestInstructionsBesideNginx(t *testing.T) {
 	requireSoak(t)
 	for _, tool := range []string{"valgrind", "callgrind_control"} {
 		if _, err := exec.LookPath(tool); err != nil {
