@@ -51,13 +51,7 @@ func TestInstructionsBesideNginx(t *testing.T) {
 			t.Skipf("%s is not installed (Debian: apt-get install -y valgrind)", tool)
 		}
 	}
-	nginxBin, err := exec.LookPath("nginx")
-	if err != nil {
-		if _, statErr := os.Stat("/usr/sbin/nginx"); statErr != nil {
-			t.Skip("nginx is not installed (Debian: apt-get install -y nginx)")
-		}
-		nginxBin = "/usr/sbin/nginx"
-	}
+	nginxBin := nginxPath(t)
 	requests := envInt(t, "SOAK_CG_REQUESTS", 2000)
 	conns := envInt(t, "SOAK_CG_CONNECTIONS", 8)
 

@@ -98,6 +98,19 @@ type nginxProc struct {
 	err  error
 }
 
+// nginxPath finds the nginx binary, or skips the test.
+func nginxPath(t *testing.T) string {
+	t.Helper()
+	if bin, err := exec.LookPath("nginx"); err == nil {
+		return bin
+	}
+	// Debian installs it in /usr/sbin, which a user's PATH may lack.
+	if _, err := os.Stat("/usr/sbin/nginx"); err != nil {
+		t.Skip("nginx is not installed (Debian: apt-get install -y nginx)")
+	}
+	return "/usr/sbin/nginx"
+}
+
 // startNginx runs nginx in the foreground (daemon off) with nginxConf on a
 // free 127.0.0.1 port, in front of upstreamAddr (host:port), and waits until
 // a chat completion passes through it.
@@ -274,14 +287,7 @@ func TestVersusNginx(t *testing.T) {
 	if err != nil {
 		t.Skip("wrk is not installed (Debian: apt-get install -y wrk)")
 	}
-	nginxBin, err := exec.LookPath("nginx")
-	if err != nil {
-		// Debian installs it in /usr/sbin, which a user's PATH may lack.
-		if _, statErr := os.Stat("/usr/sbin/nginx"); statErr != nil {
-			t.Skip("nginx is not installed (Debian: apt-get install -y nginx)")
-		}
-		nginxBin = "/usr/sbin/nginx"
-	}
+	nginxBin := nginxPath(t)
 	d := envDuration(t, "SOAK_WRK_DURATION", 10*time.Second)
 	conns := envInt(t, "SOAK_WRK_CONNECTIONS", 64)
 	threads := envInt(t, "SOAK_WRK_THREADS", 2)
