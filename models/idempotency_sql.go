@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/stdlib"
 )
 
 // The two statements every keyed request runs, the claim's INSERT and the
@@ -114,21 +113,12 @@ func inKeyOrder(calls []heldBy) []int {
 
 // writtenRows runs a batch statement that returns the key id and owner of
 // each row it wrote, and reports for each call whether its row was. It
-// runs on pgx itself, under database/sql's pool: database/sql's row
-// scanning costs more allocations than the statement (issue 15).
+// runs on pgx itself (onPgx): database/sql's row scanning cost more
+// allocations than the statement (issue 15).
 func writtenRows(ctx context.Context, db *sql.DB, calls []heldBy, query string, args ...any) ([]bool, error) {
-	conn, err := db.Conn(ctx)
-	if err != nil {
-		return nil, err
-	}
-	defer conn.Close()
 	written := make(map[heldBy]bool, len(calls))
-	err = conn.Raw(func(dc any) error {
-		sc, ok := dc.(*stdlib.Conn)
-		if !ok {
-			return fmt.Errorf("unexpected PostgreSQL driver connection %T", dc)
-		}
-		rows, err := sc.Conn().Query(ctx, query, args...)
+	err := onPgx(ctx, db, func(conn *pgx.Conn) error {
+		rows, err := conn.Query(ctx, query, args...)
 		if err != nil {
 			return err
 		}

@@ -56,11 +56,10 @@ func (s *Store) insertRequestLogs(ctx context.Context, batch []RequestLog) error
 	return nil
 }
 
-// copyRequestLogs is the PostgreSQL path: COPY into request_logs and the
-// roll-up upserts in one pgx transaction on a pooled connection. If ctx
-// ends mid-way pgx closes that connection, and the pool discards it
-// (stdlib.Conn reports it bad), so no half-done transaction is reused.
-func copyRequestLogs(ctx context.Context, db *sql.DB, batch []RequestLog, rollups []rollupRow) error {
+// onPgx runs f on pgx's own connection under one of db's pooled
+// connections: pgx's COPY, and its row scanning, which costs fewer
+// allocations than database/sql's.
+func onPgx(ctx context.Context, db *sql.DB, f func(*pgx.Conn) error) error {
 	conn, err := db.Conn(ctx)
 	if err != nil {
 		return err
@@ -71,7 +70,17 @@ func copyRequestLogs(ctx context.Context, db *sql.DB, batch []RequestLog, rollup
 		if !ok {
 			return fmt.Errorf("unexpected PostgreSQL driver connection %T", dc)
 		}
-		return pgx.BeginFunc(ctx, sc.Conn(), func(tx pgx.Tx) error {
+		return f(sc.Conn())
+	})
+}
+
+// copyRequestLogs is the PostgreSQL path: COPY into request_logs and the
+// roll-up upserts in one pgx transaction on a pooled connection. If ctx
+// ends mid-way pgx closes that connection, and the pool discards it
+// (stdlib.Conn reports it bad), so no half-done transaction is reused.
+func copyRequestLogs(ctx context.Context, db *sql.DB, batch []RequestLog, rollups []rollupRow) error {
+	return onPgx(ctx, db, func(conn *pgx.Conn) error {
+		return pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 			row := make([]any, 0, len(requestLogColumns))
 			n, err := tx.CopyFrom(ctx, pgx.Identifier{"request_logs"}, requestLogColumns,
 				pgx.CopyFromSlice(len(batch), func(i int) ([]any, error) {
