@@ -1,9 +1,12 @@
 package models
 
 import (
+	"context"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // inBatches runs one bounded delete (at most batch rows) until it deletes
@@ -18,6 +21,30 @@ func inBatches(batch int, deleteOnce func(batch int) (int64, error)) (int64, err
 			return total, err
 		}
 	}
+}
+
+// execSweep runs one statement of a batched sweep and returns the rows it
+// affected. On PostgreSQL it is planned afresh on every run (pgx's
+// cache-describe mode, as the completion batch is): a sweep's DELETE … IN
+// (SELECT … LIMIT ?) cached as a generic plan while its table was small is
+// a hash join over a sequential scan of the whole table, kept as the table
+// grows until an ANALYZE replaces it, and run once per batch.
+func (s *Store) execSweep(ctx context.Context, query string, args ...any) (int64, error) {
+	if !s.isPostgres() {
+		res := s.db.WithContext(ctx).Exec(query, args...)
+		return res.RowsAffected, res.Error
+	}
+	db, err := s.sqlDB()
+	if err != nil {
+		return 0, err
+	}
+	var n int64
+	err = onPgx(ctx, db, func(conn *pgx.Conn) error {
+		tag, err := conn.Exec(ctx, dollarPlaceholders(query), append([]any{pgx.QueryExecModeCacheDescribe}, args...)...)
+		n = tag.RowsAffected()
+		return err
+	})
+	return n, err
 }
 
 // A keyset cursor is a row's position in a newest-first list:

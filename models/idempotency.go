@@ -233,15 +233,19 @@ func (s *Store) MarkIdempotencyReplayed(ctx context.Context, id string) error {
 // SweepIdempotency deletes expired records in batches of at most batch rows,
 // leaving alone attempts still running under a live lease.
 func (s *Store) SweepIdempotency(ctx context.Context, batch int) (int64, error) {
+	// The lease clock, as in sqlNow: the database's on PostgreSQL.
+	now, args := "now()", func(limit int) []any { return []any{StateInProgress, limit} }
+	if !s.isPostgres() {
+		now, args = "?", func(limit int) []any { t := s.now(); return []any{t, StateInProgress, t, limit} }
+	}
+	query := "DELETE FROM idempotency_records WHERE id IN (SELECT id FROM idempotency_records" +
+		" WHERE expires_at < " + now + " AND NOT (state = ? AND locked_until > " + now + ") LIMIT ?)"
 	return inBatches(batch, func(limit int) (int64, error) {
-		now := s.sqlNow(0)
-		sub := s.db.Model(&IdempotencyRecord{}).Select("id").
-			Where("expires_at < ? AND NOT (state = ? AND locked_until > ?)", now, StateInProgress, now).Limit(limit)
-		res := s.db.WithContext(ctx).Where("id IN (?)", sub).Delete(&IdempotencyRecord{})
-		if res.Error != nil {
-			return 0, fmt.Errorf("models: sweep idempotency keys: %w", res.Error)
+		n, err := s.execSweep(ctx, query, args(limit)...)
+		if err != nil {
+			return n, fmt.Errorf("models: sweep idempotency keys: %w", err)
 		}
-		return res.RowsAffected, nil
+		return n, nil
 	})
 }
 

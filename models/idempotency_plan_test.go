@@ -44,9 +44,69 @@ func TestCompletionLooksUpItsRowsWhateverTheTableWasWhenFirstPlanned(t *testing.
 	}
 }
 
+// The sweeps delete in batches, DELETE … WHERE id IN (SELECT … LIMIT n),
+// until a batch comes back short. A generic plan cached while the table was
+// small hash-joined the whole table to each batch, so a sweep of a large
+// table read it once per batch (issue 15). Now a sweep reads the table about
+// once: the batches that find their rows at its front, and the last one,
+// which looks for more.
+func TestSweepReadsTheTableOnceWhateverTheTableWasWhenFirstPlanned(t *testing.T) {
+	s := testdb.Postgres(t, nil)
+	db, err := s.DB().DB()
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.SetMaxOpenConns(1)
+	ctx := context.Background()
+	grow := func(prefix string, n int, expires string) {
+		t.Helper()
+		if _, err := db.Exec(`INSERT INTO idempotency_records (id, client, method, path, idem_key, fingerprint, state,
+			locked_until, created_at, updated_at, expires_at)
+			SELECT $1 || i, 'c', 'POST', '/v1/chat/completions', $1 || i, 'f', 'completed',
+			now(), now(), now(), now() + $2::interval FROM generate_series(1, $3::int) AS i`, prefix, expires, n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Sweeps of a small table, in batches of 2: more than the five runs
+	// after which PostgreSQL may keep a generic plan.
+	for round := range 2 {
+		grow(fmt.Sprintf("small-%d-", round), 10, "-1 day")
+		if n, err := s.SweepIdempotency(ctx, 2); err != nil || n != 10 {
+			t.Fatalf("small sweep: %d deleted, %v", n, err)
+		}
+	}
+	// The table grows, with no ANALYZE in between: expired rows first (the
+	// oldest), then live ones.
+	grow("expired-", 3000, "-1 day")
+	grow("live-", 50000, "1 day")
+	before := seqRowsRead(t, db)
+	if n, err := s.SweepIdempotency(ctx, 1000); err != nil || n != 3000 {
+		t.Fatalf("sweep: %d deleted, %v; want 3000", n, err)
+	}
+	read := seqRowsRead(t, db) - before
+	if read > 60000 {
+		t.Fatalf("the sweep read %d rows of a 53,000-row table in sequential scans, want about one pass", read)
+	}
+	t.Logf("the sweep of 3,000 expired rows read %d rows in sequential scans", read)
+}
+
+// seqRowsRead is the rows sequential scans of idempotency_records returned,
+// as the pool's one backend counted them.
+func seqRowsRead(t *testing.T, db *sql.DB) int64 {
+	t.Helper()
+	return tableStat(t, db, "seq_tup_read")
+}
+
 // seqScans is how often idempotency_records was read whole, as the pool's
 // one backend counted it.
 func seqScans(t *testing.T, db *sql.DB) int64 {
+	t.Helper()
+	return tableStat(t, db, "seq_scan")
+}
+
+// tableStat reads one counter of idempotency_records from
+// pg_stat_user_tables (column: a constant of the callers).
+func tableStat(t *testing.T, db *sql.DB, column string) int64 {
 	t.Helper()
 	ctx := context.Background()
 	conn, err := db.Conn(ctx)
@@ -60,7 +120,7 @@ func seqScans(t *testing.T, db *sql.DB) int64 {
 		t.Fatal(err)
 	}
 	var n int64
-	if err := conn.QueryRowContext(ctx, `SELECT seq_scan FROM pg_stat_user_tables WHERE relid = 'idempotency_records'::regclass`).Scan(&n); err != nil {
+	if err := conn.QueryRowContext(ctx, `SELECT `+column+` FROM pg_stat_user_tables WHERE relid = 'idempotency_records'::regclass`).Scan(&n); err != nil {
 		t.Fatal(err)
 	}
 	return n

@@ -155,11 +155,11 @@ func (s *Store) sweepKVOnce(ctx context.Context, batch int) (int64, error) {
 	if batch <= 0 {
 		batch = kvSweepBatch
 	}
-	res := s.db.WithContext(ctx).Exec(
+	n, err := s.execSweep(ctx,
 		"DELETE FROM kv_store WHERE k IN (SELECT k FROM kv_store WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?)",
 		s.now(), batch)
-	if res.Error != nil {
-		return 0, fmt.Errorf("models: sweep kv store: %w", res.Error)
+	if err != nil {
+		return 0, fmt.Errorf("models: sweep kv store: %w", err)
 	}
-	return res.RowsAffected, nil
+	return n, nil
 }

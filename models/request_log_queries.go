@@ -181,8 +181,5 @@ func (s *Store) deleteInBatches(ctx context.Context, sql string, cutoff any, bat
 	if batchSize <= 0 {
 		batchSize = 1000
 	}
-	return inBatches(batchSize, func(limit int) (int64, error) {
-		res := s.db.WithContext(ctx).Exec(sql, cutoff, limit)
-		return res.RowsAffected, res.Error
-	})
+	return inBatches(batchSize, func(limit int) (int64, error) { return s.execSweep(ctx, sql, cutoff, limit) })
 }
