@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"testing"
 
+	"github.com/openai-idempotent-proxy/proxy/models"
 	"github.com/openai-idempotent-proxy/proxy/models/testdb"
 )
 
@@ -18,23 +19,12 @@ import (
 // a 60 s load). The completion must stay an index lookup whatever was
 // planned before the table grew.
 func TestCompletionLooksUpItsRowsWhateverTheTableWasWhenFirstPlanned(t *testing.T) {
-	s := testdb.Postgres(t, nil)
-	db, err := s.DB().DB()
-	if err != nil {
-		t.Fatal(err)
-	}
-	// One backend runs every statement, so its statistics tell them all.
-	db.SetMaxOpenConns(1)
+	s, db := oneBackend(t)
 	for i := range 10 {
 		claimComplete(t, s, fmt.Sprint("early-", i))
 	}
 	// The table grows with no ANALYZE in between.
-	if _, err := db.Exec(`INSERT INTO idempotency_records (id, client, method, path, idem_key, fingerprint, state,
-		locked_until, created_at, updated_at, expires_at)
-		SELECT 'grown-' || i, 'c', 'POST', '/v1/chat/completions', 'grown-' || i, 'f', 'completed',
-		now(), now(), now(), now() + interval '1 day' FROM generate_series(1, 50000) AS i`); err != nil {
-		t.Fatal(err)
-	}
+	insertKeys(t, db, "grown-", 50000, "1 day")
 	before := seqScans(t, db)
 	for i := range 10 {
 		claimComplete(t, s, fmt.Sprint("late-", i))
@@ -51,34 +41,20 @@ func TestCompletionLooksUpItsRowsWhateverTheTableWasWhenFirstPlanned(t *testing.
 // once: the batches that find their rows at its front, and the last one,
 // which looks for more.
 func TestSweepReadsTheTableOnceWhateverTheTableWasWhenFirstPlanned(t *testing.T) {
-	s := testdb.Postgres(t, nil)
-	db, err := s.DB().DB()
-	if err != nil {
-		t.Fatal(err)
-	}
-	db.SetMaxOpenConns(1)
+	s, db := oneBackend(t)
 	ctx := context.Background()
-	grow := func(prefix string, n int, expires string) {
-		t.Helper()
-		if _, err := db.Exec(`INSERT INTO idempotency_records (id, client, method, path, idem_key, fingerprint, state,
-			locked_until, created_at, updated_at, expires_at)
-			SELECT $1 || i, 'c', 'POST', '/v1/chat/completions', $1 || i, 'f', 'completed',
-			now(), now(), now(), now() + $2::interval FROM generate_series(1, $3::int) AS i`, prefix, expires, n); err != nil {
-			t.Fatal(err)
-		}
-	}
 	// Sweeps of a small table, in batches of 2: more than the five runs
 	// after which PostgreSQL may keep a generic plan.
 	for round := range 2 {
-		grow(fmt.Sprintf("small-%d-", round), 10, "-1 day")
+		insertKeys(t, db, fmt.Sprintf("small-%d-", round), 10, "-1 day")
 		if n, err := s.SweepIdempotency(ctx, 2); err != nil || n != 10 {
 			t.Fatalf("small sweep: %d deleted, %v", n, err)
 		}
 	}
 	// The table grows, with no ANALYZE in between: expired rows first (the
 	// oldest), then live ones.
-	grow("expired-", 3000, "-1 day")
-	grow("live-", 50000, "1 day")
+	insertKeys(t, db, "expired-", 3000, "-1 day")
+	insertKeys(t, db, "live-", 50000, "1 day")
 	before := seqRowsRead(t, db)
 	if n, err := s.SweepIdempotency(ctx, 1000); err != nil || n != 3000 {
 		t.Fatalf("sweep: %d deleted, %v; want 3000", n, err)
@@ -88,6 +64,31 @@ func TestSweepReadsTheTableOnceWhateverTheTableWasWhenFirstPlanned(t *testing.T)
 		t.Fatalf("the sweep read %d rows of a 53,000-row table in sequential scans, want about one pass", read)
 	}
 	t.Logf("the sweep of 3,000 expired rows read %d rows in sequential scans", read)
+}
+
+// oneBackend is a PostgreSQL store whose pool holds one connection: one
+// backend runs every statement, so its statistics tell them all.
+func oneBackend(t *testing.T) (*models.Store, *sql.DB) {
+	t.Helper()
+	s := testdb.Postgres(t, nil)
+	db, err := s.DB().DB()
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.SetMaxOpenConns(1)
+	return s, db
+}
+
+// insertKeys adds n completed keys named prefix1… that expire in expires
+// (an interval: "1 day", "-1 day"), straight into the table.
+func insertKeys(t *testing.T, db *sql.DB, prefix string, n int, expires string) {
+	t.Helper()
+	if _, err := db.Exec(`INSERT INTO idempotency_records (id, client, method, path, idem_key, fingerprint, state,
+		locked_until, created_at, updated_at, expires_at)
+		SELECT $1 || i, 'c', 'POST', '/v1/chat/completions', $1 || i, 'f', 'completed',
+		now(), now(), now(), now() + $2::interval FROM generate_series(1, $3::int) AS i`, prefix, expires, n); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // seqRowsRead is the rows sequential scans of idempotency_records returned,
