@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"gorm.io/gorm"
@@ -233,15 +234,12 @@ func (s *Store) MarkIdempotencyReplayed(ctx context.Context, id string) error {
 // SweepIdempotency deletes expired records in batches of at most batch rows,
 // leaving alone attempts still running under a live lease.
 func (s *Store) SweepIdempotency(ctx context.Context, batch int) (int64, error) {
-	// The lease clock, as in sqlNow: the database's on PostgreSQL.
-	now, args := "now()", func(limit int) []any { return []any{StateInProgress, limit} }
-	if !s.isPostgres() {
-		now, args = "?", func(limit int) []any { t := s.now(); return []any{t, StateInProgress, t, limit} }
-	}
-	query := "DELETE FROM idempotency_records WHERE id IN (SELECT id FROM idempotency_records" +
-		" WHERE expires_at < " + now + " AND NOT (state = ? AND locked_until > " + now + ") LIMIT ?)"
 	return inBatches(batch, func(limit int) (int64, error) {
-		n, err := s.execSweep(ctx, query, args(limit)...)
+		now := s.sqlNow(0) // the lease clock: now() on PostgreSQL, a bound time on SQLite
+		query := "DELETE FROM idempotency_records WHERE id IN (SELECT id FROM idempotency_records" +
+			" WHERE expires_at < " + now.SQL + " AND NOT (state = ? AND locked_until > " + now.SQL + ") LIMIT ?)"
+		args := slices.Concat(now.Vars, []any{StateInProgress}, now.Vars, []any{limit})
+		n, err := s.execSweep(ctx, query, args...)
 		if err != nil {
 			return n, fmt.Errorf("models: sweep idempotency keys: %w", err)
 		}
