@@ -24,7 +24,9 @@ package soak
 // -d). The proxy's Go runtime runs with GODEBUG=asyncpreemptoff=1: the
 // signals of asynchronous preemption trip valgrind 3.19 (an assertion in
 // its signal handling). It skips without valgrind or nginx (Debian:
-// apt-get install -y valgrind nginx).
+// apt-get install -y valgrind nginx). SOAK_CG_DIR=<dir> keeps the dumps
+// there (named after the run's process and pid), to read with
+// callgrind_annotate --inclusive=yes.
 
 import (
 	"bufio"
@@ -58,7 +60,12 @@ func TestInstructionsBesideNginx(t *testing.T) {
 	dbURL := testdb.PostgresURL(t)
 	up := newUpstream(t, "cg-")
 	bin := buildProxy(t)
-	outDir := t.TempDir()
+	outDir := os.Getenv("SOAK_CG_DIR")
+	if outDir == "" {
+		outDir = t.TempDir()
+	} else if err := os.MkdirAll(outDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	callgrind := func(name string) []string {
 		return []string{"valgrind", "--tool=callgrind", "--callgrind-out-file=" + filepath.Join(outDir, name+".%p")}
 	}
@@ -84,7 +91,11 @@ func TestInstructionsBesideNginx(t *testing.T) {
 		send(t, c, fmt.Sprintf("cg-run-%d-", i), requests, conns, run.keyed)
 		callgrindControl(t, "-d", run.pid)
 		c.closeIdle()
-		perRequest[i] = float64(lastDumpTotal(t, outDir, run.pid)) / float64(requests)
+		total, dump := lastDump(t, outDir, run.pid)
+		perRequest[i] = float64(total) / float64(requests)
+		if os.Getenv("SOAK_CG_DIR") != "" {
+			t.Logf("%s: %s", run.name, dump)
+		}
 	}
 
 	var b strings.Builder
@@ -132,12 +143,11 @@ func callgrindControl(t *testing.T, action string, pid int) {
 	}
 }
 
-// lastDumpTotal reads the instruction total of the process's latest dump
-// (callgrind numbers them <name>.<pid>.1, .2, …), once callgrind has
+// lastDump finds the process's latest dump (callgrind numbers them
+// <name>.<pid>.1, .2, …) and its instruction total, once callgrind has
 // written it.
-func lastDumpTotal(t *testing.T, dir string, pid int) int64 {
+func lastDump(t *testing.T, dir string, pid int) (total int64, path string) {
 	t.Helper()
-	var total int64
 	apptest.Eventually(t, 30*time.Second, func() bool {
 		files, _ := filepath.Glob(filepath.Join(dir, fmt.Sprintf("*.%d.*", pid)))
 		last, lastN := "", 0
@@ -146,10 +156,10 @@ func lastDumpTotal(t *testing.T, dir string, pid int) int64 {
 				last, lastN = f, n
 			}
 		}
-		total = dumpTotal(last)
+		total, path = dumpTotal(last), last
 		return total > 0
 	}, "no callgrind dump for pid %d in %s", pid, dir)
-	return total
+	return total, path
 }
 
 // dumpTotal is the "totals:" line of a callgrind dump, 0 until it is
