@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
 )
 
 // The two statements every keyed request runs, the claim's INSERT and the
@@ -114,17 +115,23 @@ func inKeyOrder(calls []heldBy) []int {
 // writtenRows runs a batch statement that returns the key id and owner of
 // each row it wrote, and reports for each call whether its row was. It
 // runs on pgx itself (onPgx): database/sql's row scanning cost more
-// allocations than the statement (issue 15).
+// allocations than the statement (issue 15). The returned values are
+// read in pgx's buffer (pgtype.DriverBytes) and matched against the calls
+// there, as a batch holds at most batchMax of them.
 func writtenRows(ctx context.Context, db *sql.DB, calls []heldBy, query string, args ...any) ([]bool, error) {
-	written := make(map[heldBy]bool, len(calls))
+	written := make([]bool, len(calls))
 	err := onPgx(ctx, db, func(conn *pgx.Conn) error {
 		rows, err := conn.Query(ctx, query, args...)
 		if err != nil {
 			return err
 		}
-		var row heldBy
-		_, err = pgx.ForEachRow(rows, []any{&row.id, &row.owner}, func() error {
-			written[row] = true
+		var id, owner pgtype.DriverBytes
+		_, err = pgx.ForEachRow(rows, []any{&id, &owner}, func() error {
+			for i, c := range calls {
+				if c.id == string(id) && c.owner == string(owner) {
+					written[i] = true
+				}
+			}
 			return nil
 		})
 		return err
@@ -132,11 +139,7 @@ func writtenRows(ctx context.Context, db *sql.DB, calls []heldBy, query string, 
 	if err != nil {
 		return nil, err
 	}
-	out := make([]bool, len(calls))
-	for i, c := range calls {
-		out[i] = written[c]
-	}
-	return out, nil
+	return written, nil
 }
 
 func claimBatch(ctx context.Context, db *sql.DB, rs []ClaimRequest) ([]bool, error) {
@@ -145,12 +148,14 @@ func claimBatch(ctx context.Context, db *sql.DB, rs []ClaimRequest) ([]bool, err
 	for i, r := range rs {
 		calls[i] = heldBy{r.ID, r.Owner}
 	}
-	ids, clients, methods, paths, keys, prints, owners := make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
-	streams, leases, ttls := make([]bool, n), make([]int64, n), make([]int64, n)
+	text, ints, streams := columns[pgText](7, n), columns[pgInt8](2, n), make(column[pgBool], n)
+	ids, clients, methods, paths, keys, prints, owners := text[0], text[1], text[2], text[3], text[4], text[5], text[6]
+	leases, ttls := ints[0], ints[1]
 	for j, i := range inKeyOrder(calls) {
 		r := rs[i]
-		ids[j], clients[j], methods[j], paths[j], keys[j], prints[j], owners[j] = r.ID, r.Client, r.Method, r.Path, r.Key, r.Fingerprint, r.Owner
-		streams[j], leases[j], ttls[j] = r.Stream, r.Lease.Microseconds(), r.TTL.Microseconds()
+		ids[j], clients[j], methods[j], paths[j] = pgText(r.ID), pgText(r.Client), pgText(r.Method), pgText(r.Path)
+		keys[j], prints[j], owners[j] = pgText(r.Key), pgText(r.Fingerprint), pgText(r.Owner)
+		streams[j], leases[j], ttls[j] = pgBool(r.Stream), pgInt8(r.Lease.Microseconds()), pgInt8(r.TTL.Microseconds())
 	}
 	return writtenRows(ctx, db, calls, claimInsertPostgres,
 		ids, clients, methods, paths, keys, prints, owners, streams, leases, ttls, StateInProgress)
@@ -162,14 +167,15 @@ func completeBatch(ctx context.Context, db *sql.DB, cs []completion) ([]bool, er
 	for i, c := range cs {
 		calls[i] = heldBy{c.id, c.owner}
 	}
-	ids, owners, headers := make([]string, n), make([]string, n), make([]string, n)
-	statuses, bodies, sizes := make([]int32, n), make([][]byte, n), make([]int64, n)
-	streams, replayables, ttls := make([]bool, n), make([]bool, n), make([]int64, n)
+	text, ints, flags, bodies := columns[pgText](3, n), columns[pgInt8](3, n), columns[pgBool](2, n), make(column[pgBytea], n)
+	ids, owners, headers := text[0], text[1], text[2]
+	statuses, sizes, ttls := ints[0], ints[1], ints[2]
+	streams, replayables := flags[0], flags[1]
 	for j, i := range inKeyOrder(calls) {
 		c := cs[i]
-		ids[j], owners[j], headers[j] = c.id, c.owner, c.Headers
-		statuses[j], bodies[j], sizes[j] = int32(c.Status), c.Body, c.BodySize
-		streams[j], replayables[j], ttls[j] = c.Stream, c.Replayable, c.ttl.Microseconds()
+		ids[j], owners[j], headers[j] = pgText(c.id), pgText(c.owner), pgText(c.Headers)
+		statuses[j], bodies[j], sizes[j] = pgInt8(c.Status), c.Body, pgInt8(c.BodySize)
+		streams[j], replayables[j], ttls[j] = pgBool(c.Stream), pgBool(c.Replayable), pgInt8(c.ttl.Microseconds())
 	}
 	// Planned afresh on every run (pgx's cache-describe mode: one round
 	// trip, no cached plan). A plan cached while the table was nearly empty

@@ -409,6 +409,36 @@ func TestLogWriterFlushesOnInterval(t *testing.T) {
 	})
 }
 
+// TestLogWriterStoresEveryField reads a record back whole: each field has
+// its own value (integers above 255, text with quotes and non-ASCII), so a
+// column written from the wrong field, or a value lost on the way to the
+// database, shows.
+func TestLogWriterStoresEveryField(t *testing.T) {
+	testdb.Each(t, fixedNow(base), func(t *testing.T, s *models.Store) {
+		want := models.RequestLog{
+			CreatedAt: base.Add(-time.Minute).Add(123456 * time.Microsecond), Client: "client \"a\"", Method: "POST",
+			Path: "/v1/responses", Model: "gpt-4o-mini", Stream: true, Status: 502, Outcome: models.OutcomeUpstreamError,
+			DurationMs: 1001, TTFBMs: 1002, RequestBytes: 1003, ResponseBytes: 1004,
+			PromptTokens: 1005, CompletionTokens: 1006, TotalTokens: 2011, CachedTokens: 1007, ReasoningTokens: 1008,
+			CostMicros: 1009, UpstreamRequestID: "req_\\1", IdempotencyKey: "clé-1", Error: "upstream_cut: {\"x\"}",
+			ClientIP: "203.0.113.9", UserAgent: "agent/1.0 ☃",
+		}
+		writeAll(t, s, []models.RequestLog{want})
+		page, err := s.ListRequestLogs(context.Background(), models.LogFilter{})
+		if err != nil || len(page.Logs) != 1 {
+			t.Fatalf("list: %v, %d rows", err, len(page.Logs))
+		}
+		got := page.Logs[0]
+		if !got.CreatedAt.Equal(want.CreatedAt) {
+			t.Errorf("created_at %v, want %v", got.CreatedAt, want.CreatedAt)
+		}
+		got.ID, got.CreatedAt = 0, want.CreatedAt
+		if got != want {
+			t.Errorf("read back\n%+v\nwant\n%+v", got, want)
+		}
+	})
+}
+
 func TestLogWriterStoresHostileText(t *testing.T) {
 	testdb.Each(t, fixedNow(base), func(t *testing.T, s *models.Store) {
 		r := loadRecord(1)

@@ -20,7 +20,8 @@ import (
 // same transaction.
 
 // requestLogColumns are the columns a batch writes, in the order of
-// requestLogValues: every column of RequestLog but the generated id.
+// appendRequestLogValues and requestLogPointers: every column of
+// RequestLog but the generated id.
 var requestLogColumns = []string{
 	"created_at", "client", "method", "path", "model", "stream", "status", "outcome",
 	"duration_ms", "ttfb_ms", "request_bytes", "response_bytes",
@@ -28,13 +29,28 @@ var requestLogColumns = []string{
 	"upstream_request_id", "idempotency_key", "error", "client_ip", "user_agent",
 }
 
-// appendRequestLogValues appends r's values in requestLogColumns order.
+// appendRequestLogValues appends r's values in requestLogColumns order,
+// for database/sql (SQLite).
 func appendRequestLogValues(dst []any, r *RequestLog) []any {
 	return append(dst,
 		r.CreatedAt, r.Client, r.Method, r.Path, r.Model, r.Stream, r.Status, r.Outcome,
 		r.DurationMs, r.TTFBMs, r.RequestBytes, r.ResponseBytes,
 		r.PromptTokens, r.CompletionTokens, r.TotalTokens, r.CachedTokens, r.ReasoningTokens, r.CostMicros,
 		r.UpstreamRequestID, r.IdempotencyKey, r.Error, r.ClientIP, r.UserAgent)
+}
+
+// requestLogPointers appends pointers to r's values in requestLogColumns
+// order, for pgx's COPY: the values themselves would each be copied to
+// the heap on the way (pgvalues.go).
+func requestLogPointers(dst []any, r *RequestLog) []any {
+	return append(dst,
+		(*pgTime)(&r.CreatedAt), (*pgText)(&r.Client), (*pgText)(&r.Method), (*pgText)(&r.Path), (*pgText)(&r.Model),
+		(*pgBool)(&r.Stream), (*pgInt)(&r.Status), (*pgText)(&r.Outcome),
+		(*pgInt8)(&r.DurationMs), (*pgInt8)(&r.TTFBMs), (*pgInt8)(&r.RequestBytes), (*pgInt8)(&r.ResponseBytes),
+		(*pgInt8)(&r.PromptTokens), (*pgInt8)(&r.CompletionTokens), (*pgInt8)(&r.TotalTokens),
+		(*pgInt8)(&r.CachedTokens), (*pgInt8)(&r.ReasoningTokens), (*pgInt8)(&r.CostMicros),
+		(*pgText)(&r.UpstreamRequestID), (*pgText)(&r.IdempotencyKey), (*pgText)(&r.Error),
+		(*pgText)(&r.ClientIP), (*pgText)(&r.UserAgent))
 }
 
 // insertRequestLogs writes a batch and its roll-ups in one transaction, so
@@ -84,7 +100,7 @@ func copyRequestLogs(ctx context.Context, db *sql.DB, batch []RequestLog, rollup
 			row := make([]any, 0, len(requestLogColumns))
 			n, err := tx.CopyFrom(ctx, pgx.Identifier{"request_logs"}, requestLogColumns,
 				pgx.CopyFromSlice(len(batch), func(i int) ([]any, error) {
-					row = appendRequestLogValues(row[:0], &batch[i])
+					row = requestLogPointers(row[:0], &batch[i])
 					return row, nil
 				}))
 			if err != nil {
