@@ -40,12 +40,15 @@ type exchange struct {
 	outcome   string // preset by errors; empty means judge at finish
 	errText   string
 	sse, json bool
-	encoding  string
-	headersAt time.Time
-	firstByte time.Time
-	respBytes int64
-	stream    usage.Stream
-	tail      []byte // last bytes of a JSON body, for usage
+	// closeDelimited: the body ends where upstream closes the connection
+	// (no Content-Length, not chunked), so a cut looks like an end.
+	closeDelimited bool
+	encoding       string
+	headersAt      time.Time
+	firstByte      time.Time
+	respBytes      int64
+	stream         usage.Stream
+	tail           []byte // last bytes of a JSON body, for usage
 
 	// usageAsked: the proxy asked upstream for this stream's usage;
 	// usageHidden: it is hidden from what the client gets, and stream is
@@ -115,6 +118,7 @@ func (ex *exchange) onHeaders(h *fasthttp.ResponseHeader) {
 	mt = bytes.TrimSpace(mt)
 	ex.sse = bytes.EqualFold(mt, []byte("text/event-stream"))
 	ex.json = bytes.EqualFold(mt, []byte("application/json"))
+	ex.closeDelimited = h.ContentLength() == -2 // fasthttp: -1 chunked, -2 read to the close
 	if ex.sse {
 		ex.rec.Stream = true
 		ex.out.metrics.streamStarted()
@@ -190,7 +194,7 @@ func (ex *exchange) settleClaim(complete bool, err error) {
 		cl.release(releaseReason(err))
 	case ex.sse && !ex.stream.Terminal():
 		cl.release("stream_incomplete")
-	case ex.json && !completeJSON(cl.capture, ex.encoding):
+	case ex.json && ex.closeDelimited && !completeJSON(cl.capture, ex.encoding):
 		cl.release("body_incomplete")
 	default:
 		completion.Body, completion.Replayable = cl.capture, true

@@ -233,8 +233,10 @@ const maxJSONCheck = 64 << 20
 
 // completeJSON tells whether a captured JSON body is whole. A body framed
 // by closing the connection (no Content-Length, not chunked) and cut
-// mid-way looks complete to the transport; it is not valid JSON. Codings
-// other than gzip cannot be checked here and pass.
+// mid-way looks complete to the transport; it is not valid JSON. Only such
+// bodies are checked: a cut in a body with a length or chunks is an error
+// the transport reports, and a whole body is stored as it came, JSON or
+// not. Codings other than gzip cannot be checked here and pass.
 func completeJSON(body []byte, encoding string) bool {
 	switch encoding {
 	case "", "identity":

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/textproto"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -725,6 +726,29 @@ func TestCutCloseDelimitedJSONIsNeverReplayed(t *testing.T) {
 	}
 	if n := calls(); n != 2 {
 		t.Fatalf("upstream calls = %d, want 2", n)
+	}
+}
+
+// TestWholeJSONIsStoredAsItCame: a JSON 200 with a Content-Length that
+// arrived whole is the upstream's answer even when it does not parse (a
+// buggy server, a body cut before it was framed): the retry replays it,
+// and the call runs once. Only a body framed by the close is checked.
+func TestWholeJSONIsStoredAsItCame(t *testing.T) {
+	const body = `{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,`
+	upURL, calls := rawUpstream(t, func(int) string {
+		return "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " + strconv.Itoa(len(body)) +
+			"\r\nConnection: close\r\n\r\n" + body
+	})
+	px := apptest.Start(t, upURL, nil)
+	url := px.URL + "/v1/chat/completions"
+	if first := keyed(t, url, apptest.ClientKey, "whole-json", chatBody, nil); first.status != 200 || string(first.body) != body {
+		t.Fatalf("first answer: %d %s", first.status, first.body)
+	}
+	if again := keyed(t, url, apptest.ClientKey, "whole-json", chatBody, nil); !again.replayed || string(again.body) != body {
+		t.Fatalf("retry: replayed=%v %s", again.replayed, again.body)
+	}
+	if n := calls(); n != 1 {
+		t.Fatalf("upstream calls = %d, want 1", n)
 	}
 }
 
