@@ -26,8 +26,9 @@ type claims struct {
 	sink    LogSink // for the rows of attempts a shutdown cuts; nil: none
 	// background counts writes retried after their request ended, and
 	// keyed responses read to their end without their client.
-	background *sync.WaitGroup
-	warn       *rate.Sometimes
+	background   *sync.WaitGroup
+	warn         *rate.Sometimes
+	writeTimeout sharedTimeout // bounds each try of persist
 
 	mu      sync.Mutex
 	running map[*claim]struct{}
@@ -379,11 +380,7 @@ func (s *claims) persist(what string, write func(ctx context.Context) error, don
 	if done == nil {
 		done = func() {}
 	}
-	try := func() error {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		return write(ctx)
-	}
+	try := func() error { return write(s.writeTimeout.context()) }
 	err := try()
 	if err == nil || errors.Is(err, models.ErrLeaseLost) {
 		done()

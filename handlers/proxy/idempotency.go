@@ -80,13 +80,11 @@ func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
 		}
 	}()
 	for tries := 0; ; tries++ {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		claimed, rec, err := p.idem.ClaimIdempotency(ctx, models.ClaimRequest{
+		claimed, rec, err := p.idem.ClaimIdempotency(p.claimTimeout.context(), models.ClaimRequest{
 			ID: id, Client: ex.rec.Client, Method: ex.rec.Method, Path: p.out.mask.String(ex.rec.Path), Key: p.out.mask.String(key),
 			Fingerprint: fingerprint, Owner: owner, Stream: ex.rec.Stream,
 			Lease: p.cfg.IdempotencyLease, TTL: p.cfg.IdempotencyTTL,
 		})
-		cancel()
 		switch {
 		case err != nil:
 			p.warnSometimes.Do(func() { p.out.logger.Warn("idempotency store unavailable", "error", err.Error()) })

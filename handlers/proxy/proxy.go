@@ -75,6 +75,7 @@ type Proxy struct {
 	background sync.WaitGroup
 	// warnSometimes keeps a database outage from flooding the log.
 	warnSometimes rate.Sometimes
+	claimTimeout  sharedTimeout      // bounds each claim of a key
 	stop          context.CancelFunc // ends the relay's listener
 }
 
@@ -97,11 +98,13 @@ func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, 
 		bearer:        "Bearer " + cfg.UpstreamAPIKey,
 		idem:          idem,
 		warnSometimes: rate.Sometimes{Interval: time.Second},
+		claimTimeout:  sharedTimeout{d: 5 * time.Second},
 		buffers:       newBufferBudget(cmp.Or(cfg.BufferMemoryLimit, 1<<62)),
 		out:           recorder{sink: sink, metrics: m, logger: logger, mask: scrub.New(append([]string{cfg.UpstreamAPIKey}, cfg.Secrets...)...)},
 	}
 	p.claims = claims{store: idem, ttl: cfg.IdempotencyTTL, lease: cfg.IdempotencyLease, maxBody: cfg.IdempotencyMaxBody,
-		buffers: p.buffers, metrics: m, logger: logger, sink: sink, background: &p.background, warn: &p.warnSometimes}
+		buffers: p.buffers, metrics: m, logger: logger, sink: sink, background: &p.background, warn: &p.warnSometimes,
+		writeTimeout: sharedTimeout{d: 2 * time.Second}}
 	m.bufferBytes(p.buffers)
 	var ctx context.Context
 	ctx, p.stop = context.WithCancel(context.Background())
