@@ -3,15 +3,16 @@ package proxy
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"log/slog"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
+	"github.com/tidwall/gjson"
 	"github.com/valyala/fasthttp"
 
 	"github.com/openai-idempotent-proxy/proxy/handlers"
@@ -341,11 +342,26 @@ func releaseReason(err error) string {
 	return "upstream_error"
 }
 
-// storedHeaders encodes the allow-listed headers for the record.
+// storedHeaders encodes the allow-listed headers for the record: a JSON
+// object, keys in order as encoding/json writes a map, each string escaped
+// by gjson, whose decoded value is encoding/json's (invalid UTF-8 becomes
+// U+FFFD). json.Marshal's reflection over the map cost 2.8% of a keyed
+// request's CPU (issue 15).
 func storedHeaders(h map[string]string) string {
-	b, err := json.Marshal(h)
-	if err != nil {
-		return "{}"
+	keys := make([]string, 0, len(h))
+	for k := range h {
+		keys = append(keys, k)
 	}
-	return string(b)
+	slices.Sort(keys)
+	var buf [512]byte
+	b := append(buf[:0], '{')
+	for i, k := range keys {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = gjson.AppendJSONString(b, k)
+		b = append(b, ':')
+		b = gjson.AppendJSONString(b, h[k])
+	}
+	return string(append(b, '}'))
 }

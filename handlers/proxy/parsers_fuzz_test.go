@@ -3,9 +3,12 @@ package proxy
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/json"
+	"maps"
 	"mime/multipart"
 	"strings"
 	"testing"
+	"unicode/utf8"
 )
 
 // FuzzIdempotencyKey: a key is accepted only as 1–255 printable ASCII
@@ -95,6 +98,37 @@ func FuzzMultipartFingerprint(f *testing.F) {
 		z, ctZ := multipartBody(b2, changed)
 		if fingerprint(x, ctX) == fingerprint(z, ctZ) {
 			t.Fatal("a changed part gave the same fingerprint")
+		}
+	})
+}
+
+// FuzzStoredHeaders: the stored headers decode, with encoding/json, to
+// what json.Marshal of the same map decodes to (invalid UTF-8 included),
+// and are byte for byte json.Marshal's when the strings are valid UTF-8.
+func FuzzStoredHeaders(f *testing.F) {
+	f.Add("Content-Type", "application/json", "Openai-Processing-Ms", "12")
+	f.Add("X-A", "<b>&\"\\\n\t\x01\u2028", "X-B", "bad\xff\xfe")
+	f.Add("", "", "é", "☃")
+	f.Fuzz(func(t *testing.T, k1, v1, k2, v2 string) {
+		h := map[string]string{k1: v1, k2: v2}
+		got := storedHeaders(h)
+		want, err := json.Marshal(h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var gotMap, wantMap map[string]string
+		if err := json.Unmarshal([]byte(got), &gotMap); err != nil {
+			t.Fatalf("stored headers %q do not decode: %v", got, err)
+		}
+		if err := json.Unmarshal(want, &wantMap); err != nil {
+			t.Fatal(err)
+		}
+		if !maps.Equal(gotMap, wantMap) {
+			t.Fatalf("stored %q decodes to %q, json.Marshal's to %q", got, gotMap, wantMap)
+		}
+		valid := utf8.ValidString(k1) && utf8.ValidString(v1) && utf8.ValidString(k2) && utf8.ValidString(v2)
+		if valid && got != string(want) {
+			t.Fatalf("stored %q, json.Marshal %q", got, want)
 		}
 	})
 }
