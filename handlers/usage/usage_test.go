@@ -48,6 +48,11 @@ func TestFromJSONAndTail(t *testing.T) {
 	if u, ok := FromTail([]byte(body[30:])); !ok || u.TotalTokens != 8 {
 		t.Fatalf("FromTail: %+v %v", u, ok)
 	}
+	// The last "usage" is the body's own; an earlier one is some field's.
+	twice := `{"metadata":{"usage":{"total_tokens":99}},"usage":{"prompt_tokens":3,"total_tokens":3}}`
+	if u, ok := FromTail([]byte(twice)); !ok || u.TotalTokens != 3 {
+		t.Fatalf("FromTail with two usage keys: %+v %v", u, ok)
+	}
 	resp := `{"id":"resp_1","output":[],"usage":{"input_tokens":4,"output_tokens":6,"total_tokens":10,"output_tokens_details":{"reasoning_tokens":2}}}`
 	if u, ok := FromJSON([]byte(resp)); !ok || u != (Usage{4, 6, 10, 0, 2, 0, 0}) {
 		t.Fatalf("responses: %+v", u)
@@ -97,6 +102,18 @@ func BenchmarkFromJSON(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		if u, ok := FromJSON(body); !ok || u.TotalTokens != 18 {
+			b.Fatal(u)
+		}
+	}
+}
+
+// BenchmarkFromTail reads the usage of a small chat completion from its
+// last bytes, as the proxy does for every unkeyed JSON answer.
+func BenchmarkFromTail(b *testing.B) {
+	body := []byte(`{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"finish_reason":"stop","message":{"role":"assistant","content":"Hello! How can I help you today?","refusal":null}}],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18,"prompt_tokens_details":{"cached_tokens":3,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":2,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},"service_tier":"default","system_fingerprint":"fp_1"}`)
+	b.ReportAllocs()
+	for b.Loop() {
+		if u, ok := FromTail(body); !ok || u.TotalTokens != 18 {
 			b.Fatal(u)
 		}
 	}
