@@ -95,26 +95,19 @@ func FuzzStreamChunking(f *testing.F) {
 	})
 }
 
-// BenchmarkFromJSON reads the usage of a small chat completion, as the
-// proxy does for every JSON answer.
-func BenchmarkFromJSON(b *testing.B) {
+// BenchmarkUsage reads the usage of a small chat completion: whole, as
+// the proxy does for a keyed JSON answer, and from its last bytes, as it
+// does for an unkeyed one.
+func BenchmarkUsage(b *testing.B) {
 	body := []byte(`{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"finish_reason":"stop","message":{"role":"assistant","content":"Hello! How can I help you today?","refusal":null}}],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18,"prompt_tokens_details":{"cached_tokens":3,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":2,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},"service_tier":"default","system_fingerprint":"fp_1"}`)
-	b.ReportAllocs()
-	for b.Loop() {
-		if u, ok := FromJSON(body); !ok || u.TotalTokens != 18 {
-			b.Fatal(u)
-		}
-	}
-}
-
-// BenchmarkFromTail reads the usage of a small chat completion from its
-// last bytes, as the proxy does for every unkeyed JSON answer.
-func BenchmarkFromTail(b *testing.B) {
-	body := []byte(`{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"finish_reason":"stop","message":{"role":"assistant","content":"Hello! How can I help you today?","refusal":null}}],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18,"prompt_tokens_details":{"cached_tokens":3,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":2,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},"service_tier":"default","system_fingerprint":"fp_1"}`)
-	b.ReportAllocs()
-	for b.Loop() {
-		if u, ok := FromTail(body); !ok || u.TotalTokens != 18 {
-			b.Fatal(u)
-		}
+	for name, read := range map[string]func([]byte) (Usage, bool){"FromJSON": FromJSON, "FromTail": FromTail} {
+		b.Run(name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if u, ok := read(body); !ok || u.TotalTokens != 18 {
+					b.Fatal(u)
+				}
+			}
+		})
 	}
 }
