@@ -12,9 +12,9 @@ import (
 // elements) as an interface value, and a string, a slice, a time or an
 // integer above 255 put into one is first copied to the heap: about ten
 // allocations per request-log row and fifteen per keyed request's batch
-// rows (issue 15). A pointer fits in an interface as it is. These types
-// are pointers into the caller's own values, which pgx's codecs read
-// through their Valuer interfaces (pgtype.TextValuer and friends), so
+// rows (issue 15). A pointer fits in an interface as it is. Pointers to
+// these types point into the caller's own values, and pgx's codecs read
+// them through their Valuer interfaces (pgtype.TextValuer and friends), so
 // nothing is copied. A plain *string would not do: pgx dereferences it
 // into an interface again.
 type (

@@ -9,9 +9,9 @@ import (
 // sharedTimeout hands out contexts that end between d - d/64 and d after
 // they are asked for: the calls of one d/64 share a context, and with it
 // its timer. A keyed request bounds its claim and its completion this way;
-// a context and timer of each's own cost about 3% of a keyed request's CPU
-// (issue 15). Nothing ends them early: each ends at its deadline, when its
-// timer lets it go.
+// a context and a timer for every call cost about 3% of a keyed request's
+// CPU (issue 15). Nothing ends them early: each ends at its deadline, when
+// its timer lets it go.
 type sharedTimeout struct {
 	d time.Duration
 
