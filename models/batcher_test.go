@@ -80,7 +80,7 @@ func callAll(t *testing.T, b *models.IntBatcher, f *fakeStatement, ins ...int) [
 
 func TestBatcherJoinsTheCallsQueuedWhileItsWorkerIsBusy(t *testing.T) {
 	f := newGatedStatement()
-	b := models.NewIntBatcher(1, nil, 0, f.run)
+	b := models.NewIntBatcher(1, 0, nil, 0, f.run)
 	defer b.Close()
 	results := callAll(t, b, f, 0, 1, 2, 3, 4, 5)
 	if got := f.ran(); len(got) != 2 || !slices.Equal(got[1], []int{1, 2, 3, 4, 5}) {
@@ -93,9 +93,67 @@ func TestBatcherJoinsTheCallsQueuedWhileItsWorkerIsBusy(t *testing.T) {
 	}
 }
 
+// TestBatcherWorkersTakeTurns: with two workers, a call taken while the
+// other's statement runs waits for it, and the calls that queue meanwhile
+// join its batch: the batches of one worker, not one per call.
+func TestBatcherWorkersTakeTurns(t *testing.T) {
+	f := newGatedStatement()
+	b := models.NewIntBatcher(2, time.Minute, nil, 0, f.run)
+	defer b.Close()
+	var wg sync.WaitGroup
+	call := func(in int) {
+		wg.Go(func() {
+			if out, err := b.Do(context.Background(), in); err != nil || out != 2*in {
+				t.Errorf("call %d: %d, %v", in, out, err)
+			}
+		})
+	}
+	call(0)
+	<-f.started
+	for in := 1; in <= 5; in++ {
+		call(in)
+	}
+	// One call is in the second worker's hand, the others queue behind it.
+	apptest.Eventually(t, 5*time.Second, func() bool { return b.Queued() == 4 }, "four calls queued behind the waiting worker")
+	close(f.gate)
+	wg.Wait()
+	// The waiting worker's batch takes the queue; the first worker, its turn
+	// over, may have taken one call of it first and run it next.
+	got := f.ran()
+	if len(got) < 2 || len(got) > 3 || len(got[1]) < 4 || len(slices.Concat(got...)) != 6 {
+		t.Fatalf("batches %v, want call 0 alone, then the five that came while it ran in one or two", got)
+	}
+}
+
+// TestBatcherRunsBesideAStatementKeptWaiting: past its patience, the
+// second worker runs its batch while the first's statement still waits.
+func TestBatcherRunsBesideAStatementKeptWaiting(t *testing.T) {
+	f := newGatedStatement()
+	b := models.NewIntBatcher(2, 10*time.Millisecond, nil, 0, f.run)
+	defer b.Close()
+	first := make(chan error, 1)
+	go func() {
+		_, err := b.Do(context.Background(), 0)
+		first <- err
+	}()
+	<-f.started
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if out, err := b.Do(ctx, 1); err != nil || out != 2 {
+		t.Fatalf("call beside a waiting statement: %d, %v", out, err)
+	}
+	close(f.gate)
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	if got := f.ran(); len(got) != 2 || !slices.Equal(got[1], []int{1}) {
+		t.Fatalf("batches %v, want call 0, then call 1 beside it", got)
+	}
+}
+
 func TestBatcherStopsTakingCallsAtItsSize(t *testing.T) {
 	f := newGatedStatement()
-	b := models.NewIntBatcher(1, func(in int) int { return in }, 10, f.run)
+	b := models.NewIntBatcher(1, 0, func(in int) int { return in }, 10, f.run)
 	defer b.Close()
 	callAll(t, b, f, 1, 6, 5, 4)
 	// 6 + 5 reach the size of 10: that batch takes no more, and 4 waits.
@@ -106,7 +164,7 @@ func TestBatcherStopsTakingCallsAtItsSize(t *testing.T) {
 
 func TestBatcherRunsARefusedBatchCallByCall(t *testing.T) {
 	f := &fakeStatement{}
-	b := models.NewIntBatcher(0, nil, 0, f.run) // no worker: RunBatch alone
+	b := models.NewIntBatcher(0, 0, nil, 0, f.run) // no worker: RunBatch alone
 	outs, errs := b.RunBatch([]int{3, -1, 4})
 	if got := f.ran(); len(got) != 4 {
 		t.Fatalf("statements %v, want the batch, then each call alone", got)
@@ -122,7 +180,7 @@ func TestBatcherRunsARefusedBatchCallByCall(t *testing.T) {
 
 func TestBatcherLeavesOutCallsWhoseCallerHasGone(t *testing.T) {
 	f := &fakeStatement{}
-	b := models.NewIntBatcher(0, nil, 0, f.run)
+	b := models.NewIntBatcher(0, 0, nil, 0, f.run)
 	gone, cancel := context.WithCancel(context.Background())
 	cancel()
 	outs, errs := b.RunBatch([]int{1, 2, 3}, nil, gone, nil)
@@ -137,7 +195,7 @@ func TestBatcherLeavesOutCallsWhoseCallerHasGone(t *testing.T) {
 func TestBatcherFailsAllAtOnceWhenTheDatabaseIsAway(t *testing.T) {
 	var statements int
 	down := errors.New("dial tcp: connection refused")
-	b := models.NewIntBatcher(0, nil, 0, func(context.Context, []int) ([]int, error) {
+	b := models.NewIntBatcher(0, 0, nil, 0, func(context.Context, []int) ([]int, error) {
 		statements++
 		return nil, down
 	})
@@ -153,7 +211,7 @@ func TestBatcherFailsAllAtOnceWhenTheDatabaseIsAway(t *testing.T) {
 }
 
 func TestBatcherRefusesCallsOnceClosed(t *testing.T) {
-	b := models.NewIntBatcher(2, nil, 0, (&fakeStatement{}).run)
+	b := models.NewIntBatcher(2, 0, nil, 0, (&fakeStatement{}).run)
 	b.Close()
 	b.Close() // closing the store twice is harmless
 	if _, err := b.Do(context.Background(), 1); !errors.Is(err, models.ErrStoreClosed) {

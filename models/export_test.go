@@ -11,8 +11,8 @@ type IntBatcher = batcher[int, int]
 
 var ErrStoreClosed = errStoreClosed
 
-func NewIntBatcher(workers int, size func(int) int, maxSize int, run func(context.Context, []int) ([]int, error)) *IntBatcher {
-	return (&batcher[int, int]{max: 64, timeout: 5 * time.Second, size: size, maxSize: maxSize, run: run}).start(workers)
+func NewIntBatcher(workers int, patience time.Duration, size func(int) int, maxSize int, run func(context.Context, []int) ([]int, error)) *IntBatcher {
+	return (&batcher[int, int]{max: 64, timeout: 5 * time.Second, patience: patience, size: size, maxSize: maxSize, run: run}).start(workers)
 }
 
 func (b *batcher[In, Out]) Do(ctx context.Context, in In) (Out, error) { return b.do(ctx, in) }

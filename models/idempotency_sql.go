@@ -54,17 +54,21 @@ const (
 )
 
 // Batching on PostgreSQL: workers per kind of statement (each holds one
-// pooled connection while it runs), calls per batch, and the completions'
-// body bytes after which a batch takes no more. Fewer workers make larger
-// batches: on the 2-core test box at 64 connections one worker averaged
-// 15 calls a batch, two 8.5, four 4.7, and the proxy's CPU per keyed
-// request rose with the count (issue 15). Two, so that one statement kept
-// waiting (on a row lock, say) does not hold up every keyed request.
+// pooled connection while it runs), how long a batch waits for another
+// worker's statement to end before it runs beside it, calls per batch, and
+// the completions' body bytes after which a batch takes no more. Fewer
+// statements at once make larger batches: on the 2-core test box at 64
+// connections one worker averaged 15 calls a batch, two running at once
+// 8.5, four 4.7, and the proxy's CPU per keyed request rose with the count
+// (issue 15). Two that take turns (batcher) batch as one does; the second
+// runs beside a statement kept waiting longer than batchPatience (on a row
+// lock, say), so that one does not hold up every keyed request.
 const (
-	batchWorkers = 2
-	batchMax     = 64
-	batchMaxBody = 1 << 20
-	batchTimeout = 5 * time.Second
+	batchWorkers  = 2
+	batchPatience = 20 * time.Millisecond
+	batchMax      = 64
+	batchMaxBody  = 1 << 20
+	batchTimeout  = 5 * time.Second
 )
 
 // completion is one CompleteIdempotency call, as the batcher carries it.
@@ -77,10 +81,10 @@ type completion struct {
 // startBatchers starts the claim and completion batchers of a PostgreSQL
 // store.
 func (s *Store) startBatchers(db *sql.DB) {
-	s.claims = (&batcher[ClaimRequest, bool]{max: batchMax, timeout: batchTimeout,
+	s.claims = (&batcher[ClaimRequest, bool]{max: batchMax, timeout: batchTimeout, patience: batchPatience,
 		run: func(ctx context.Context, rs []ClaimRequest) ([]bool, error) { return claimBatch(ctx, db, rs) },
 	}).start(batchWorkers)
-	s.completions = (&batcher[completion, bool]{max: batchMax, timeout: batchTimeout,
+	s.completions = (&batcher[completion, bool]{max: batchMax, timeout: batchTimeout, patience: batchPatience,
 		size: func(c completion) int { return len(c.Body) }, maxSize: batchMaxBody,
 		run: func(ctx context.Context, cs []completion) ([]bool, error) { return completeBatch(ctx, db, cs) },
 	}).start(batchWorkers)
