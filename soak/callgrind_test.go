@@ -15,8 +15,9 @@ package soak
 // about half of either server's CPU), so it is the figure for changes to
 // the proxy's own code, beside the CPU ratios, not instead of them.
 //
-// nginx runs nginxConf as one process (master_process off, one worker) and
-// the proxy as in TestVersusNginx (PostgreSQL), each under `valgrind
+// nginx runs nginxConf as one process (master_process off, one worker),
+// and Fiber's proxy middleware alone (testdata/bareproxy) and the proxy as
+// in TestVersusNginx (PostgreSQL), each under `valgrind
 // --tool=callgrind`, about fifty times slower. For each run the counters
 // are zeroed after a warm-up (callgrind_control -z), SOAK_CG_REQUESTS
 // (2000) small chat completions are sent from SOAK_CG_CONNECTIONS (8)
@@ -72,6 +73,7 @@ func TestInstructionsBesideNginx(t *testing.T) {
 	oneProcess := strings.Replace(nginxConf, "worker_processes auto;", "worker_processes 1;\nmaster_process off;", 1)
 	ng := startNginxUnder(t, callgrind("nginx"), nginxBin, strings.TrimPrefix(up.URL, "http://"), oneProcess)
 	px := startProxyUnder(t, callgrind("proxy"), bin, up.URL, dbURL, map[string]string{"GODEBUG": "asyncpreemptoff=1"})
+	bare := startBare(t, callgrind("bareproxy"), up.URL)
 
 	runs := []struct {
 		name  string
@@ -80,6 +82,7 @@ func TestInstructionsBesideNginx(t *testing.T) {
 		keyed bool
 	}{
 		{"small JSON: nginx", ng.URL, ng.cmd.Process.Pid, false},
+		{"small JSON: Fiber's proxy middleware alone (testdata/bareproxy)", bare.URL, bare.pid(), false},
 		{"small JSON: the proxy, no key", px.URL, px.pid(), false},
 		{"small JSON: the proxy, unique Idempotency-Key each, PostgreSQL", px.URL, px.pid(), true},
 	}

@@ -7,9 +7,10 @@ package soak
 //
 //	SOAK=1 go test ./soak/ -run VersusNginx -v -timeout 10m
 //
-// Five runs of `wrk -t2 -c64 -d10s --latency`, each logged as a command
-// line: a small JSON chat completion (wrk_chat.lua) through nginx and
-// through the proxy, the same through the proxy with a unique
+// Six runs of `wrk -t2 -c64 -d10s --latency`, each logged as a command
+// line: a small JSON chat completion (wrk_chat.lua) through nginx, through
+// Fiber's proxy middleware alone (testdata/bareproxy: the stack's floor)
+// and through the proxy, the same through the proxy with a unique
 // Idempotency-Key per request (WRK_KEYED=1, PostgreSQL), and a stream of 20
 // SSE chunks (wrk_stream.lua) through nginx and through the proxy. For each
 // it reports requests/s, latency p50/p99, the server's CPU seconds per 10k
@@ -22,7 +23,7 @@ package soak
 // stopped at the end of the test. The test skips without wrk or nginx, and
 // fails on non-2xx answers or socket errors; timings are reported, never
 // asserted. SOAK_WRK_DURATION (10s here), SOAK_WRK_CONNECTIONS (64) and
-// SOAK_WRK_THREADS (2) change the load; SOAK_ROUNDS (1) repeats the five
+// SOAK_WRK_THREADS (2) change the load; SOAK_ROUNDS (1) repeats the six
 // runs and adds the median ratios. Everything shares the machine: wrk,
 // nginx, the proxy, PostgreSQL and the upstream in this test process.
 
@@ -319,11 +320,13 @@ func TestVersusNginx(t *testing.T) {
 	bin := buildProxy(t)
 	px := startProxy(t, bin, up.URL, dbURL, nil)
 	ng := startNginx(t, nginxBin, strings.TrimPrefix(up.URL, "http://"))
+	bare := startBare(t, nil, up.URL)
 
 	type server int
 	const (
 		viaNginx server = iota
 		viaProxy
+		viaBare
 	)
 	runs := []struct {
 		name   string
@@ -333,10 +336,11 @@ func TestVersusNginx(t *testing.T) {
 		vs     int // index of the nginx run this one is compared with
 	}{
 		{"small JSON: nginx", viaNginx, chatScript, nil, 0},
+		{"small JSON: Fiber's proxy middleware alone (testdata/bareproxy)", viaBare, chatScript, nil, 0},
 		{"small JSON: the proxy, no key", viaProxy, chatScript, nil, 0},
 		{"small JSON: the proxy, unique Idempotency-Key each, PostgreSQL", viaProxy, chatScript, []string{"WRK_KEYED=1"}, 0},
-		{"stream of 20 chunks: nginx", viaNginx, streamScript, nil, 3},
-		{"stream of 20 chunks: the proxy", viaProxy, streamScript, nil, 3},
+		{"stream of 20 chunks: nginx", viaNginx, streamScript, nil, 4},
+		{"stream of 20 chunks: the proxy", viaProxy, streamScript, nil, 4},
 	}
 	type result struct {
 		wrkResult
@@ -352,16 +356,16 @@ func TestVersusNginx(t *testing.T) {
 		results[round] = make([]result, len(runs))
 		for i, run := range runs {
 			time.Sleep(3 * time.Second) // let the previous run's connections and log queue settle
-			base := ng.URL
-			if run.via == viaProxy {
-				base = px.URL
-			}
+			base := map[server]string{viaNginx: ng.URL, viaProxy: px.URL, viaBare: bare.URL}[run.via]
 			args := []string{"-t" + strconv.Itoa(threads), "-c" + strconv.Itoa(conns), "-d" + d.String(), "--latency", "-s", run.script, base + "/v1/chat/completions"}
 			env := append([]string{"WRK_CLIENT_KEY=" + clientKey}, run.env...)
 			t.Logf("round %d, %s: $ %s wrk %s", round+1, run.name, strings.Join(env, " "), strings.Join(args, " "))
 			cpu := func() float64 {
-				if run.via == viaProxy {
+				switch run.via {
+				case viaProxy:
 					return px.sample(t).CPU
+				case viaBare:
+					return bare.cpuSeconds(t)
 				}
 				return ng.cpuSeconds(t)
 			}
