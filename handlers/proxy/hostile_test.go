@@ -6,8 +6,11 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
+	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/openai-idempotent-proxy/proxy/app/apptest"
@@ -143,4 +146,34 @@ func TestHostileRequests(t *testing.T) {
 			"\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz-not-a-size\r\n", true)
 		wantOpenAIError(t, resp, body, 400, "invalid_request_body")
 	})
+}
+
+// TestDeeplyNestedAnswerIsStoredAndReplayed: a keyed answer of 10 MiB of
+// "[" (an upstream echoing a hostile body, say), with its length, is
+// stored and replayed as it came. Reading its usage once overflowed the
+// goroutine's stack, a fatal error that took the whole proxy down.
+func TestDeeplyNestedAnswerIsStoredAndReplayed(t *testing.T) {
+	answer := strings.Repeat("[", 10<<20)
+	var calls atomic.Int64
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		_, _ = io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Length", strconv.Itoa(len(answer)))
+		_, _ = io.WriteString(w, answer)
+	}))
+	t.Cleanup(up.Close)
+	px := apptest.Start(t, up.URL, map[string]string{"IDEMPOTENCY_MAX_BODY": "16MiB"})
+	url := px.URL + "/v1/chat/completions"
+	first := keyed(t, url, apptest.ClientKey, "deep-json", chatBody, nil)
+	if first.status != 200 || string(first.body) != answer {
+		t.Fatalf("first: %d, %d bytes", first.status, len(first.body))
+	}
+	again := keyed(t, url, apptest.ClientKey, "deep-json", chatBody, nil)
+	if !again.replayed || string(again.body) != answer {
+		t.Fatalf("repeat: replayed=%v, %d bytes", again.replayed, len(again.body))
+	}
+	if n := calls.Load(); n != 1 {
+		t.Fatalf("upstream calls = %d, want 1", n)
+	}
 }

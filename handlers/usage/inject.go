@@ -14,7 +14,7 @@ import (
 // false when the body already asks for it, is not a streamed request, or
 // cannot be edited safely (then it is forwarded as it is).
 func AskForStreamUsage(body []byte) (out []byte, ok bool) {
-	if !gjson.ValidBytes(body) {
+	if !Valid(body) {
 		return nil, false
 	}
 	top := gjson.ParseBytes(body)

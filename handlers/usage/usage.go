@@ -7,6 +7,7 @@ package usage
 
 import (
 	"bytes"
+	"encoding/json"
 
 	"github.com/tidwall/gjson"
 
@@ -95,15 +96,18 @@ func (u Usage) Priced() models.TokenUsage {
 }
 
 // FromJSON reads the top-level "usage" of a whole JSON response body, or of
-// a Responses API object nested under "response".
+// a Responses API object nested under "response". Only the usage object
+// is checked to be well-formed JSON: gjson finds it without recursing, and
+// checking the whole body cost more than the rest of the reading.
 func FromJSON(body []byte) (Usage, bool) {
-	if !gjson.ValidBytes(body) {
+	u := gjson.GetBytes(body, "usage")
+	if !u.IsObject() {
+		u = gjson.GetBytes(body, "response.usage")
+	}
+	if !u.IsObject() || !Valid(body[u.Index:u.Index+len(u.Raw)]) {
 		return Usage{}, false
 	}
-	if u, ok := FromObject(gjson.GetBytes(body, "usage")); ok {
-		return u, true
-	}
-	return FromObject(gjson.GetBytes(body, "response.usage"))
+	return FromObject(u)
 }
 
 // FromTail reads usage from the last bytes of a JSON body too large to keep
@@ -128,3 +132,10 @@ func FromTail(tail []byte) (Usage, bool) {
 	rest = bytes.TrimLeft(rest[1:], " \t\r\n")
 	return FromObject(gjson.ParseBytes(rest))
 }
+
+// Valid reports whether b is one well-formed JSON value, nested at most
+// 10,000 deep. It is encoding/json's check, not gjson.ValidBytes: gjson's
+// validator recurses once per level of nesting, so a body of a few MiB of
+// "[" grows a goroutine's stack by hundreds of MiB, and 8 MiB of them
+// overflows it, a fatal error that ends the process.
+func Valid(b []byte) bool { return json.Valid(b) }

@@ -107,7 +107,7 @@ func (in *inspector) usage() (usage.Usage, string, bool) {
 	var obj gjson.Result
 	var model string
 	if in.n <= int64(len(w)) { // the whole event
-		if !gjson.ValidBytes(w) {
+		if !usage.Valid(w) {
 			return usage.Usage{}, "", false
 		}
 		obj = gjson.GetBytes(w, "response.usage")
