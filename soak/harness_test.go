@@ -160,6 +160,11 @@ func startProxyUnder(t *testing.T, wrapper []string, bin, upstreamURL, dbURL str
 		"LOG_LEVEL":         "warn",
 		"SHUTDOWN_GRACE":    "10s",
 	}
+	for _, kv := range strings.Fields(os.Getenv("SOAK_PROXY_ENV")) {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			vars[k] = v
+		}
+	}
 	for k, v := range extra {
 		vars[k] = v
 	}
