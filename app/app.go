@@ -110,7 +110,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*App, error) {
 	a.Logs = models.NewLogWriter(store, models.LogWriterOptions{QueueSize: cfg.LogQueueSize, Logger: logger})
 	a.Metrics = newMetrics(store, a.Logs, logger)
 	env := handlers.NewAuthenticator(cfg.ClientKeys)
-	a.Gate = access.New(ctx, access.Options{Store: store, Env: env.Authenticate, Prices: cfg.Prices,
+	a.Gate = access.New(ctx, access.Options{Store: store, Env: env.AuthenticateDigest, Prices: cfg.Prices,
 		ReserveTokens: cfg.ReserveTokens, Now: store.Now, Logger: logger})
 	a.Proxy = proxy.NewProxy(proxy.ProxyConfig{
 		Gate:                a.Gate,

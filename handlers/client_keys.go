@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+
+	"github.com/openai-idempotent-proxy/proxy/handlers/access"
 )
 
 // ClientKey is one proxy key a client presents as "Authorization: Bearer …".
@@ -77,9 +79,10 @@ func NewAuthenticator(keys []ClientKey) *Authenticator {
 	return a
 }
 
-// ErrNoKey and errBadKey are the two ways authentication fails.
+// ErrNoKey (no "Bearer <key>") and errBadKey are the two ways
+// authentication fails; ErrNoKey is the access gate's, which says the same.
 var (
-	ErrNoKey  = errors.New("missing client key")
+	ErrNoKey  = access.ErrNoKey
 	errBadKey = errors.New("invalid client key")
 )
 
@@ -89,7 +92,13 @@ func (a *Authenticator) Authenticate(authorization []byte) (string, error) {
 	if len(authorization) <= len(prefix) || !strings.EqualFold(string(authorization[:len(prefix)]), prefix) {
 		return "", ErrNoKey
 	}
-	got := DigestSecret(authorization[len(prefix):])
+	return a.AuthenticateDigest(DigestSecret(authorization[len(prefix):]))
+}
+
+// AuthenticateDigest is Authenticate for a bearer token already digested
+// (the access gate's Options.Env).
+func (a *Authenticator) AuthenticateDigest(token [sha256.Size]byte) (string, error) {
+	got := SecretDigest(token)
 	match := -1
 	for i := range a.digests { // every key, so timing does not tell which matched
 		if a.digests[i].matchesDigest(got) {

@@ -33,9 +33,10 @@ type Store interface {
 type Options struct {
 	// Store holds the managed keys; nil: only Env keys.
 	Store Store
-	// Env authenticates PROXY_API_KEYS, returning the key's name; its
-	// errors are passed through unchanged.
-	Env func(authorization []byte) (string, error)
+	// Env names the PROXY_API_KEYS key whose SHA-256 digest is token (the
+	// gate digests a bearer token once, for both kinds of key); its errors
+	// are passed through unchanged.
+	Env func(token [sha256.Size]byte) (string, error)
 	// Prices turn usage into cost; nil: the embedded table.
 	Prices *models.Prices
 	// ReserveTokens is the output tokens a budget reservation assumes for
@@ -100,7 +101,7 @@ func New(ctx context.Context, opts Options) *Gate {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	if opts.Env == nil {
-		opts.Env = func([]byte) (string, error) { return "", ErrUnknownKey }
+		opts.Env = func([sha256.Size]byte) (string, error) { return "", ErrUnknownKey }
 	}
 	g := &Gate{opts: opts, stop: make(chan struct{})}
 	g.table.Store(&table{keys: map[[32]byte]*Key{}, byID: map[string]*Key{}})
@@ -200,28 +201,31 @@ func (g *Gate) refresh(ctx context.Context) error {
 // Errors of Authenticate besides those of Options.Env.
 var (
 	ErrUnknownKey = errors.New("access: unknown client key")
-	ErrNoKey      = errors.New("access: no client key")
+	ErrNoKey      = errors.New("missing client key")
 )
 
 // Authenticate finds the caller of an Authorization header value. A
 // managed key is looked up by its digest (a map lookup reveals nothing a
 // timing attacker could use: it would need SHA-256 preimages); anything
-// else goes to the environment keys' constant-time check. A revoked or
-// expired managed key is refused with a *Refusal.
+// else goes to the environment keys' constant-time check of the same
+// digest. A revoked or expired managed key is refused with a *Refusal;
+// a value that is not "Bearer <token>" with ErrNoKey.
 func (g *Gate) Authenticate(authorization []byte) (Caller, error) {
 	const prefix = "bearer "
-	if len(authorization) > len(prefix) && bytes.EqualFold(authorization[:len(prefix)], []byte(prefix)) {
-		if k := g.table.Load().keys[sha256.Sum256(authorization[len(prefix):])]; k != nil {
-			switch {
-			case k.revoked:
-				return Caller{Name: k.Name, Key: k}, errRevoked
-			case !k.expires.IsZero() && !g.opts.Now().Before(k.expires):
-				return Caller{Name: k.Name, Key: k}, errExpired
-			}
-			return Caller{Name: k.Name, Key: k}, nil
-		}
+	if len(authorization) <= len(prefix) || !bytes.EqualFold(authorization[:len(prefix)], []byte(prefix)) {
+		return Caller{}, ErrNoKey
 	}
-	name, err := g.opts.Env(authorization)
+	token := sha256.Sum256(authorization[len(prefix):])
+	if k := g.table.Load().keys[token]; k != nil {
+		switch {
+		case k.revoked:
+			return Caller{Name: k.Name, Key: k}, errRevoked
+		case !k.expires.IsZero() && !g.opts.Now().Before(k.expires):
+			return Caller{Name: k.Name, Key: k}, errExpired
+		}
+		return Caller{Name: k.Name, Key: k}, nil
+	}
+	name, err := g.opts.Env(token)
 	return Caller{Name: name}, err
 }
 

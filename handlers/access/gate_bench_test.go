@@ -36,7 +36,7 @@ func benchGate(b *testing.B, store access.Store) (*access.Gate, []string) {
 			keys = append(keys, k)
 		}
 	}
-	return access.New(context.Background(), access.Options{Store: store, Env: env.Authenticate}), keys
+	return access.New(context.Background(), access.Options{Store: store, Env: env.AuthenticateDigest}), keys
 }
 
 func check(b *testing.B, g *access.Gate, auth []byte) {
@@ -98,7 +98,7 @@ func BenchmarkAdmitLimited(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				g := access.New(context.Background(), access.Options{Store: s, Env: func([]byte) (string, error) { return "", access.ErrUnknownKey }})
+				g := access.New(context.Background(), access.Options{Store: s, Env: func([32]byte) (string, error) { return "", access.ErrUnknownKey }})
 				defer g.Close()
 				auth := []byte("Bearer " + key)
 				lat := make([]time.Duration, 0, b.N)

@@ -112,7 +112,7 @@ func NewProxy(cfg ProxyConfig, idem IdempotencyStore, sink LogSink, m *Metrics, 
 		p.claims.relay = newRelay(ctx, live, idem, &p.claims)
 	}
 	if p.gate = cfg.Gate; p.gate == nil {
-		p.gate = access.New(context.Background(), access.Options{Env: p.auth.Authenticate})
+		p.gate = access.New(context.Background(), access.Options{Env: p.auth.AuthenticateDigest})
 	}
 	p.out.cost = p.gate.CostMicros
 	isTLS := cfg.UpstreamBaseURL.Scheme == "https"
