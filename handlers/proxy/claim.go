@@ -166,6 +166,7 @@ func (cl *claim) release(reason string) {
 	}
 	s := cl.set
 	s.metrics.releasedClaim(reason)
+	s.unlist(cl)
 	s.persist("release idempotency key", func(ctx context.Context) error {
 		return s.store.ReleaseIdempotency(ctx, cl.id, cl.owner, reason, s.ttl)
 	}, cl.stored)
@@ -176,15 +177,24 @@ func (cl *claim) release(reason string) {
 // once the last joiner has read it.
 func (cl *claim) stored() {
 	s := cl.set
+	s.unlist(cl)
+	cl.feed.whenIdle(func() {
+		cl.freeCapture()
+		s.countJoins(cl.id, cl.feed.joined())
+	})
+}
+
+// unlist takes cl out of live: no repeat joins it from now on. A released
+// attempt is unlisted before its release is written, so that a repeat
+// arriving meanwhile (the database slow or down, the write retried in the
+// background) is not handed the failure it gave back as if it were stored:
+// it gets 409 until the release is stored, then executes again.
+func (s *claims) unlist(cl *claim) {
 	s.mu.Lock()
 	if s.live[cl.id] == cl {
 		delete(s.live, cl.id)
 	}
 	s.mu.Unlock()
-	cl.feed.whenIdle(func() {
-		cl.freeCapture()
-		s.countJoins(cl.id, cl.feed.joined())
-	})
 }
 
 // liveClaim is this process's running attempt for the key id, if its
@@ -354,6 +364,7 @@ func (s *claims) releaseInFlight() {
 		}
 		cl.end()
 		s.metrics.releasedClaim("shutdown")
+		s.unlist(cl)
 		s.persist("release idempotency key at shutdown", func(ctx context.Context) error {
 			return s.store.ReleaseIdempotency(ctx, cl.id, cl.owner, "shutdown", s.ttl)
 		}, nil) // the request still runs and owns its capture

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -514,5 +515,67 @@ func TestRepeatJoinsAClaimTheMomentItIsWon(t *testing.T) {
 	}
 	if n := up.calls.Load(); n != 1 {
 		t.Fatalf("upstream calls = %d, want 1", n)
+	}
+}
+
+// unstoredReleaseStore fails every release while blocked is set: the
+// database down just as an attempt gives its key back.
+type unstoredReleaseStore struct {
+	proxy.IdempotencyStore
+	blocked atomic.Bool
+}
+
+func (s *unstoredReleaseStore) ReleaseIdempotency(ctx context.Context, id, owner, reason string, ttl time.Duration) error {
+	if s.blocked.Load() {
+		return errors.New("the database is down")
+	}
+	return s.IdempotencyStore.ReleaseIdempotency(ctx, id, owner, reason, ttl)
+}
+
+// TestRetryBeforeTheReleaseIsStoredIsNotHandedTheFailure: an attempt that
+// failed upstream (500) gives its key back, but the release cannot be
+// written yet and is retried in the background. A retry meanwhile must not
+// join the finished attempt and get its 500 as a replay (as if it were
+// stored); it gets 409, and once the release is written it executes again.
+func TestRetryBeforeTheReleaseIsStoredIsNotHandedTheFailure(t *testing.T) {
+	up := apptest.NewUpstream(t)
+	base, _ := url.Parse(up.URL)
+	store := &unstoredReleaseStore{IdempotencyStore: testdb.SQLite(t, nil)}
+	store.blocked.Store(true)
+	p := proxy.NewProxy(proxy.ProxyConfig{
+		UpstreamBaseURL: base, UpstreamAPIKey: apptest.UpstreamKey,
+		ClientKeys:  []handlers.ClientKey{{Name: "alpha", Key: apptest.ClientKey}},
+		MaxBodySize: 1 << 20, UpstreamTimeout: time.Minute, FirstByteTimeout: time.Minute, IdleTimeout: time.Minute,
+		IdempotencyTTL: time.Hour, IdempotencyLease: time.Minute, IdempotencyMaxBody: 1 << 20, IdempotencyJoinWait: time.Minute,
+		BufferMemoryLimit: 64 << 20,
+	}, store, nil, nil, slog.New(slog.DiscardHandler))
+	f := fiber.New(fiber.Config{DisableStartupMessage: true, StreamRequestBody: true})
+	f.All("/v1/*", p.Handle)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = f.Listener(ln) }()
+	t.Cleanup(func() { _ = f.Shutdown() })
+
+	url := "http://" + ln.Addr().String() + "/v1/chat/completions?test_status=500&test_once=1&test_id=unstored-release"
+	if first := keyed(t, url, apptest.ClientKey, "unstored-release", chatBody, nil); first.status != 500 || first.replayed {
+		t.Fatalf("first attempt: %d replayed=%v, want the upstream's 500", first.status, first.replayed)
+	}
+	retry := keyed(t, url, apptest.ClientKey, "unstored-release", chatBody, nil)
+	if retry.status != http.StatusConflict || retry.replayed {
+		t.Fatalf("retry while the release is unstored: %d replayed=%v %s, want 409", retry.status, retry.replayed, retry.body)
+	}
+	store.blocked.Store(false) // the background retry writes the release
+	var again result
+	apptest.Eventually(t, 10*time.Second, func() bool {
+		again = keyed(t, url, apptest.ClientKey, "unstored-release", chatBody, nil)
+		return again.status != http.StatusConflict
+	}, "the key stayed in progress after its release could be written")
+	if again.status != 200 || again.replayed {
+		t.Fatalf("retry after the release: %d replayed=%v, want a new execution", again.status, again.replayed)
+	}
+	if n := up.Calls(); n != 2 {
+		t.Fatalf("upstream calls = %d, want 2", n)
 	}
 }
