@@ -104,10 +104,19 @@ func FromJSON(body []byte) (Usage, bool) {
 	if !u.IsObject() {
 		u = gjson.GetBytes(body, "response.usage")
 	}
-	if !u.IsObject() || !Valid(body[u.Index:u.Index+len(u.Raw)]) {
+	if !u.IsObject() || !Valid(rawBytes(body, u)) {
 		return Usage{}, false
 	}
 	return FromObject(u)
+}
+
+// rawBytes is r's raw JSON as a slice of body, where gjson knows its
+// position (it does for a plain path), else a copy.
+func rawBytes(body []byte, r gjson.Result) []byte {
+	if r.Index > 0 && r.Index+len(r.Raw) <= len(body) {
+		return body[r.Index : r.Index+len(r.Raw)]
+	}
+	return []byte(r.Raw)
 }
 
 // FromTail reads usage from the last bytes of a JSON body too large to keep
