@@ -484,13 +484,11 @@ func (s *slowWinStore) ClaimIdempotency(ctx context.Context, r models.ClaimReque
 	return claimed, rec, err
 }
 
-// TestRepeatJoinsAClaimTheMomentItIsWon: a repeat that finds the key's
-// record just committed, before the winner's process has registered the
-// attempt, joins it instead of answering 409.
-func TestRepeatJoinsAClaimTheMomentItIsWon(t *testing.T) {
-	up := newJoinUpstream(t, &joinUpstream{delay: 100 * time.Millisecond})
-	base, _ := url.Parse(up.url)
-	store := &slowWinStore{IdempotencyStore: testdb.SQLite(t, nil), fourth: make(chan struct{})}
+// proxyOnStore serves a proxy in front of upstreamURL whose idempotency
+// store is store (one with faults, say), and returns its base URL.
+func proxyOnStore(t *testing.T, upstreamURL string, store proxy.IdempotencyStore) string {
+	t.Helper()
+	base, _ := url.Parse(upstreamURL)
 	p := proxy.NewProxy(proxy.ProxyConfig{
 		UpstreamBaseURL: base, UpstreamAPIKey: apptest.UpstreamKey,
 		ClientKeys:  []handlers.ClientKey{{Name: "alpha", Key: apptest.ClientKey}},
@@ -506,8 +504,16 @@ func TestRepeatJoinsAClaimTheMomentItIsWon(t *testing.T) {
 	}
 	go func() { _ = f.Listener(ln) }()
 	t.Cleanup(func() { _ = f.Shutdown() })
+	return "http://" + ln.Addr().String()
+}
 
-	results := concurrently(t, 2, "won-just-now", &apptest.Instance{URL: "http://" + ln.Addr().String()})
+// TestRepeatJoinsAClaimTheMomentItIsWon: a repeat that finds the key's
+// record just committed, before the winner's process has registered the
+// attempt, joins it instead of answering 409.
+func TestRepeatJoinsAClaimTheMomentItIsWon(t *testing.T) {
+	up := newJoinUpstream(t, &joinUpstream{delay: 100 * time.Millisecond})
+	store := &slowWinStore{IdempotencyStore: testdb.SQLite(t, nil), fourth: make(chan struct{})}
+	results := concurrently(t, 2, "won-just-now", &apptest.Instance{URL: proxyOnStore(t, up.url, store)})
 	for i, r := range results {
 		if r.status != 200 || !bytes.Equal(r.body, results[0].body) {
 			t.Fatalf("call %d: %d %s, want 200 and the same body as the other", i, r.status, r.body)
@@ -539,26 +545,9 @@ func (s *unstoredReleaseStore) ReleaseIdempotency(ctx context.Context, id, owner
 // stored); it gets 409, and once the release is written it executes again.
 func TestRetryBeforeTheReleaseIsStoredIsNotHandedTheFailure(t *testing.T) {
 	up := apptest.NewUpstream(t)
-	base, _ := url.Parse(up.URL)
 	store := &unstoredReleaseStore{IdempotencyStore: testdb.SQLite(t, nil)}
 	store.blocked.Store(true)
-	p := proxy.NewProxy(proxy.ProxyConfig{
-		UpstreamBaseURL: base, UpstreamAPIKey: apptest.UpstreamKey,
-		ClientKeys:  []handlers.ClientKey{{Name: "alpha", Key: apptest.ClientKey}},
-		MaxBodySize: 1 << 20, UpstreamTimeout: time.Minute, FirstByteTimeout: time.Minute, IdleTimeout: time.Minute,
-		IdempotencyTTL: time.Hour, IdempotencyLease: time.Minute, IdempotencyMaxBody: 1 << 20, IdempotencyJoinWait: time.Minute,
-		BufferMemoryLimit: 64 << 20,
-	}, store, nil, nil, slog.New(slog.DiscardHandler))
-	f := fiber.New(fiber.Config{DisableStartupMessage: true, StreamRequestBody: true})
-	f.All("/v1/*", p.Handle)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = f.Listener(ln) }()
-	t.Cleanup(func() { _ = f.Shutdown() })
-
-	url := "http://" + ln.Addr().String() + "/v1/chat/completions?test_status=500&test_once=1&test_id=unstored-release"
+	url := proxyOnStore(t, up.URL, store) + "/v1/chat/completions?test_status=500&test_once=1&test_id=unstored-release"
 	if first := keyed(t, url, apptest.ClientKey, "unstored-release", chatBody, nil); first.status != 500 || first.replayed {
 		t.Fatalf("first attempt: %d replayed=%v, want the upstream's 500", first.status, first.replayed)
 	}
