@@ -44,6 +44,12 @@ const (
 	feedClean         // the whole response passed: joiners end cleanly too
 	feedCut           // the attempt broke off: joiners are cut, so their clients retry
 	feedLost          // the capture was given up (too large, no memory): nothing to follow
+	// feedOver: the attempt had ended before this replica followed it (a
+	// mirror's first read found its end). The store has, or is about to
+	// have, its outcome: a repeat asks it again rather than share an end it
+	// did not follow, which may be a failure given back (released) while
+	// the release was not yet written.
+	feedOver
 )
 
 // changed wakes whoever waits; f.mu is held.

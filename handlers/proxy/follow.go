@@ -261,6 +261,7 @@ func (r *relay) mirror(m *mirror) {
 		return fn(ctx)
 	}
 	off, asked, checked, asks := 0, time.Time{}, time.Now(), 0
+	fresh := true // until a read succeeds: what the first one finds was there before we asked
 	for {
 		// Ask at once, again soon (a holder whose listener was
 		// reconnecting), then every checkEvery while nothing comes.
@@ -277,6 +278,12 @@ func (r *relay) mirror(m *mirror) {
 		})
 		if err != nil {
 			r.warnf("follow a running response", err)
+		} else if fresh {
+			fresh = false
+			if n := len(rows); n > 0 && rows[n-1].Off == models.LiveEnd {
+				m.feed.ended(feedOver, nil)
+				return
+			}
 		}
 		progress := false
 		for _, row := range rows {

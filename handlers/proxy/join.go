@@ -38,6 +38,10 @@ func (p *Proxy) join(c *fiber.Ctx, ex *exchange, rec *models.IdempotencyRecord) 
 	if ok && st.head != nil && !st.head.SSE {
 		st, ok = f.await(deadline, func(st feedState) bool { return st.end != feedOpen })
 	}
+	if st.end == feedOver { // it ended before we followed: its record tells the rest
+		leave()
+		return false, nil
+	}
 	var refusal *handlers.APIError
 	switch {
 	case !ok:

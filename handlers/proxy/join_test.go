@@ -525,9 +525,10 @@ func TestRepeatJoinsAClaimTheMomentItIsWon(t *testing.T) {
 }
 
 // unstoredReleaseStore fails every release while blocked is set: the
-// database down just as an attempt gives its key back.
+// database down just as an attempt gives its key back. On PostgreSQL it
+// is a LiveStore too (the embedded Store's methods), so replicas relay.
 type unstoredReleaseStore struct {
-	proxy.IdempotencyStore
+	*models.Store
 	blocked atomic.Bool
 }
 
@@ -535,7 +536,7 @@ func (s *unstoredReleaseStore) ReleaseIdempotency(ctx context.Context, id, owner
 	if s.blocked.Load() {
 		return errors.New("the database is down")
 	}
-	return s.IdempotencyStore.ReleaseIdempotency(ctx, id, owner, reason, ttl)
+	return s.Store.ReleaseIdempotency(ctx, id, owner, reason, ttl)
 }
 
 // TestRetryBeforeTheReleaseIsStoredIsNotHandedTheFailure: an attempt that
@@ -545,7 +546,7 @@ func (s *unstoredReleaseStore) ReleaseIdempotency(ctx context.Context, id, owner
 // stored); it gets 409, and once the release is written it executes again.
 func TestRetryBeforeTheReleaseIsStoredIsNotHandedTheFailure(t *testing.T) {
 	up := apptest.NewUpstream(t)
-	store := &unstoredReleaseStore{IdempotencyStore: testdb.SQLite(t, nil)}
+	store := &unstoredReleaseStore{Store: testdb.SQLite(t, nil)}
 	store.blocked.Store(true)
 	url := proxyOnStore(t, up.URL, store) + "/v1/chat/completions?test_status=500&test_once=1&test_id=unstored-release"
 	if first := keyed(t, url, apptest.ClientKey, "unstored-release", chatBody, nil); first.status != 500 || first.replayed {
@@ -559,6 +560,48 @@ func TestRetryBeforeTheReleaseIsStoredIsNotHandedTheFailure(t *testing.T) {
 	var again result
 	apptest.Eventually(t, 10*time.Second, func() bool {
 		again = keyed(t, url, apptest.ClientKey, "unstored-release", chatBody, nil)
+		return again.status != http.StatusConflict
+	}, "the key stayed in progress after its release could be written")
+	if again.status != 200 || again.replayed {
+		t.Fatalf("retry after the release: %d replayed=%v, want a new execution", again.status, again.replayed)
+	}
+	if n := up.Calls(); n != 2 {
+		t.Fatalf("upstream calls = %d, want 2", n)
+	}
+}
+
+// TestRetryOnAnotherReplicaBeforeTheReleaseIsStored is the same on
+// PostgreSQL across two replicas: a repeat on the second joined the
+// attempt while it ran (and shares its 500, as its client got it), so the
+// holder published it; a retry there after the attempt ended must not be
+// served those published rows as a replay, but get 409 until the release
+// is written, then execute.
+func TestRetryOnAnotherReplicaBeforeTheReleaseIsStored(t *testing.T) {
+	up := apptest.NewUpstream(t)
+	shared := testdb.Postgres(t, nil)
+	holder := &unstoredReleaseStore{Store: shared}
+	holder.blocked.Store(true)
+	path := "/v1/chat/completions?test_status=500&test_delay_ms=500&test_once=1&test_id=unstored-release-2"
+	one, two := proxyOnStore(t, up.URL, holder)+path, proxyOnStore(t, up.URL, shared)+path
+	const key = "unstored-release-replicas"
+
+	first := make(chan result, 1)
+	go func() { first <- keyed(t, one, apptest.ClientKey, key, chatBody, nil) }()
+	apptest.Eventually(t, 5*time.Second, func() bool { return up.Calls() == 1 }, "the attempt never reached the upstream")
+	if joined := keyed(t, two, apptest.ClientKey, key, chatBody, nil); joined.status != 500 || !joined.replayed {
+		t.Fatalf("repeat on the other replica while the attempt ran: %d replayed=%v, want the attempt's 500, joined", joined.status, joined.replayed)
+	}
+	if r := <-first; r.status != 500 || r.replayed {
+		t.Fatalf("first attempt: %d replayed=%v", r.status, r.replayed)
+	}
+	retry := keyed(t, two, apptest.ClientKey, key, chatBody, nil)
+	if retry.status != http.StatusConflict || retry.replayed {
+		t.Fatalf("retry on the other replica while the release is unstored: %d replayed=%v %s, want 409", retry.status, retry.replayed, retry.body)
+	}
+	holder.blocked.Store(false)
+	var again result
+	apptest.Eventually(t, 10*time.Second, func() bool {
+		again = keyed(t, two, apptest.ClientKey, key, chatBody, nil)
 		return again.status != http.StatusConflict
 	}, "the key stayed in progress after its release could be written")
 	if again.status != 200 || again.replayed {
