@@ -27,7 +27,9 @@ package soak
 // its signal handling). It skips without valgrind or nginx (Debian:
 // apt-get install -y valgrind nginx). SOAK_CG_DIR=<dir> keeps the dumps
 // there (named after the run's process and pid), to read with
-// callgrind_annotate --inclusive=yes.
+// callgrind_annotate: its self costs are right, its inclusive ones are
+// not (callgrind follows calls across the Go scheduler's goroutine
+// switches).
 
 import (
 	"bufio"
