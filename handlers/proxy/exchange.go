@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"log/slog"
 	"slices"
@@ -44,7 +45,6 @@ type exchange struct {
 	// closeDelimited: the body ends where upstream closes the connection
 	// (no Content-Length, not chunked), so a cut looks like an end.
 	closeDelimited bool
-	encoding       string
 	headersAt      time.Time
 	firstByte      time.Time
 	respBytes      int64
@@ -124,7 +124,6 @@ func (ex *exchange) onHeaders(h *fasthttp.ResponseHeader) {
 		ex.rec.Stream = true
 		ex.out.metrics.streamStarted()
 	}
-	ex.encoding = strings.ToLower(string(h.ContentEncoding()))
 	ex.rec.UpstreamRequestID = truncate(string(h.Peek("X-Request-Id")), 200)
 	if cl := ex.claim; cl != nil {
 		cl.headers = map[string]string{}
@@ -195,7 +194,12 @@ func (ex *exchange) settleClaim(complete bool, err error) {
 		cl.release(releaseReason(err))
 	case ex.sse && !ex.stream.Terminal():
 		cl.release("stream_incomplete")
-	case ex.json && ex.closeDelimited && !completeJSON(cl.capture, ex.encoding):
+	case ex.json && ex.closeDelimited && !json.Valid(cl.capture):
+		// Framed by the close (no Content-Length, not chunked) and cut
+		// mid-way, a body looks whole to the transport; it is not valid
+		// JSON. Only such bodies are checked: a cut in a body with a length
+		// or chunks is an error the transport reports, and a whole body is
+		// stored as it came, JSON or not.
 		cl.release("body_incomplete")
 	default:
 		completion.Body, completion.Replayable = cl.capture, true
@@ -301,32 +305,20 @@ func (r *recorder) maskRecord(rec *models.RequestLog) {
 }
 
 // usage reads token usage from what passed: the SSE events, the captured
-// body of a keyed request, or the tail of a large JSON body.
+// body of a keyed request, or the tail of a large JSON body. Each is in
+// identity encoding: identityBody decodes the upstream's coding before
+// any byte is seen.
 func (ex *exchange) usage() (usage.Usage, bool) {
-	if ex.sse {
+	switch {
+	case ex.sse:
 		u := ex.stream.Usage()
 		return u, !u.IsZero()
-	}
-	if !ex.json {
+	case !ex.json:
 		return usage.Usage{}, false
-	}
-	if ex.claim != nil && !ex.claim.overflow {
-		body := ex.claim.capture
-		if ex.encoding == "gzip" {
-			body = gunzip(body)
-		}
-		return usage.FromJSON(body)
-	}
-	if ex.encoding != "" && ex.encoding != "identity" {
-		return usage.Usage{}, false // a compressed tail cannot be read
+	case ex.claim != nil && !ex.claim.overflow:
+		return usage.FromJSON(ex.claim.capture)
 	}
 	return usage.FromTail(ex.tail)
-}
-
-// gunzip decompresses a captured body for usage parsing, bounded.
-func gunzip(b []byte) []byte {
-	out, _, _ := scrub.Gunzip(b, 64<<20)
-	return out
 }
 
 func releaseReason(err error) string {

@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"hash"
 	"io"
@@ -17,7 +16,6 @@ import (
 	"strings"
 
 	"github.com/gofiber/fiber/v2"
-	"github.com/openai-idempotent-proxy/proxy/handlers/scrub"
 	"github.com/valyala/fasthttp"
 )
 
@@ -225,30 +223,6 @@ func spoolBody(r io.Reader) (io.ReadSeeker, int64, func(), error) {
 	// Hide Close: fasthttp closes a body stream that is an io.Closer when
 	// the request is reset; the file is closed and removed by done.
 	return struct{ io.ReadSeeker }{f}, n + rest, done, nil
-}
-
-// maxJSONCheck bounds how much of a compressed JSON body is decompressed
-// to check it.
-const maxJSONCheck = 64 << 20
-
-// completeJSON tells whether a captured JSON body is whole. A body framed
-// by closing the connection (no Content-Length, not chunked) and cut
-// mid-way looks complete to the transport; it is not valid JSON. Only such
-// bodies are checked: a cut in a body with a length or chunks is an error
-// the transport reports, and a whole body is stored as it came, JSON or
-// not. Codings other than gzip cannot be checked here and pass.
-func completeJSON(body []byte, encoding string) bool {
-	switch encoding {
-	case "", "identity":
-		return json.Valid(body)
-	case "gzip":
-		plain, over, err := scrub.Gunzip(body, maxJSONCheck)
-		if err != nil {
-			return false // cut inside the gzip stream
-		}
-		return over || json.Valid(plain)
-	}
-	return true
 }
 
 // idempotencyKeyFields returns every Idempotency-Key field as received,

@@ -3,6 +3,7 @@ package proxy_test
 import (
 	"bufio"
 	"bytes"
+	"compress/gzip"
 	"context"
 	"crypto/sha256"
 	"fmt"
@@ -702,30 +703,49 @@ func rawUpstream(t *testing.T, answer func(call int) string) (url string, calls 
 // valid JSON, so the key is released instead of storing it as a success.
 func TestCutCloseDelimitedJSONIsNeverReplayed(t *testing.T) {
 	full := `{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hello"}}]}`
-	upURL, calls := rawUpstream(t, func(call int) string {
-		body := full
-		if call == 1 {
-			body = full[:40] // the connection drops mid-body
-		}
-		return "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n" + body
-	})
-	px := apptest.Start(t, upURL, nil)
-	url := px.URL + "/v1/chat/completions"
-	if cut := keyed(t, url, apptest.ClientKey, "cut-json", chatBody, nil); cut.status != 200 || string(cut.body) != full[:40] {
-		t.Fatalf("cut answer: %d %s", cut.status, cut.body)
-	}
-	retry := keyed(t, url, apptest.ClientKey, "cut-json", chatBody, nil)
-	if retry.replayed || string(retry.body) != full {
-		t.Fatalf("retry after a cut JSON body: %d replayed=%v %s", retry.status, retry.replayed, retry.body)
-	}
-	if again := keyed(t, url, apptest.ClientKey, "cut-json", chatBody, nil); !again.replayed || string(again.body) != full {
-		t.Fatalf("the complete answer is not replayed: replayed=%v %s", again.replayed, again.body)
-	}
-	if rec := recordFor(t, px, "cut-json"); rec.Attempts != 2 {
-		t.Fatalf("attempts %d, want 2", rec.Attempts)
-	}
-	if n := calls(); n != 2 {
-		t.Fatalf("upstream calls = %d, want 2", n)
+	var zipped bytes.Buffer
+	zw := gzip.NewWriter(&zipped)
+	_, _ = zw.Write([]byte(full))
+	_ = zw.Close()
+	for _, tc := range []struct{ name, coding, body string }{
+		{"plain", "", full},
+		// Decoded by the proxy before it is captured: a gzip stream cut
+		// mid-way is a read error, never a stored answer.
+		{"gzip", "Content-Encoding: gzip\r\n", zipped.String()},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			upURL, calls := rawUpstream(t, func(call int) string {
+				body := tc.body
+				if call == 1 {
+					body = body[:len(body)/2] // the connection drops mid-body
+				}
+				return "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + tc.coding + "Connection: close\r\n\r\n" + body
+			})
+			px := apptest.Start(t, upURL, nil)
+			url := px.URL + "/v1/chat/completions"
+			// The client sees the cut: a short body, or a read error.
+			resp, err := http.DefaultClient.Do(chatRequest(t, url, chatBody, map[string]string{"Idempotency-Key": "cut-json"}))
+			if err == nil {
+				b, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if string(b) == full {
+					t.Fatalf("the cut answer came whole")
+				}
+			}
+			retry := keyed(t, url, apptest.ClientKey, "cut-json", chatBody, nil)
+			if retry.replayed || string(retry.body) != full {
+				t.Fatalf("retry after a cut JSON body: %d replayed=%v %s", retry.status, retry.replayed, retry.body)
+			}
+			if again := keyed(t, url, apptest.ClientKey, "cut-json", chatBody, nil); !again.replayed || string(again.body) != full {
+				t.Fatalf("the complete answer is not replayed: replayed=%v %s", again.replayed, again.body)
+			}
+			if rec := recordFor(t, px, "cut-json"); rec.Attempts != 2 {
+				t.Fatalf("attempts %d, want 2", rec.Attempts)
+			}
+			if n := calls(); n != 2 {
+				t.Fatalf("upstream calls = %d, want 2", n)
+			}
+		})
 	}
 }
 

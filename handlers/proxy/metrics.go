@@ -219,9 +219,6 @@ func (m *Metrics) upstreamAnswered(ex *exchange) {
 	if ex.claim != nil {
 		body = ex.claim.capture
 	}
-	if ex.encoding == "gzip" {
-		body = gunzip(body)
-	}
 	logger := m.Logger
 	if logger == nil {
 		logger = slog.Default()

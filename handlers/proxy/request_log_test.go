@@ -54,7 +54,8 @@ func TestRequestLogRecordsUsageAndOutcomes(t *testing.T) {
 		do(t, "POST", px.URL+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chatBody), with(ua("keyed"), "Idempotency-Key", "log-1"))
 		do(t, "POST", px.URL+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(chatBody), with(ua("replay"), "Idempotency-Key", "log-1"))
 		do(t, "POST", px.URL+"/v1/chat/completions", apptest.ClientKey, strings.NewReader(`{"model":"x"}`), with(ua("mismatch"), "Idempotency-Key", "log-1"))
-		const n = 10
+		do(t, "POST", px.URL+"/v1/chat/completions?test_gzip=1", apptest.ClientKey, strings.NewReader(chatBody), with(ua("keyed-gzip"), "Idempotency-Key", "log-2"))
+		const n = 11
 		waitWritten(t, px, n)
 		rows := logRows(t, px)
 
@@ -74,6 +75,7 @@ func TestRequestLogRecordsUsageAndOutcomes(t *testing.T) {
 			{"upstream500", 500, "proxied", "alpha", "gpt-4o-mini", "/v1/chat/completions", 0, 0, 0, 0, 0, false},
 			{"keyed", 200, "proxied", "alpha", "gpt-4o-mini", "/v1/chat/completions", 11, 7, 18, 3, 2, false},
 			{"replay", 200, "replayed", "alpha", "gpt-4o-mini", "/v1/chat/completions", 0, 0, 0, 0, 0, false},
+			{"keyed-gzip", 200, "proxied", "alpha", "gpt-4o-mini", "/v1/chat/completions", 11, 7, 18, 3, 2, false}, // captured decoded
 			{"mismatch", 422, "idempotency_mismatch", "alpha", "x", "/v1/chat/completions", 0, 0, 0, 0, 0, false},
 		} {
 			r, ok := rows[tc.name]
