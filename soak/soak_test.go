@@ -54,9 +54,15 @@ package soak
 //     because the Go runtime returns freed memory to the OS lazily, so only
 //     growth beyond that points at a leak.
 //
+// SOAK_REPLICAS=N (1) runs N proxies on the one database, as replicas
+// behind a load balancer: each request goes to a replica picked at random,
+// and every retry of a key to the next one, so replays, joins of a running
+// attempt, released keys and the outage's 503s all cross replicas. The
+// process checks apply to each replica, the request-log accounting to all.
+//
 // Settings (environment): SOAK_DURATION (10m), SOAK_WARMUP (15s),
 // SOAK_WORKERS (64), SOAK_RESTART_PG (1), SOAK_PG_DOWN (3s),
-// SOAK_SAMPLE_EVERY (10s), SOAK_STRICT_OUTAGE (0).
+// SOAK_SAMPLE_EVERY (10s), SOAK_STRICT_OUTAGE (0), SOAK_REPLICAS (1).
 
 import (
 	"bytes"
@@ -200,7 +206,7 @@ func (tl *tally) problemCount() int64 {
 // soakRun is the state of one soak.
 type soakRun struct {
 	t      *testing.T
-	c      *client
+	cs     []*client // one per replica
 	up     *upstream
 	prefix string
 	tally  *tally
@@ -229,17 +235,22 @@ type worker struct {
 	r    *soakRun
 	rng  *rand.Rand
 	keys []*keyRec
+	at   int // the replica the next request goes to
 }
 
 // send makes one request and notes whether PostgreSQL was down throughout.
 func (w *worker) send(body string, h http.Header, cut bool) (answer, bool) {
 	downBefore := w.r.down.Load()
-	a := w.r.c.post(context.Background(), body, h, cut, false)
+	a := w.r.cs[w.at].post(context.Background(), body, h, cut, false)
 	return a, downBefore && w.r.down.Load()
 }
 
-// one runs one scenario, picked at random.
+// nextReplica sends the next request to another replica (with one, the same).
+func (w *worker) nextReplica() { w.at = (w.at + 1) % len(w.r.cs) }
+
+// one runs one scenario, picked at random, on a replica picked at random.
 func (w *worker) one() {
+	w.at = w.rng.IntN(len(w.r.cs))
 	switch p := w.rng.IntN(1000); {
 	case p < 10:
 		w.keyed(kindFailKeyed, false, true, false)
@@ -372,6 +383,7 @@ func (w *worker) resolve(rec *keyRec, body string, h http.Header, mode retryMode
 	kind := h.Get("User-Agent")[len("soak/"):]
 	deadline := time.Now().Add(retryBudget)
 	for {
+		w.nextReplica()
 		a, _ := w.send(body, h, false)
 		overlap := r.overlaps(a.start, a.end)
 		rec.outage = rec.outage || overlap
@@ -475,6 +487,7 @@ func (r *soakRun) verify(workers int) (checked, lost int64) {
 				if i >= len(r.keys) {
 					return
 				}
+				w.at = i % len(r.cs)
 				rec := r.keys[i]
 				body := chatBody
 				if rec.stream {
@@ -561,6 +574,7 @@ func TestSoak(t *testing.T) {
 	every := envDuration(t, "SOAK_SAMPLE_EVERY", 10*time.Second)
 	restart := envBool("SOAK_RESTART_PG", true)
 	strictOutage := envBool("SOAK_STRICT_OUTAGE", false)
+	replicas := envInt(t, "SOAK_REPLICAS", 1)
 
 	dbURL := testdb.PostgresURL(t)
 	if restart && !isLocalDB(dbURL) {
@@ -576,21 +590,38 @@ func TestSoak(t *testing.T) {
 	prefix := fmt.Sprintf("soak-%d-", time.Now().UnixNano())
 	up := newUpstream(t, prefix)
 	bin := buildProxy(t)
-	px := startProxy(t, bin, up.URL, dbURL, nil)
-	r := &soakRun{t: t, c: newClient(px.URL+"/v1/chat/completions", 2*workers), up: up, prefix: prefix, tally: newTally()}
+	r := &soakRun{t: t, up: up, prefix: prefix, tally: newTally()}
+	var pxs []*proxyProc
+	for range max(replicas, 1) {
+		px := startProxy(t, bin, up.URL, dbURL, nil)
+		pxs = append(pxs, px)
+		r.cs = append(r.cs, newClient(px.URL+"/v1/chat/completions", 2*workers))
+	}
+	idle := func() []sample {
+		for _, c := range r.cs {
+			c.closeIdle()
+		}
+		time.Sleep(settleTime)
+		var ss []sample
+		for _, px := range pxs {
+			ss = append(ss, px.afterGCs(t, px.sample(t), 2))
+		}
+		return ss
+	}
 
 	// Warm-up, then the idle baseline.
 	r.traffic(warmup, workers)
 	warmAnswered := r.tally.answered.Load()
-	settle(r.c, settleTime)
-	startSample := px.afterGCs(t, px.sample(t), 2)
-	t.Logf("after %s warm-up (%d requests), idle: %s", warmup, warmAnswered, startSample)
+	startSamples := idle()
+	for i, s := range startSamples {
+		t.Logf("replica %d after %s warm-up (%d requests), idle: %s", i+1, warmup, warmAnswered, s)
+	}
 
 	// The soak, with a sampler and the database restart.
 	stopSampler := make(chan struct{})
 	var samplerDone sync.WaitGroup
 	var timeline []string
-	peak := startSample
+	peaks := slices.Clone(startSamples)
 	mainStart := time.Now()
 	samplerDone.Add(1)
 	go func() {
@@ -604,7 +635,6 @@ func TestSoak(t *testing.T) {
 				return
 			case <-tk.C:
 			}
-			s := px.sample(t)
 			n, now := r.tally.answered.Load(), time.Now()
 			rate := float64(n-lastN) / now.Sub(lastT).Seconds()
 			lastN, lastT = n, now
@@ -612,13 +642,20 @@ func TestSoak(t *testing.T) {
 			if r.down.Load() {
 				pg = " [PostgreSQL down]"
 			}
-			line := fmt.Sprintf("%6s  %7.0f req/s  %s, log queue %.0f, written %.0f, dropped %.0f, streams %.0f%s",
-				now.Sub(mainStart).Round(time.Second), rate, s, s.Metrics.get("proxy_log_queue_depth"),
-				s.Metrics.get("proxy_log_written_total"), s.Metrics.get("proxy_log_dropped_total"), s.Metrics.get("proxy_inflight_streams"), pg)
-			t.Log(line)
-			timeline = append(timeline, line)
-			peak.RSS, peak.Goroutines = max(peak.RSS, s.RSS), max(peak.Goroutines, s.Goroutines)
-			peak.HeapInuse, peak.FDs, peak.Threads = max(peak.HeapInuse, s.HeapInuse), max(peak.FDs, s.FDs), max(peak.Threads, s.Threads)
+			for i, px := range pxs {
+				s := px.sample(t)
+				line := fmt.Sprintf("%6s  %7.0f req/s  %s, log queue %.0f, written %.0f, dropped %.0f, streams %.0f%s",
+					now.Sub(mainStart).Round(time.Second), rate, s, s.Metrics.get("proxy_log_queue_depth"),
+					s.Metrics.get("proxy_log_written_total"), s.Metrics.get("proxy_log_dropped_total"), s.Metrics.get("proxy_inflight_streams"), pg)
+				if len(pxs) > 1 {
+					line = fmt.Sprintf("replica %d %s", i+1, line)
+				}
+				t.Log(line)
+				timeline = append(timeline, line)
+				p := &peaks[i]
+				p.RSS, p.Goroutines = max(p.RSS, s.RSS), max(p.Goroutines, s.Goroutines)
+				p.HeapInuse, p.FDs, p.Threads = max(p.HeapInuse, s.HeapInuse), max(p.FDs, s.FDs), max(p.Threads, s.Threads)
+			}
 		}
 	}()
 	var restartReport string
@@ -644,9 +681,10 @@ func TestSoak(t *testing.T) {
 	close(stopSampler)
 	samplerDone.Wait()
 
-	settle(r.c, settleTime)
-	endSample := px.afterGCs(t, px.sample(t), 2)
-	t.Logf("after the soak, idle: %s", endSample)
+	endSamples := idle()
+	for i, s := range endSamples {
+		t.Logf("replica %d after the soak, idle: %s", i+1, s)
+	}
 
 	// Verification: deferred keys, final replays, exactly-once.
 	verifyStart := time.Now()
@@ -680,12 +718,17 @@ func TestSoak(t *testing.T) {
 		r.tally.problem("upstream saw keys the client never sent", fmt.Sprintf("%d of this run, %d foreign", len(execs), foreign))
 	}
 
-	// Request-log accounting.
-	m := waitLogDrained(t, px)
+	// Request-log accounting, over all replicas.
+	var ms []promText
+	var dropped, written, proxyCounted int64
+	for _, px := range pxs {
+		m := waitLogDrained(t, px)
+		ms = append(ms, m)
+		dropped, written = dropped+int64(m.get("proxy_log_dropped_total")), written+int64(m.get("proxy_log_written_total"))
+		proxyCounted += int64(m.sum("proxy_requests_total"))
+	}
 	db := openDB(t, dbURL)
 	rows := queryInt(t, db, "SELECT count(*) FROM request_logs")
-	dropped, written := int64(m.get("proxy_log_dropped_total")), int64(m.get("proxy_log_written_total"))
-	proxyCounted := int64(m.sum("proxy_requests_total"))
 	answered := r.tally.answered.Load()
 	slack := int64(workers)
 	var outcomes []string
@@ -699,7 +742,13 @@ func TestSoak(t *testing.T) {
 		_ = rs.Close()
 	}
 	completed := queryInt(t, db, "SELECT count(*) FROM idempotency_records WHERE state = 'completed'")
-	exitCode, stopTook := px.stop(t)
+	var exits []string
+	exitCode := 0
+	for _, px := range pxs {
+		code, took := px.stop(t)
+		exits = append(exits, fmt.Sprintf("exit %d after %s", code, took.Round(time.Millisecond)))
+		exitCode = max(exitCode, code)
+	}
 	rowsAfterStop := queryInt(t, db, "SELECT count(*) FROM request_logs")
 
 	// The report.
@@ -708,7 +757,7 @@ func TestSoak(t *testing.T) {
 	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
 	p := func(format string, args ...any) { fmt.Fprintf(tw, format+"\n", args...) }
 	p("SOAK SUMMARY\t")
-	p("duration\t%s of traffic after %s warm-up, %d client goroutines, verification %s", mainTook.Round(time.Second), warmup, workers, verifyTook.Round(time.Second))
+	p("duration\t%s of traffic after %s warm-up, %d client goroutines, %d replicas, verification %s", mainTook.Round(time.Second), warmup, workers, len(pxs), verifyTook.Round(time.Second))
 	p("rate\t%.0f answered req/s during the soak (%d answered)", float64(mainAnswered)/mainTook.Seconds(), mainAnswered)
 	p("requests by kind\t")
 	kinds := slices.Sorted(maps.Keys(tl.requests))
@@ -743,19 +792,25 @@ func TestSoak(t *testing.T) {
 	p("upstream\t%d executions, %d forced 500s, %d streams (%d cut by the proxy)", up.execs.Load(), up.forcedFails.Load(), up.streams.Load(), up.cancelled.Load())
 	p("request log\t%d rows + %d dropped = %d vs %d answered (slack %d); written_total %d; proxy_requests_total %d; rows after SIGTERM %d", rows, dropped, rows+dropped, answered, slack, written, proxyCounted, rowsAfterStop)
 	p("  outcomes\t%s", strings.Join(outcomes, ", "))
-	p("idempotency results\t%v", m.byLabel("proxy_idempotency_total", "result"))
-	p("released claims\t%v", m.byLabel("proxy_idempotency_released_total", "reason"))
-	p("upstream errors\t%v", m.byLabel("proxy_upstream_errors_total", "kind"))
-	p("proxy process\tstart (idle, after warm-up) / peak (sampled) / end (idle)")
-	p("  RSS\t%s / %s / %s", mib(startSample.RSS), mib(peak.RSS), mib(endSample.RSS))
-	p("  heap in use\t%s / %s / %s", mib(startSample.HeapInuse), mib(peak.HeapInuse), mib(endSample.HeapInuse))
-	p("  goroutines\t%d / %d / %d", startSample.Goroutines, peak.Goroutines, endSample.Goroutines)
-	p("  threads\t%d / %d / %d", startSample.Threads, peak.Threads, endSample.Threads)
-	p("  open fds\t%d / %d / %d", startSample.FDs, peak.FDs, endSample.FDs)
-	p("shutdown\texit %d after %s", exitCode, stopTook.Round(time.Millisecond))
+	for i, m := range ms {
+		p("replica %d\t", i+1)
+		p("  idempotency results\t%v", m.byLabel("proxy_idempotency_total", "result"))
+		p("  released claims\t%v", m.byLabel("proxy_idempotency_released_total", "reason"))
+		p("  upstream errors\t%v", m.byLabel("proxy_upstream_errors_total", "kind"))
+		p("  process\tstart (idle, after warm-up) / peak (sampled) / end (idle)")
+		start, peak, end := startSamples[i], peaks[i], endSamples[i]
+		p("    RSS\t%s / %s / %s", mib(start.RSS), mib(peak.RSS), mib(end.RSS))
+		p("    heap in use\t%s / %s / %s", mib(start.HeapInuse), mib(peak.HeapInuse), mib(end.HeapInuse))
+		p("    goroutines\t%d / %d / %d", start.Goroutines, peak.Goroutines, end.Goroutines)
+		p("    threads\t%d / %d / %d", start.Threads, peak.Threads, end.Threads)
+		p("    open fds\t%d / %d / %d", start.FDs, peak.FDs, end.FDs)
+		p("  shutdown\t%s", exits[i])
+	}
 	_ = tw.Flush()
 	t.Log("timeline:\n" + strings.Join(timeline, "\n"))
-	t.Log("proxy log lines by level and message:\n" + strings.Join(px.logSummary(), "\n"))
+	for i, px := range pxs {
+		t.Logf("replica %d's log lines by level and message:\n%s", i+1, strings.Join(px.logSummary(), "\n"))
+	}
 	if len(tl.samples) > 0 {
 		t.Log("first problems:\n" + strings.Join(tl.samples, "\n"))
 	}
@@ -788,16 +843,19 @@ func TestSoak(t *testing.T) {
 			t.Errorf("keyed requests never executed again after PostgreSQL returned")
 		}
 	}
-	if endSample.RSS > 2*startSample.RSS {
-		t.Errorf("RSS grew from %s to %s (more than 2x)", mib(startSample.RSS), mib(endSample.RSS))
-	}
-	if endSample.Goroutines > startSample.Goroutines+200 {
-		t.Errorf("goroutines grew from %d to %d (more than +200) with no traffic", startSample.Goroutines, endSample.Goroutines)
-	}
-	if endSample.FDs > startSample.FDs+100 {
-		t.Errorf("open file descriptors grew from %d to %d (more than +100) with no traffic", startSample.FDs, endSample.FDs)
+	for i := range pxs {
+		start, end := startSamples[i], endSamples[i]
+		if end.RSS > 2*start.RSS {
+			t.Errorf("replica %d: RSS grew from %s to %s (more than 2x)", i+1, mib(start.RSS), mib(end.RSS))
+		}
+		if end.Goroutines > start.Goroutines+200 {
+			t.Errorf("replica %d: goroutines grew from %d to %d (more than +200) with no traffic", i+1, start.Goroutines, end.Goroutines)
+		}
+		if end.FDs > start.FDs+100 {
+			t.Errorf("replica %d: open file descriptors grew from %d to %d (more than +100) with no traffic", i+1, start.FDs, end.FDs)
+		}
 	}
 	if exitCode != 0 {
-		t.Errorf("proxy exited with %d after SIGTERM", exitCode)
+		t.Errorf("a proxy exited with %d after SIGTERM", exitCode)
 	}
 }
