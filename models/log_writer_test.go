@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"runtime"
 	"strings"
 	"sync"
@@ -415,7 +416,7 @@ func TestLogWriterFlushesOnInterval(t *testing.T) {
 // database, shows.
 func TestLogWriterStoresEveryField(t *testing.T) {
 	testdb.Each(t, fixedNow(base), func(t *testing.T, s *models.Store) {
-		want := models.RequestLog{
+		plain := models.RequestLog{
 			CreatedAt: base.Add(-time.Minute).Add(123456 * time.Microsecond), Client: "client \"a\"", Method: "POST",
 			Path: "/v1/responses", Model: "gpt-4o-mini", Stream: true, Status: 502, Outcome: models.OutcomeUpstreamError,
 			DurationMs: 1001, TTFBMs: 1002, RequestBytes: 1003, ResponseBytes: 1004,
@@ -423,18 +424,27 @@ func TestLogWriterStoresEveryField(t *testing.T) {
 			CostMicros: 1009, UpstreamRequestID: "req_\\1", IdempotencyKey: "clé-1", Error: "upstream_cut: {\"x\"}",
 			ClientIP: "203.0.113.9", UserAgent: "agent/1.0 ☃",
 		}
-		writeAll(t, s, []models.RequestLog{want})
+		// What PostgreSQL's COPY text format reads specially, in every
+		// text column: delimiters, escapes, its NULL and end-of-data marks.
+		odd := models.RequestLog{
+			CreatedAt: base.Add(-2 * time.Minute), Client: "a\tb", Method: "\\N", Path: "/v1/x\ny", Model: "\\.",
+			Status: 0, Outcome: "c\r\nd", DurationMs: math.MaxInt64, TTFBMs: math.MinInt64, RequestBytes: -1,
+			UpstreamRequestID: "\\\\t", IdempotencyKey: "\t\t", Error: "\\.\n\\N\n", ClientIP: "", UserAgent: "\\x41\\101\b\f\v",
+		}
+		writeAll(t, s, []models.RequestLog{plain, odd})
 		page, err := s.ListRequestLogs(context.Background(), models.LogFilter{})
-		if err != nil || len(page.Logs) != 1 {
+		if err != nil || len(page.Logs) != 2 {
 			t.Fatalf("list: %v, %d rows", err, len(page.Logs))
 		}
-		got := page.Logs[0]
-		if !got.CreatedAt.Equal(want.CreatedAt) {
-			t.Errorf("created_at %v, want %v", got.CreatedAt, want.CreatedAt)
-		}
-		got.ID, got.CreatedAt = 0, want.CreatedAt
-		if got != want {
-			t.Errorf("read back\n%+v\nwant\n%+v", got, want)
+		for i, want := range []models.RequestLog{plain, odd} { // newest first
+			got := page.Logs[i]
+			if !got.CreatedAt.Equal(want.CreatedAt) {
+				t.Errorf("created_at %v, want %v", got.CreatedAt, want.CreatedAt)
+			}
+			got.ID, got.CreatedAt = 0, want.CreatedAt
+			if got != want {
+				t.Errorf("read back\n%+v\nwant\n%+v", got, want)
+			}
 		}
 	})
 }

@@ -1,18 +1,13 @@
 package models
 
-import (
-	"time"
-
-	"github.com/jackc/pgx/v5/pgtype"
-)
+import "github.com/jackc/pgx/v5/pgtype"
 
 // Values handed to pgx by pointer.
 //
-// pgx takes every value it encodes (a COPY row's fields, an array's
-// elements) as an interface value, and a string, a slice, a time or an
-// integer above 255 put into one is first copied to the heap: about ten
-// allocations per request-log row and fifteen per keyed request's batch
-// rows (issue 15). A pointer fits in an interface as it is. Pointers to
+// pgx takes every value it encodes (an array's elements) as an interface
+// value, and a string, a slice or an integer above 255 put into one is
+// first copied to the heap: about fifteen allocations per keyed request's
+// batch rows (issue 15). A pointer fits in an interface as it is. Pointers to
 // these types point into the caller's own values, and pgx's codecs read
 // them through their Valuer interfaces (pgtype.TextValuer and friends), so
 // nothing is copied. A plain *string would not do: pgx dereferences it
@@ -20,10 +15,8 @@ import (
 type (
 	pgText  string
 	pgInt8  int64
-	pgInt   int
 	pgBool  bool
 	pgBytea []byte
-	pgTime  time.Time
 )
 
 func (v *pgText) TextValue() (pgtype.Text, error) {
@@ -34,20 +27,12 @@ func (v *pgInt8) Int64Value() (pgtype.Int8, error) {
 	return pgtype.Int8{Int64: int64(*v), Valid: true}, nil
 }
 
-func (v *pgInt) Int64Value() (pgtype.Int8, error) {
-	return pgtype.Int8{Int64: int64(*v), Valid: true}, nil
-}
-
 func (v *pgBool) BoolValue() (pgtype.Bool, error) {
 	return pgtype.Bool{Bool: bool(*v), Valid: true}, nil
 }
 
 // BytesValue is NULL for a nil slice, as pgx encodes a nil []byte.
 func (v *pgBytea) BytesValue() ([]byte, error) { return *v, nil }
-
-func (v *pgTime) TimestamptzValue() (pgtype.Timestamptz, error) {
-	return pgtype.Timestamptz{Time: time.Time(*v), Valid: true}, nil
-}
 
 // column is one column of a batch, passed as a PostgreSQL array
 // (pgtype.ArrayGetter) whose elements go to pgx as pointers into it.

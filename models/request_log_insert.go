@@ -1,6 +1,7 @@
 package models
 
 import (
+	"bytes"
 	"context"
 	"database/sql"
 	"errors"
@@ -39,18 +40,61 @@ func appendRequestLogValues(dst []any, r *RequestLog) []any {
 		r.UpstreamRequestID, r.IdempotencyKey, r.Error, r.ClientIP, r.UserAgent)
 }
 
-// requestLogPointers appends pointers to r's values in requestLogColumns
-// order, for pgx's COPY: the values themselves would each be copied to
-// the heap on the way (pgvalues.go).
-func requestLogPointers(dst []any, r *RequestLog) []any {
-	return append(dst,
-		(*pgTime)(&r.CreatedAt), (*pgText)(&r.Client), (*pgText)(&r.Method), (*pgText)(&r.Path), (*pgText)(&r.Model),
-		(*pgBool)(&r.Stream), (*pgInt)(&r.Status), (*pgText)(&r.Outcome),
-		(*pgInt8)(&r.DurationMs), (*pgInt8)(&r.TTFBMs), (*pgInt8)(&r.RequestBytes), (*pgInt8)(&r.ResponseBytes),
-		(*pgInt8)(&r.PromptTokens), (*pgInt8)(&r.CompletionTokens), (*pgInt8)(&r.TotalTokens),
-		(*pgInt8)(&r.CachedTokens), (*pgInt8)(&r.ReasoningTokens), (*pgInt8)(&r.CostMicros),
-		(*pgText)(&r.UpstreamRequestID), (*pgText)(&r.IdempotencyKey), (*pgText)(&r.Error),
-		(*pgText)(&r.ClientIP), (*pgText)(&r.UserAgent))
+// copyRequestLogsSQL is the COPY a batch goes in with, in PostgreSQL's
+// text format (appendCopyRow writes it).
+var copyRequestLogsSQL = "COPY request_logs (" + strings.Join(requestLogColumns, ", ") + ") FROM STDIN"
+
+// appendCopyRow appends r as one line of COPY's text format, its values
+// in requestLogColumns order. The rows go to pgconn's COPY as they are:
+// pgx's CopyFrom plans the encoding of every value (its type map looked up
+// by the value's reflect.Type), about 8,000 instructions per row, the
+// largest cost of an unkeyed request in the proxy's own hands (issue 15).
+// Text is PostgreSQL's own input for each type; sanitize has made every
+// string valid UTF-8 without NUL, and copyText escapes what COPY reads
+// specially. No column is NULL.
+func appendCopyRow(b []byte, r *RequestLog) []byte {
+	b = r.CreatedAt.AppendFormat(b, "2006-01-02 15:04:05.999999-07:00")
+	for _, s := range [...]string{r.Client, r.Method, r.Path, r.Model} {
+		b = copyText(append(b, '\t'), s)
+	}
+	b = append(b, '\t', 'f')
+	if r.Stream {
+		b[len(b)-1] = 't'
+	}
+	b = strconv.AppendInt(append(b, '\t'), int64(r.Status), 10)
+	b = copyText(append(b, '\t'), r.Outcome)
+	for _, n := range [...]int64{r.DurationMs, r.TTFBMs, r.RequestBytes, r.ResponseBytes,
+		r.PromptTokens, r.CompletionTokens, r.TotalTokens, r.CachedTokens, r.ReasoningTokens, r.CostMicros} {
+		b = strconv.AppendInt(append(b, '\t'), n, 10)
+	}
+	for _, s := range [...]string{r.UpstreamRequestID, r.IdempotencyKey, r.Error, r.ClientIP, r.UserAgent} {
+		b = copyText(append(b, '\t'), s)
+	}
+	return append(b, '\n')
+}
+
+// copyText appends s as a COPY text value: a backslash, and the tab,
+// newline and carriage return that would end the value or the row, are
+// escaped; every other byte stands for itself.
+func copyText(b []byte, s string) []byte {
+	for {
+		i := strings.IndexAny(s, "\\\t\n\r")
+		if i < 0 {
+			return append(b, s...)
+		}
+		b = append(append(b, s[:i]...), '\\')
+		switch c := s[i]; c {
+		case '\t':
+			b = append(b, 't')
+		case '\n':
+			b = append(b, 'n')
+		case '\r':
+			b = append(b, 'r')
+		default:
+			b = append(b, c)
+		}
+		s = s[i+1:]
+	}
 }
 
 // insertRequestLogs writes a batch and its roll-ups in one transaction, so
@@ -73,7 +117,7 @@ func (s *Store) insertRequestLogs(ctx context.Context, batch []RequestLog) error
 }
 
 // onPgx runs f on pgx's own connection under one of db's pooled
-// connections: pgx's COPY, and its row scanning, which costs fewer
+// connections: pgconn's COPY, and pgx's row scanning, which costs fewer
 // allocations than database/sql's.
 func onPgx(ctx context.Context, db *sql.DB, f func(*pgx.Conn) error) error {
 	conn, err := db.Conn(ctx)
@@ -97,16 +141,15 @@ func onPgx(ctx context.Context, db *sql.DB, f func(*pgx.Conn) error) error {
 func copyRequestLogs(ctx context.Context, db *sql.DB, batch []RequestLog, rollups []rollupRow) error {
 	return onPgx(ctx, db, func(conn *pgx.Conn) error {
 		return pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-			row := make([]any, 0, len(requestLogColumns))
-			n, err := tx.CopyFrom(ctx, pgx.Identifier{"request_logs"}, requestLogColumns,
-				pgx.CopyFromSlice(len(batch), func(i int) ([]any, error) {
-					row = requestLogPointers(row[:0], &batch[i])
-					return row, nil
-				}))
+			rows := make([]byte, 0, 256*len(batch)) // a typical row's size
+			for i := range batch {
+				rows = appendCopyRow(rows, &batch[i])
+			}
+			tag, err := tx.Conn().PgConn().CopyFrom(ctx, bytes.NewReader(rows), copyRequestLogsSQL)
 			if err != nil {
 				return err
 			}
-			if n != int64(len(batch)) {
+			if n := tag.RowsAffected(); n != int64(len(batch)) {
 				return fmt.Errorf("copied %d of %d rows", n, len(batch))
 			}
 			for chunk := range slices.Chunk(rollups, rowsPerStatement) {
