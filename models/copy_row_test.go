@@ -9,13 +9,17 @@ import (
 
 // FuzzCopyRow: whatever a record's strings hold, its COPY text line has
 // one field per column, ends at its one newline, and each text field reads
-// back, by COPY's rules, as the string it came from.
+// back, by COPY's rules, as the string it came from; its time is the
+// record's, in UTC to the microsecond.
 func FuzzCopyRow(f *testing.F) {
-	for _, s := range []string{"", "plain", "a\tb", "x\ny", "c\r\nd", `\N`, `\.`, `\\t`, `\x41\101`, "\\", "é☃"} {
-		f.Add(s, s+"!")
+	for i, s := range []string{"", "plain", "a\tb", "x\ny", "c\r\nd", `\N`, `\.`, `\\t`, `\x41\101`, "\\", "é☃"} {
+		f.Add(s, s+"!", int64(i)*123456789012345)
 	}
-	f.Fuzz(func(t *testing.T, a, b string) {
-		r := RequestLog{CreatedAt: time.Date(2026, 12, 8, 0, 0, 0, 123456000, time.UTC), Client: a, Path: b, UserAgent: a + b, Status: 200}
+	f.Fuzz(func(t *testing.T, a, b string, micros int64) {
+		// Any time from year 1 to 9999.
+		const first, span = -62135596800000000, 315537897600000000
+		at := time.UnixMicro(first + (micros%span+span)%span)
+		r := RequestLog{CreatedAt: at, Client: a, Path: b, UserAgent: a + b, Status: 200}
 		sanitize(&r)
 		line := appendCopyRow(nil, &r)
 		if bytes.IndexByte(line, '\n') != len(line)-1 || bytes.IndexByte(line, '\r') >= 0 {
@@ -24,6 +28,9 @@ func FuzzCopyRow(f *testing.F) {
 		fields := strings.Split(string(line[:len(line)-1]), "\t")
 		if len(fields) != len(requestLogColumns) {
 			t.Fatalf("%d fields, want %d: %q", len(fields), len(requestLogColumns), line)
+		}
+		if want := at.UTC().Format("2006-01-02 15:04:05.000000") + "+00"; fields[0] != want {
+			t.Fatalf("created_at %q, want %q", fields[0], want)
 		}
 		for i, want := range map[int]string{1: r.Client, 3: r.Path, 22: r.UserAgent} {
 			if got := unescapeCopyText(fields[i]); got != want {

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/stdlib"
@@ -53,7 +54,7 @@ var copyRequestLogsSQL = "COPY request_logs (" + strings.Join(requestLogColumns,
 // string valid UTF-8 without NUL, and copyText escapes what COPY reads
 // specially. No column is NULL.
 func appendCopyRow(b []byte, r *RequestLog) []byte {
-	b = r.CreatedAt.AppendFormat(b, "2006-01-02 15:04:05.999999-07:00")
+	b = appendCopyTime(b, r.CreatedAt)
 	for _, s := range [...]string{r.Client, r.Method, r.Path, r.Model} {
 		b = copyText(append(b, '\t'), s)
 	}
@@ -73,28 +74,61 @@ func appendCopyRow(b []byte, r *RequestLog) []byte {
 	return append(b, '\n')
 }
 
+// appendCopyTime appends t as timestamptz text, "2006-01-02
+// 15:04:05.000000+00" in UTC, with a few appends: time.Format's layout
+// parsing cost more than the rest of the row.
+func appendCopyTime(b []byte, t time.Time) []byte {
+	t = t.UTC()
+	y, mo, d := t.Date()
+	h, mi, s := t.Clock()
+	if y < 1 || y > 9999 {
+		return t.AppendFormat(b, "2006-01-02 15:04:05.000000-07:00")
+	}
+	b = appendPadded(b, y, 4)
+	for _, f := range [...]struct {
+		sep byte
+		n   int
+	}{{'-', int(mo)}, {'-', d}, {' ', h}, {':', mi}, {':', s}} {
+		b = appendPadded(append(b, f.sep), f.n, 2)
+	}
+	return append(appendPadded(append(b, '.'), t.Nanosecond()/1000, 6), "+00"...)
+}
+
+// appendPadded appends n (not negative) in decimal, zero-padded to width.
+func appendPadded(b []byte, n, width int) []byte {
+	start := len(b)
+	b = strconv.AppendInt(b, int64(n), 10)
+	if pad := width - (len(b) - start); pad > 0 {
+		b = append(b, "000000"[:pad]...)
+		copy(b[start+pad:], b[start:len(b)-pad])
+		copy(b[start:start+pad], "000000")
+	}
+	return b
+}
+
 // copyText appends s as a COPY text value: a backslash, and the tab,
 // newline and carriage return that would end the value or the row, are
 // escaped; every other byte stands for itself.
 func copyText(b []byte, s string) []byte {
-	for {
-		i := strings.IndexAny(s, "\\\t\n\r")
-		if i < 0 {
-			return append(b, s...)
-		}
-		b = append(append(b, s[:i]...), '\\')
-		switch c := s[i]; c {
+	from := 0
+	for i := 0; i < len(s); i++ {
+		var esc byte
+		switch s[i] {
+		case '\\':
+			esc = '\\'
 		case '\t':
-			b = append(b, 't')
+			esc = 't'
 		case '\n':
-			b = append(b, 'n')
+			esc = 'n'
 		case '\r':
-			b = append(b, 'r')
+			esc = 'r'
 		default:
-			b = append(b, c)
+			continue
 		}
-		s = s[i+1:]
+		b = append(append(b, s[from:i]...), '\\', esc)
+		from = i + 1
 	}
+	return append(b, s[from:]...)
 }
 
 // insertRequestLogs writes a batch and its roll-ups in one transaction, so
