@@ -874,9 +874,12 @@ func (p *proxyProc) afterGCs(t *testing.T, s sample, n int) sample {
 	}
 }
 
-// settle lets the proxy go idle before a measurement: client connections
-// closed and the server's idle workers (fasthttp keeps them 10s) gone.
-func settle(c *client, d time.Duration) {
-	c.closeIdle()
+// settle lets the proxies go idle before a measurement: the clients'
+// connections closed and the servers' idle workers (fasthttp keeps them
+// 10s) gone.
+func settle(d time.Duration, cs ...*client) {
+	for _, c := range cs {
+		c.closeIdle()
+	}
 	time.Sleep(d)
 }

@@ -598,10 +598,7 @@ func TestSoak(t *testing.T) {
 		r.cs = append(r.cs, newClient(px.URL+"/v1/chat/completions", 2*workers))
 	}
 	idle := func() []sample {
-		for _, c := range r.cs {
-			c.closeIdle()
-		}
-		time.Sleep(settleTime)
+		settle(settleTime, r.cs...)
 		var ss []sample
 		for _, px := range pxs {
 			ss = append(ss, px.afterGCs(t, px.sample(t), 2))

@@ -97,7 +97,7 @@ func TestConcurrentStreamsMemory(t *testing.T) {
 			ph.name = "keyed"
 		}
 		phases = append(phases, ph)
-		settle(c, settleTime)
+		settle(settleTime, c)
 		ph.before = px.sample(t)
 		ph.peak = ph.before
 		t.Logf("%s: before %d streams, idle: %s", ph.name, n, ph.before)
@@ -146,7 +146,7 @@ func TestConcurrentStreamsMemory(t *testing.T) {
 			ph.ttfe = append(ph.ttfe, a.firstEventAfter)
 		}
 		t.Logf("%s: %d streams in %s, peak %s, %.0f streams in flight at peak", ph.name, n, ph.took.Round(time.Millisecond), ph.peak, ph.peakStreams)
-		settle(c, settleTime)
+		settle(settleTime, c)
 		ph.after = px.sample(t)
 		t.Logf("%s: after, idle: %s", ph.name, ph.after)
 		ph.late = px.afterGCs(t, ph.after, 2)
