@@ -54,6 +54,7 @@ const filterBits = 16
 // for concurrent use. A nil *Masker masks nothing.
 type Masker struct {
 	secrets [][]byte
+	minLen  int // shorter inputs hold no secret: most header values and log fields
 	maxLen  int
 	each    [][]byte // searched with one bytes.Index pass each
 	filter  bool     // the other secrets are searched with the filter
@@ -87,6 +88,9 @@ func newMasker(secrets []string, few int) *Masker {
 		seen[s] = true
 		m.secrets = append(m.secrets, []byte(s))
 		m.maxLen = max(m.maxLen, len(s))
+		if m.minLen == 0 || len(s) < m.minLen {
+			m.minLen = len(s)
+		}
 	}
 	for _, s := range m.secrets {
 		m.first[s[0]] = true
@@ -164,6 +168,9 @@ func fill(b []byte) {
 // find appends to spans every occurrence of every secret in b, as ranges
 // that together cover exactly the bytes to mask (they may overlap).
 func (m *Masker) find(b []byte, spans []span) []span {
+	if len(b) < m.minLen {
+		return spans
+	}
 	for _, sec := range m.each {
 		for off := 0; ; {
 			i := bytes.Index(b[off:], sec)

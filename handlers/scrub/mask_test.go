@@ -89,6 +89,8 @@ func TestMask(t *testing.T) {
 		{"short and long secrets", append([]string{"tok", "ab"}, many...), "tok client-key-007-xyzzyab", "*** **********************"},
 		{"a short secret inside a long one", []string{"xyzzy", "client-key-1-xyzzy"}, "client-key-1-xyzz", "client-key-1-xyzz"},
 		{"key next to a client key", []string{key, "client-key-1"}, "client-key-" + key, "client-key-" + mask(len(key))},
+		{"input as long as the shortest secret", []string{key, "tok"}, "tok", "***"},
+		{"input shorter than every secret", []string{key, "tok"}, "to", "to"},
 	}
 	for _, tt := range tests {
 		if got := string(naive(tt.secrets, []byte(tt.in))); got != tt.want {
