@@ -6,6 +6,7 @@ import (
 	"strings"
 
 	"github.com/valyala/fasthttp"
+	"golang.org/x/net/http/httpguts"
 )
 
 // hopByHop are the connection-level headers a proxy must not forward
@@ -144,18 +145,10 @@ func validHeaderNames(h *fasthttp.RequestHeader) bool {
 			return false
 		}
 		for _, c := range k {
-			if !isTokenChar(c) {
+			if !httpguts.IsTokenRune(rune(c)) {
 				return false
 			}
 		}
 	}
 	return true
-}
-
-func isTokenChar(c byte) bool {
-	switch {
-	case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
-		return true
-	}
-	return strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0
 }
