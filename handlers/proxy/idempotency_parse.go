@@ -76,13 +76,22 @@ func scopeID(client, key string) string {
 		h.Write([]byte(s))
 		h.Write([]byte{0})
 	}
-	return hex.EncodeToString(h.Sum(nil))
+	var sum [sha256.Size]byte
+	return hexString(h.Sum(sum[:0]))
+}
+
+// hexString is b in hex with one allocation, the string, where
+// hex.EncodeToString makes two: ids and fingerprints are made on every
+// keyed request.
+func hexString(b []byte) string {
+	var out [2 * sha256.Size]byte
+	return string(hex.AppendEncode(out[:0], b))
 }
 
 func randomToken() string {
-	b := make([]byte, 16)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hexString(b[:])
 }
 
 // spoolMemory is how much of a streamed keyed body is held in memory before
@@ -119,7 +128,8 @@ func requestFingerprint(c *fiber.Ctx, path string) (string, func(), error) {
 	if _, err := body.Seek(0, io.SeekStart); err != nil {
 		return "", cleanup, err
 	}
-	return hex.EncodeToString(h.Sum(nil)), cleanup, nil
+	var sum [sha256.Size]byte
+	return hexString(h.Sum(sum[:0])), cleanup, nil
 }
 
 // hashBody writes the body's identity into h. For multipart/form-data the
