@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"log/slog"
 	"slices"
 	"strconv"
@@ -180,7 +179,6 @@ func (ex *exchange) captureOverflow() bool { return ex.claim != nil && ex.claim.
 // it has.
 func (ex *exchange) settleClaim(complete bool, err error) {
 	cl := ex.claim
-	completion := models.Completion{Status: ex.status, Headers: storedHeaders(cl.headers), BodySize: ex.respBytes, Stream: ex.sse}
 	// How the attempt's joiners end: as its client did.
 	end := feedCut
 	switch {
@@ -188,7 +186,7 @@ func (ex *exchange) settleClaim(complete bool, err error) {
 		cl.release("upstream_status_" + strconv.Itoa(ex.status))
 		end = feedClean // the client got the whole error answer; so do joiners
 	case cl.overflow:
-		cl.complete(completion) // executed: answer retries with 410, never run it again
+		cl.complete(ex.completion(nil, false)) // executed: answer retries with 410, never run it again
 		end = feedLost
 	case !complete:
 		cl.release(releaseReason(err))
@@ -202,11 +200,18 @@ func (ex *exchange) settleClaim(complete bool, err error) {
 		// stored as it came, JSON or not.
 		cl.release("body_incomplete")
 	default:
-		completion.Body, completion.Replayable = cl.capture, true
-		cl.complete(completion)
+		cl.complete(ex.completion(cl.capture, true))
 		end = feedClean
 	}
 	cl.feed.ended(end, ex.failure)
+}
+
+// completion is what a claim stores of the answer. It is built only where
+// it is stored: finish settles every claim a second time, a no-op once
+// bodyComplete has.
+func (ex *exchange) completion(body []byte, replayable bool) models.Completion {
+	return models.Completion{Status: ex.status, Headers: storedHeaders(ex.claim.headers), Body: body,
+		BodySize: ex.respBytes, Stream: ex.sse, Replayable: replayable}
 }
 
 // finish ends the exchange once: err is nil for a clean end, a
@@ -247,11 +252,10 @@ func (ex *exchange) record(err error) (*models.RequestLog, time.Duration) {
 		rec.RequestBytes = ex.bodyLimit.bytesRead()
 	}
 	ex.out.maskRecord(rec)
-	var gone *clientGoneError
 	switch {
 	case ex.outcome != "":
 		rec.Outcome = ex.outcome
-	case errors.As(err, &gone) || ex.clientGone || ex.hop.cancelled.Load():
+	case isClientGone(err) || ex.clientGone || ex.hop.cancelled.Load():
 		rec.Outcome = models.OutcomeClientCancelled
 	case err != nil:
 		rec.Outcome = models.OutcomeUpstreamError
@@ -322,13 +326,12 @@ func (ex *exchange) usage() (usage.Usage, bool) {
 }
 
 func releaseReason(err error) string {
-	var gone *clientGoneError
 	switch {
 	case err == nil:
 		return "incomplete"
 	case isTimeout(err):
 		return "upstream_timeout"
-	case errors.As(err, &gone):
+	case isClientGone(err):
 		return "client_gone"
 	}
 	return "upstream_error"

@@ -124,3 +124,11 @@ type clientGoneError struct{ err error }
 
 func (e *clientGoneError) Error() string { return "client went away: " + e.err.Error() }
 func (e *clientGoneError) Unwrap() error { return e.err }
+
+// isClientGone reports whether err says the client left. errors.AsType
+// needs no target variable, which errors.As would move to the heap on
+// every request.
+func isClientGone(err error) bool {
+	_, ok := errors.AsType[*clientGoneError](err)
+	return ok
+}
