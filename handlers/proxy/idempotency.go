@@ -47,7 +47,8 @@ var (
 // handleKeyed runs a POST or PATCH that carries an Idempotency-Key: at most
 // once upstream, and every repeat answered from the stored record.
 func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
-	key, ok := parseIdempotencyKey(idempotencyKeyFields(&c.Request().Header))
+	var fields [2][]byte
+	key, ok := parseIdempotencyKey(appendIdempotencyKeyFields(fields[:0], &c.Request().Header))
 	if !ok {
 		p.out.metrics.idempotencyResult("invalid")
 		return ex.reject(c, errKeyInvalid)

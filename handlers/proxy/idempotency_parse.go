@@ -235,11 +235,11 @@ func spoolBody(r io.Reader) (io.ReadSeeker, int64, func(), error) {
 	return struct{ io.ReadSeeker }{f}, n + rest, done, nil
 }
 
-// idempotencyKeyFields returns every Idempotency-Key field as received,
-// empty ones included (an empty key is invalid, not absent). It reads the
-// raw header block, because parsed headers drop empty values.
-func idempotencyKeyFields(h *fasthttp.RequestHeader) [][]byte {
-	var out [][]byte
+// appendIdempotencyKeyFields appends to out every Idempotency-Key field as
+// received, empty ones included (an empty key is invalid, not absent). It
+// reads the raw header block, because parsed headers drop empty values.
+// Callers pass an array's slice: one field is valid, so two is room enough.
+func appendIdempotencyKeyFields(out [][]byte, h *fasthttp.RequestHeader) [][]byte {
 	for line := range bytes.Lines(h.RawHeaders()) {
 		name, value, ok := bytes.Cut(bytes.TrimRight(line, "\r\n"), []byte(":"))
 		if ok && bytes.EqualFold(bytes.TrimSpace(name), []byte("Idempotency-Key")) {

@@ -159,7 +159,8 @@ func (p *Proxy) Handle(c *fiber.Ctx) error {
 	if err := p.admit(c, ex); err != nil {
 		return ex.reject(c, err)
 	}
-	if p.idem != nil && isIdempotentMethod(c.Method()) && len(idempotencyKeyFields(&c.Request().Header)) > 0 {
+	var fields [2][]byte
+	if p.idem != nil && isIdempotentMethod(c.Method()) && len(appendIdempotencyKeyFields(fields[:0], &c.Request().Header)) > 0 {
 		return p.handleKeyed(c, ex)
 	}
 	return p.forward(c, ex)

@@ -78,7 +78,7 @@ func sendUpstream(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp
 		pooled := hc.AcquireReader(conn)
 		body := pooled
 		err = resp.ReadLimitBody(body, 0)
-		if small := (*fasthttp.ErrSmallBuffer)(nil); errors.As(err, &small) {
+		if _, small := errors.AsType[*fasthttp.ErrSmallBuffer](err); small {
 			// The header block outgrew the pooled buffer; its bytes are
 			// still buffered (fasthttp peeks), so read it with a larger one.
 			body = bufio.NewReaderSize(pooled, maxUpstreamHeader)
