@@ -15,9 +15,12 @@ type reader struct {
 	src io.Reader
 	err error // the source's error, returned once the held bytes are out
 
-	buf  []byte // out, then held; from m.buffers until Release
-	out  []byte // masked bytes not yet returned
-	held []byte // original bytes that may start a secret
+	buf []byte // out, then held; *pooled until Release
+	// pooled is the pool's pointer to buf, put back as it came: a new
+	// pointer would cost an allocation per stream.
+	pooled *[]byte
+	out    []byte // masked bytes not yet returned
+	held   []byte // original bytes that may start a secret
 	// heldMask is how many leading bytes of held an occurrence already
 	// found covers: they are masked when released.
 	heldMask int
@@ -39,7 +42,7 @@ func (m *Masker) Reader(src io.Reader) io.Reader {
 		b := make([]byte, m.maxLen-1+readChunk)
 		buf = &b
 	}
-	return &reader{m: m, src: src, buf: *buf}
+	return &reader{m: m, src: src, buf: *buf, pooled: buf}
 }
 
 var errReleased = errors.New("scrub: read after Release")
@@ -51,9 +54,9 @@ func Release(r io.Reader) {
 	if !ok || rd.buf == nil {
 		return
 	}
-	buf := rd.buf
-	rd.buf, rd.out, rd.held, rd.err = nil, nil, nil, errReleased
-	rd.m.buffers.Put(&buf)
+	pooled := rd.pooled
+	rd.buf, rd.pooled, rd.out, rd.held, rd.err = nil, nil, nil, nil, errReleased
+	rd.m.buffers.Put(pooled)
 }
 
 // Read returns masked bytes as soon as they are known not to start a secret.
