@@ -123,16 +123,24 @@ func rawBytes(body []byte, r gjson.Result) []byte {
 // whole. OpenAI puts "usage" after the bulky fields (choices, data, output),
 // so the tail holds it; the last occurrence of the key is taken.
 func FromTail(tail []byte) (Usage, bool) {
-	// The last occurrence, found with forward searches: bytes.Index is
-	// vectorised, bytes.LastIndex is not (a third of the cost for a small
-	// answer), and the key occurs about once.
-	key := []byte(`"usage"`)
-	i := bytes.Index(tail, key)
+	// The last occurrence of "usage", found with forward searches:
+	// bytes.Index is vectorised, bytes.LastIndex is not, and the key occurs
+	// about once. The search is for usage" and the quote before it checked:
+	// a leading quote, JSON's commonest byte, made it four times slower.
+	key := []byte(`usage"`)
+	i := -1
+	for off := 0; ; {
+		j := bytes.Index(tail[off:], key)
+		if j < 0 {
+			break
+		}
+		if at := off + j; at > 0 && tail[at-1] == '"' {
+			i = at - 1
+		}
+		off += j + 1
+	}
 	if i < 0 {
 		return Usage{}, false
-	}
-	for j := bytes.Index(tail[i+1:], key); j >= 0; j = bytes.Index(tail[i+1:], key) {
-		i += 1 + j
 	}
 	rest := bytes.TrimLeft(tail[i+len(`"usage"`):], " \t\r\n")
 	if len(rest) == 0 || rest[0] != ':' {

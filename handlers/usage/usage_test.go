@@ -53,6 +53,14 @@ func TestFromJSONAndTail(t *testing.T) {
 	if u, ok := FromTail([]byte(twice)); !ok || u.TotalTokens != 3 {
 		t.Fatalf("FromTail with two usage keys: %+v %v", u, ok)
 	}
+	// A key that only ends in usage is not "usage".
+	suffixed := `{"usage":{"total_tokens":3},"my_usage":{"total_tokens":99},"usage_":{"total_tokens":98}}`
+	if u, ok := FromTail([]byte(suffixed)); !ok || u.TotalTokens != 3 {
+		t.Fatalf("FromTail with my_usage after usage: %+v %v", u, ok)
+	}
+	if u, ok := FromTail([]byte(`usage":{"total_tokens":5}}`)); ok {
+		t.Fatalf("FromTail of a tail cut inside the key: %+v, want none", u)
+	}
 	resp := `{"id":"resp_1","output":[],"usage":{"input_tokens":4,"output_tokens":6,"total_tokens":10,"output_tokens_details":{"reasoning_tokens":2}}}`
 	if u, ok := FromJSON([]byte(resp)); !ok || u != (Usage{4, 6, 10, 0, 2, 0, 0}) {
 		t.Fatalf("responses: %+v", u)
