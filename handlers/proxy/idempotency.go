@@ -44,11 +44,11 @@ var (
 		Message: "The idempotency store is unavailable, so the request was not executed. Retry later, or send it without Idempotency-Key."}
 )
 
-// handleKeyed runs a POST or PATCH that carries an Idempotency-Key: at most
-// once upstream, and every repeat answered from the stored record.
-func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange) error {
-	var fields [2][]byte
-	key, ok := parseIdempotencyKey(appendIdempotencyKeyFields(fields[:0], &c.Request().Header))
+// handleKeyed runs a POST or PATCH that carries an Idempotency-Key (its
+// fields as received): at most once upstream, and every repeat answered
+// from the stored record.
+func (p *Proxy) handleKeyed(c *fiber.Ctx, ex *exchange, fields [][]byte) error {
+	key, ok := parseIdempotencyKey(fields)
 	if !ok {
 		p.out.metrics.idempotencyResult("invalid")
 		return ex.reject(c, errKeyInvalid)

@@ -159,9 +159,11 @@ func (p *Proxy) Handle(c *fiber.Ctx) error {
 	if err := p.admit(c, ex); err != nil {
 		return ex.reject(c, err)
 	}
-	var fields [2][]byte
-	if p.idem != nil && isIdempotentMethod(c.Method()) && len(appendIdempotencyKeyFields(fields[:0], &c.Request().Header)) > 0 {
-		return p.handleKeyed(c, ex)
+	if p.idem != nil && isIdempotentMethod(c.Method()) {
+		var arr [2][]byte
+		if fields := appendIdempotencyKeyFields(arr[:0], &c.Request().Header); len(fields) > 0 {
+			return p.handleKeyed(c, ex, fields)
+		}
 	}
 	return p.forward(c, ex)
 }
